@@ -1,0 +1,86 @@
+"""Orbax checkpoints of model parameters, laid out so training checkpoints extend them.
+
+A checkpoint directory is an `ocp.CheckpointManager` root; each step holds named items:
+`params` (the parameter pytree) and `model` (the ModelConfig as JSON). Training adds its own
+items (optimizer state, data iterator, ...) beside these, so `fourd-jax convert jax-to-hf` can
+export any of them by restoring only these two.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.vlm import Qwen25VL, abstract_params
+
+PARAMS_ITEM = "params"
+MODEL_ITEM = "model"
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """A directory with no restorable checkpoint."""
+
+
+def save_params(directory: str | os.PathLike, model: Qwen25VL, params: Any, step: int = 0) -> Path:
+    """Write params and the model config as checkpoint `step` under `directory` (atomically)."""
+    directory = Path(directory).absolute()
+    with ocp.CheckpointManager(directory) as manager:
+        manager.save(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(params),
+            MODEL_ITEM: ocp.args.JsonSave(model.config.to_dict()),
+        }))
+        manager.wait_until_finished()
+    return directory
+
+
+def latest_step(directory: str | os.PathLike) -> int:
+    """The newest complete step in a checkpoint directory, or one clear error."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise CheckpointNotFound(f"{directory} is not a directory.")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise CheckpointNotFound(f"{directory} holds no complete Orbax checkpoint.")
+    return step
+
+
+def restore_params(
+    directory: str | os.PathLike, step: int | None = None, shardings: Any = None, **config_overrides
+) -> tuple[Qwen25VL, Any]:
+    """(model, params) from checkpoint `step` (default: the latest).
+
+    `shardings` (a pytree of Shardings like params) restores straight onto a mesh, which may
+    differ from the one that saved.
+    """
+    directory = Path(directory).absolute()
+    step = latest_step(directory) if step is None else step
+    with ocp.CheckpointManager(directory) as manager:
+        if step not in manager.all_steps():
+            raise CheckpointNotFound(f"{directory} has no step {step} (it has {manager.all_steps()}).")
+        meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+        config = ModelConfig.from_dict(meta[MODEL_ITEM])
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        model = Qwen25VL(config)
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+            _unboxed(abstract_params(model)),
+        )
+        if shardings is not None:
+            abstract = jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
+    return model, restored[PARAMS_ITEM]
+
+
+def _unboxed(tree: Any) -> Any:
+    from flax import linen as nn
+
+    return nn.meta.unbox(tree)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion at the project's edge (Hugging Face safetensors <-> JAX)."""

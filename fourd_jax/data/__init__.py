@@ -1,0 +1,1 @@
+"""Data: tokenizer, records, processor and input pipeline."""

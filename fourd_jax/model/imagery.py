@@ -1,0 +1,129 @@
+"""4DThinker latent imagery (SPEC 3.1-3.2): the three latent tokens and their targets.
+
+A `<output_image>` marker in a reasoning trace becomes `<|latent_start|>`, `latent_size` x
+`<|latent_pad|>`, `<|latent_end|>`. During DIFT the pad positions are fed the *imagery targets*:
+the imagery image through the frozen vision tower and merger, cut into `latent_size` contiguous
+chunks, each mean-pooled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.vlm import Qwen25VL, VisionInputs
+
+LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
+LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
+OUTPUT_IMAGE = "<output_image>"
+DEFAULT_LATENT_SIZE = 4
+
+
+def latent_block(latent_size: int = DEFAULT_LATENT_SIZE) -> str:
+    """The token string one `<output_image>` becomes."""
+    return LATENT_START + LATENT_PAD * latent_size + LATENT_END
+
+
+def expand_output_images(text: str, latent_size: int = DEFAULT_LATENT_SIZE) -> str:
+    """Replace every `<output_image>` marker with a latent block."""
+    return text.replace(OUTPUT_IMAGE, latent_block(latent_size))
+
+
+def add_latent_tokens(tokenizer: Any) -> tuple[int, int, int]:
+    """Add the three latent tokens (as special tokens) to a HF tokenizer; return their ids.
+
+    Tokens already present keep their ids, so calling this twice is harmless.
+    """
+    missing = [t for t in LATENT_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return latent_token_ids(tokenizer)
+
+
+def latent_token_ids(tokenizer: Any) -> tuple[int, int, int]:
+    """Ids of the latent tokens; one clear error when the tokenizer lacks any of them."""
+    vocab = tokenizer.get_vocab()
+    absent = [t for t in LATENT_TOKENS if t not in vocab]
+    if absent:
+        raise ValueError(
+            f"The tokenizer has no {', '.join(absent)} token(s); add them with "
+            "fourd_jax.model.imagery.add_latent_tokens(tokenizer) before training or decoding."
+        )
+    return tuple(vocab[t] for t in LATENT_TOKENS)  # type: ignore[return-value]
+
+
+def grow_embeddings(
+    config: ModelConfig, params: Any, token_ids: tuple[int, int, int], num_old_tokens: int
+) -> tuple[ModelConfig, Any]:
+    """Give the latent tokens embedding (and untied LM-head) rows initialised to the mean row.
+
+    The mean is over the rows of the `num_old_tokens` tokens the tokenizer had before the latent
+    tokens were added (Qwen's table has unused padding rows beyond them, which should not count).
+    The table grows when a latent id falls past its end. Returns the new config (vocab size and
+    latent ids set) and new params; the input params are not modified.
+    """
+    if not 0 < num_old_tokens <= config.text.vocab_size:
+        raise ValueError(f"num_old_tokens {num_old_tokens} must be in [1, vocab {config.text.vocab_size}].")
+    vocab = max(config.text.vocab_size, max(token_ids) + 1)
+    ids = jnp.asarray(token_ids)
+
+    def grow(table: jax.Array) -> jax.Array:  # rows are tokens
+        mean = jnp.mean(table[:num_old_tokens].astype(jnp.float32), axis=0).astype(table.dtype)
+        if vocab > table.shape[0]:
+            table = jnp.concatenate(
+                [table, jnp.broadcast_to(mean, (vocab - table.shape[0], table.shape[1]))])
+        return table.at[ids].set(mean)
+
+    lm = dict(params["language_model"])
+    lm["embed_tokens"] = {"embedding": grow(lm["embed_tokens"]["embedding"])}
+    new = dict(params, language_model=lm)
+    if not config.tie_word_embeddings:
+        new["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
+    new_config = config.replace(
+        text=dataclasses.replace(config.text, vocab_size=vocab),
+        latent_start_token_id=token_ids[0], latent_pad_token_id=token_ids[1],
+        latent_end_token_id=token_ids[2],
+    )
+    return new_config, new
+
+
+def add_latent_imagery(model: Qwen25VL, params: Any, tokenizer: Any) -> tuple[Qwen25VL, Any]:
+    """Add the latent tokens to `tokenizer` and grow the model for them (SPEC 3.1)."""
+    num_old = len(tokenizer)
+    ids = add_latent_tokens(tokenizer)
+    config, params = grow_embeddings(model.config, params, ids, min(num_old, model.config.text.vocab_size))
+    return Qwen25VL(config), params
+
+
+def imagery_targets(
+    model: Qwen25VL, params: Any, vision: VisionInputs, latent_size: int = DEFAULT_LATENT_SIZE
+) -> jax.Array:
+    """Latent targets [num_media, latent_size, hidden] for the imagery images in `vision`.
+
+    Each image's merged visual tokens (N of them) are trimmed to a multiple of latent_size,
+    split into latent_size contiguous chunks and mean-pooled; gradients do not flow back.
+    """
+    grids = vision.image_grids + vision.video_grids
+    merge = vision.merge**2
+    counts = [t * h * w // merge for t, h, w in grids]
+    small = [i for i, n in enumerate(counts) if n < latent_size]
+    if small:
+        raise ValueError(
+            f"Imagery image {small[0]} gives {counts[small[0]]} visual tokens, fewer than "
+            f"latent_size {latent_size}; use a larger image."
+        )
+    tokens = jax.lax.stop_gradient(
+        model.apply({"params": params}, vision, method=Qwen25VL.encode_vision)
+    ).astype(jnp.float32)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+    targets = []
+    for start, n in zip(starts, counts):
+        chunk = n // latent_size
+        block = tokens[start:start + chunk * latent_size]
+        targets.append(block.reshape(latent_size, chunk, -1).mean(axis=1))
+    return jnp.stack(targets)

@@ -1,0 +1,144 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every parameter is created through `param_init`, which attaches logical axis names; the mapping
+of those names to mesh axes lives in `fourd_jax.sharding` and nowhere else.
+Softmax and normalisation statistics are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def param_init(initializer, names: Sequence[str | None]):
+    """An initializer whose parameter carries the given logical axis names."""
+    return nn.with_logical_partitioning(initializer, tuple(names))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; statistics in float32, output in the compute dtype."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param(
+            "weight", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * weight.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) over the last `len(in_names)` axes of x, with named axes.
+
+    `in_shape`/`out_shape` may be multi-dimensional (e.g. [heads, head_dim]) so attention
+    projections keep a head axis that the sharding rules can split.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            param_init(nn.initializers.normal(self.init_std), self.in_names + self.out_names),
+            self.in_shape + self.out_shape,
+            self.param_dtype,
+        )
+        n_in = len(self.in_shape)
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(
+            x,
+            kernel.astype(self.dtype),
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", param_init(nn.initializers.zeros, self.out_names), self.out_shape,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    hidden_size: int
+    intermediate_size: int
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    embed_name: str
+    mlp_name: str
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(name, n_in, n_out, in_names, out_names):
+            return Dense(
+                (n_in,), (n_out,), in_names, out_names, self.use_bias, self.dtype,
+                self.param_dtype, self.init_std, name=name,
+            )
+
+        d, f = self.hidden_size, self.intermediate_size
+        e, m = (self.embed_name,), (self.mlp_name,)
+        gate = dense("gate_proj", d, f, e, m)(x)
+        up = dense("up_proj", d, f, e, m)(x)
+        return dense("down_proj", f, d, m, e)(jax.nn.silu(gate) * up)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis (the rotary convention of the reference)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [..., L, heads, head_dim] by cos/sin [..., L, head_dim] (broadcast over heads)."""
+    cos = cos[..., None, :]
+    sin = sin[..., None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """Grouped-query attention with a boolean mask; scores and softmax in float32.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, KV, D] with H a multiple of KV; mask: [B, Lq, Lk]
+    (True = may attend). A row with nothing to attend to gets a uniform distribution, never NaN.
+    Returns [B, Lq, H, D] in q's dtype.
+    """
+    b, lq, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, lq, kv, h // kv, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, lq, h, d)
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` entry for a config name (None = save nothing extra)."""
+    if name in ("none", "full"):
+        return None
+    return getattr(jax.checkpoint_policies, name)

@@ -1,0 +1,211 @@
+"""Qwen2.5-VL vision tower: patch embedding, 2D rotary, window/full attention, 2x2 merger.
+
+The reference reorders tokens into windows of 8x8 patches and runs variable-length attention.
+Here every window is padded to exactly `window_len` slots, so window attention is a reshape to
+[num_windows, window_len] with no per-layer gather, and all media items of a batch go through
+the tower together. The padded arrangement is computed on the host from the grids
+(`vision_layout`); the tower is then a static-shape function of (patches, layout), which is what
+`jax.jit` wants. Full-attention blocks attend within one temporal patch of one media item, as in
+the reference.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fourd_jax.model.config import ModelConfig, VisionConfig
+from fourd_jax.model.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, remat_policy
+
+
+@flax.struct.dataclass
+class VisionLayout:
+    """Where each patch sits in the padded window arrangement (host-computed, jit-friendly).
+
+    Np = padded slots (a multiple of window_len), N = real patches, U = N / merge^2 units.
+    """
+
+    patch_index: jax.Array  # [Np] source row in the HF patch order; N (a zero row) for padding
+    valid: jax.Array  # [Np] bool, slot holds a real patch
+    rotary_pos: jax.Array  # [Np, 2] (row, col) patch coordinates inside the frame
+    frame_id: jax.Array  # [Np] id of the (media item, temporal patch) a slot belongs to
+    unit_slot: jax.Array  # [U] slot-unit index of each merged token, in HF output order
+    # Static: slots per frame when every frame has the same padded size (then full attention is a
+    # reshape); 0 when frames differ and full attention falls back to a segment mask.
+    frame_len: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def vision_layout(grid_thw: np.ndarray, config: VisionConfig) -> VisionLayout:
+    """Compute the padded window layout for media items with grids [(t, h, w), ...] (patches)."""
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    m = config.spatial_merge_size
+    wu = config.window_units
+    patch_index, valid, rotary_pos, frame_id, unit_slot = [], [], [], [], []
+    patch_offset = slot_offset = frame_offset = 0
+    frame_lens = set()
+    for t, h, w in grid_thw.tolist():
+        if h % m or w % m or t < 1:
+            raise ValueError(
+                f"grid_thw ({t}, {h}, {w}) is not a valid vision grid: h and w must be multiples of "
+                f"spatial_merge_size {m} and t >= 1."
+            )
+        units_h, units_w = h // m, w // m
+        nwh, nww = -(-units_h // wu), -(-units_w // wu)
+        frame_slots = nwh * nww * wu * wu * m * m
+        frame_lens.add(frame_slots)
+        # Every (t, unit_row, unit_col, sub_row, sub_col) patch, in HF order.
+        tt, bh, bw, i, j = np.meshgrid(
+            np.arange(t), np.arange(units_h), np.arange(units_w), np.arange(m), np.arange(m),
+            indexing="ij",
+        )
+        window = (bh // wu) * nww + bw // wu
+        in_window = (bh % wu) * wu + bw % wu
+        unit_in_frame = window * wu * wu + in_window
+        slot = (tt * nwh * nww * wu * wu + unit_in_frame) * (m * m) + i * m + j
+        n_slots = t * frame_slots
+        idx = np.full(n_slots, -1, np.int64)
+        idx[slot.reshape(-1)] = patch_offset + np.arange(slot.size)
+        pos = np.zeros((n_slots, 2), np.int64)
+        pos[slot.reshape(-1), 0] = (bh * m + i).reshape(-1)
+        pos[slot.reshape(-1), 1] = (bw * m + j).reshape(-1)
+        patch_index.append(idx)
+        rotary_pos.append(pos)
+        frame_id.append(frame_offset + np.repeat(np.arange(t), frame_slots))
+        # Units in HF order are the (t, bh, bw) grid in row-major order.
+        unit_slot.append((slot_offset + slot[..., 0, 0].reshape(-1)) // (m * m))
+        patch_offset += slot.size
+        slot_offset += n_slots
+        frame_offset += t
+    patch_index = np.concatenate(patch_index) if patch_index else np.zeros(0, np.int64)
+    is_valid = patch_index >= 0
+    patch_index = np.where(is_valid, patch_index, patch_offset)
+    return VisionLayout(
+        patch_index=patch_index.astype(np.int32),
+        valid=is_valid,
+        rotary_pos=np.concatenate(rotary_pos).astype(np.int32),
+        frame_id=np.concatenate(frame_id).astype(np.int32),
+        unit_slot=np.concatenate(unit_slot).astype(np.int32),
+        frame_len=frame_lens.pop() if len(frame_lens) == 1 else 0,
+    )
+
+
+def num_patches(grid_thw: np.ndarray) -> int:
+    """Rows of pixel_values the grids describe."""
+    return int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=-1).sum())
+
+
+def vision_rotary(pos: jax.Array, config: VisionConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [Np, head_dim] of the 2D rotary: half the frequencies for rows, half for columns."""
+    quarter = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+    freqs = pos.astype(jnp.float32)[..., None] * inv_freq  # [Np, 2, head_dim/4]
+    freqs = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+class VisionAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, groups: int):
+        """x: [Np, E]; attention runs within `groups` equal, contiguous blocks of slots."""
+        vc = self.config.vision
+        dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
+        e, h, hd = vc.hidden_size, vc.num_heads, vc.head_dim
+        qkv = Dense(
+            (e,), (3, h, hd), ("vision_embed",), ("vision_qkv", "vision_heads", "head_dim"),
+            True, dtype, pdtype, self.config.initializer_range, name="qkv",
+        )(x)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # The reference applies the vision rotary in float32.
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(dtype)
+        n = x.shape[0]
+        split = lambda a: a.reshape(groups, n // groups, h, hd)  # noqa: E731
+        out = attention(split(q), split(k), split(v), mask, hd**-0.5).reshape(n, h, hd)
+        return Dense(
+            (h, hd), (e,), ("vision_heads", "head_dim"), ("vision_embed",), True, dtype, pdtype,
+            self.config.initializer_range, name="proj",
+        )(out)
+
+
+class VisionBlock(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, groups: int):
+        vc = self.config.vision
+        dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
+        norm = lambda name: RMSNorm(vc.rms_norm_eps, dtype, pdtype, name=name)  # noqa: E731
+        x = x + VisionAttention(self.config, name="attn")(norm("norm1")(x), cos, sin, mask, groups)
+        mlp = GatedMLP(
+            vc.hidden_size, vc.intermediate_size, True, dtype, pdtype, "vision_embed", "vision_mlp",
+            self.config.initializer_range, name="mlp",
+        )
+        return x + mlp(norm("norm2")(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm, then 2x2 neighbouring patches concatenated and projected to the LLM width."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        vc = self.config.vision
+        dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
+        std = self.config.initializer_range
+        merged = vc.hidden_size * vc.spatial_merge_size**2
+        x = RMSNorm(vc.rms_norm_eps, dtype, pdtype, name="ln_q")(x).reshape(-1, merged)
+        x = Dense((merged,), (merged,), ("vision_merge",), ("vision_merge_out",), True, dtype,
+                  pdtype, std, name="mlp_0")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return Dense((merged,), (vc.out_hidden_size,), ("vision_merge_out",), ("embed",), True,
+                     dtype, pdtype, std, name="mlp_2")(x)
+
+
+class VisionTower(nn.Module):
+    """pixel patches [N, C*T*P*P] + layout -> merged visual tokens [N / merge^2, text hidden]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
+        vc = self.config.vision
+        dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
+        padded = jnp.concatenate([patches.astype(dtype), jnp.zeros((1, vc.patch_dim), dtype)])
+        x = padded[layout.patch_index]
+        # A Conv3d with stride = kernel over (C, T, P, P) is a matmul on the flattened patch row.
+        x = Dense((vc.patch_dim,), (vc.hidden_size,), ("vision_patch",), ("vision_embed",), False,
+                  dtype, pdtype, self.config.initializer_range, name="patch_embed")(x)
+        cos, sin = vision_rotary(layout.rotary_pos, vc)
+
+        n = x.shape[0]
+        windows = n // vc.window_len
+        window_mask = layout.valid.reshape(windows, 1, vc.window_len)
+        window_mask = jnp.broadcast_to(window_mask, (windows, vc.window_len, vc.window_len))
+        if layout.frame_len:
+            frames = n // layout.frame_len
+            full_mask = layout.valid.reshape(frames, 1, layout.frame_len)
+            full_mask = jnp.broadcast_to(full_mask, (frames, layout.frame_len, layout.frame_len))
+        else:
+            frames = 1
+            full_mask = (layout.frame_id[:, None] == layout.frame_id[None, :]) & layout.valid[None]
+            full_mask = full_mask[None]
+
+        block = VisionBlock
+        if self.config.remat_policy != "none":
+            block = nn.remat(VisionBlock, policy=remat_policy(self.config.remat_policy),
+                             static_argnums=(5,))  # `groups`; self counts as argument 0
+        for i in range(vc.depth):
+            full = i in vc.fullatt_block_indexes
+            x = block(self.config, name=f"blocks_{i}")(
+                x, cos, sin, full_mask if full else window_mask, frames if full else windows
+            )
+        merged = PatchMerger(self.config, name="merger")(x)
+        return merged[layout.unit_slot]
+

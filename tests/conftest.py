@@ -1,0 +1,23 @@
+"""Test set-up: 8 virtual CPU devices (for sharding tests) before JAX initialises."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from reference import CONFIGS, save_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def reference(request, tmp_path_factory):
+    """(name, torch model, HF directory, our model, params) for each reference config."""
+    from fourd_jax import hf
+
+    directory = tmp_path_factory.mktemp(f"hf_{request.param}")
+    torch_model = save_hf_model(CONFIGS[request.param](), directory)
+    model, params = hf.load(directory)
+    return request.param, torch_model, directory, model, params

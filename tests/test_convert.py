@@ -1,0 +1,161 @@
+"""HF <-> JAX conversion: lossless both ways, sharded files, published sizes, clear errors."""
+
+import json
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from reference import Row, build_hf_model, config_b, hf_logits, make_batch
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from fourd_jax import hf
+from fourd_jax.convert.hf import CheckpointError, canonical_name, config_to_hf, hf_shape, tensor_slots
+from fourd_jax.model import Qwen25VL, abstract_params, init_params, qwen25vl_3b, qwen25vl_7b
+
+
+def load_in_transformers(directory):
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        directory, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    assert not problems, problems
+    assert not info.get("error_msgs")
+    return model.eval()
+
+
+def batch_for(config):
+    return make_batch(config, [Row([("text", 4), ("image", (1, 4, 8)), ("text", 5)])], seed=8)
+
+
+def test_hf_to_jax_to_hf_gives_identical_logits(reference, tmp_path):
+    _, torch_model, _, model, params = reference
+    hf.save(model, params, tmp_path)
+    reloaded = load_in_transformers(tmp_path)
+    batch = batch_for(model.config)
+    np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(torch_model, batch))
+
+
+def test_jax_to_hf_to_jax_gives_identical_params(tmp_path):
+    model = Qwen25VL(config_b())
+    params = init_params(model, jax.random.key(3))
+    hf.save(model, params, tmp_path)
+    model2, params2 = hf.load(tmp_path)
+    assert model2.config == model.config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_bfloat16_round_trip_and_sharded_files(reference, tmp_path):
+    _, _, source, model, _ = reference
+    model16, params16 = hf.load(source, dtype="bfloat16")
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params16))
+    hf.save(model16, params16, tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    load_in_transformers(tmp_path)
+    _, again = hf.load(tmp_path, dtype="bfloat16")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params16)
+
+
+@pytest.mark.parametrize("preset", [qwen25vl_3b, qwen25vl_7b])
+def test_published_sizes_match_transformers_on_meta_device(preset):
+    config = preset()
+    with torch.device("meta"):
+        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config_to_hf(config)))
+    ref_shapes = {canonical_name(k): tuple(v.shape) for k, v in ref.state_dict().items()}
+    if config.tie_word_embeddings:  # the tied head is the embedding, not a separate tensor
+        assert "lm_head.weight" in ref_shapes
+        ref_shapes.pop("lm_head.weight")
+    flat = {"/".join(k): leaf.shape for k, leaf in
+            traverse_util.flatten_dict(nn.meta.unbox(abstract_params(Qwen25VL(config)))).items()}
+    slots = tensor_slots(config)
+    assert set(slots) == set(ref_shapes)
+    for name, slot in slots.items():
+        shape = flat[slot.path] if slot.layer is None else flat[slot.path][1:]
+        assert hf_shape(slot.rule, shape, config) == ref_shapes[name], name
+    total = sum(int(np.prod(shape)) for shape in flat.values())
+    assert total == sum(int(np.prod(s)) for s in ref_shapes.values())
+    assert total == {"qwen25vl_3b": 3_754_622_976, "qwen25vl_7b": 8_292_166_656}[preset.__name__]
+
+
+# ------------------------------------------------------------------ bad checkpoints
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    directory = tmp_path / "ckpt"
+    build_hf_model(config_b()).save_pretrained(directory)
+    return directory
+
+
+def rewrite(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_dir):
+    rewrite(hf_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        hf.load(hf_dir)
+
+
+def test_unexpected_tensor_is_named(hf_dir):
+    rewrite(hf_dir, lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": np.ones(4, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors has unexpected tensor "
+                                              r"'model\.layers\.0\.self_attn\.rotary\.inv_freq'"):
+        hf.load(hf_dir)
+
+
+def test_wrong_shape_is_named(hf_dir):
+    def shrink(t):
+        t["visual.blocks.2.attn.qkv.weight"] = t["visual.blocks.2.attn.qkv.weight"][:-3]
+    rewrite(hf_dir, shrink)
+    with pytest.raises(CheckpointError, match=r"tensor 'visual\.blocks\.2\.attn\.qkv\.weight' has shape "
+                                              r"\(93, 32\), but config\.json implies \(96, 32\)"):
+        hf.load(hf_dir)
+
+
+def test_other_architecture_is_refused(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json describes model_type 'llama'.*only 'qwen2_5_vl'"):
+        hf.load(hf_dir)
+
+
+def test_directory_without_weights_is_refused(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no safetensors weights"):
+        hf.load(hf_dir)
+    shutil.rmtree(hf_dir)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        hf.load(hf_dir)
+
+
+def test_missing_config_and_params_mismatch_are_named(hf_dir, tmp_path):
+    model, params = hf.load(hf_dir)
+    (hf_dir / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        hf.load(hf_dir)
+    bad = dict(params, language_model=dict(params["language_model"], norm={}))
+    with pytest.raises(CheckpointError, match="missing parameter 'language_model/norm/weight'"):
+        hf.save(model, bad, tmp_path / "out")
+
+
+def test_tied_checkpoint_with_a_different_head_is_refused(tmp_path):
+    from reference import config_a
+
+    model = build_hf_model(config_a())
+    model.save_pretrained(tmp_path)
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": np.zeros_like(t["model.embed_tokens.weight"])}))
+    with pytest.raises(CheckpointError, match="'lm_head.weight' that differs from the embedding"):
+        hf.load(tmp_path)

@@ -1,0 +1,142 @@
+"""fp32 logits of our Flax Qwen2.5-VL against `transformers` on the same random weights."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from reference import Row, hf_logits, make_batch, masked_max_diff
+
+from fourd_jax.model import Qwen25VL, get_rope_index
+
+TOL = 1e-4
+
+# Per reference config: an image grid with partial windows at the edges, and a video with
+# several temporal patches whose temporal positions run past their spatial extent.
+MEDIA = {
+    "a": dict(image=(1, 10, 14), video=(3, 8, 12), seconds=2.0),
+    "b": dict(image=(1, 12, 20), video=(2, 12, 8), seconds=2.0),
+}
+
+
+def rows_for(case: str, name: str) -> list[Row]:
+    m = MEDIA[name]
+    if case == "text":
+        return [Row([("text", 23)])]
+    if case == "image":
+        return [Row([("text", 5), ("image", m["image"]), ("text", 7)])]
+    if case == "video":
+        return [Row([("text", 4), ("video", m["video"], m["seconds"]), ("text", 6)])]
+    # A left-padded batch mixing images, videos and text-only rows.
+    return [
+        Row([("text", 3), ("image", m["image"]), ("text", 2), ("video", m["video"], m["seconds"]),
+             ("text", 4)]),
+        Row([("text", 9)]),
+        Row([("video", m["video"], 2 * m["seconds"]), ("text", 3), ("image", (1, 4, 4)), ("text", 2)]),
+    ]
+
+
+def jax_logits(model, params, batch):
+    return np.asarray(model.apply({"params": params}, **batch).logits)
+
+
+@pytest.mark.parametrize("case", ["text", "image", "video", "mixed"])
+def test_logits_match_transformers(reference, case):
+    """transformers 5.x places text after a video at start + max(h, w) / merge: compare in that mode."""
+    name, torch_model, _, model, params = reference
+    batch = make_batch(model.config, rows_for(case, name), seed=hash(case) % 1000)
+    hf_mode = Qwen25VL(dataclasses.replace(model.config, mrope_text_start="spatial_extent"))
+    ours = jax_logits(hf_mode, params, batch)
+    ref = hf_logits(torch_model, batch)
+    assert masked_max_diff(ours, ref, batch["attention_mask"]) <= TOL
+    assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero logits
+
+
+@pytest.mark.parametrize("case", ["video", "mixed"])
+def test_reference_positions_match_transformers_given_the_same_positions(reference, case):
+    """Default mode (Qwen's reference positions): same network as transformers fed those positions."""
+    name, torch_model, _, model, params = reference
+    batch = make_batch(model.config, rows_for(case, name), seed=3)
+    positions, _ = get_rope_index(model.config, batch["input_ids"], batch.get("image_grid_thw"),
+                                  batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
+                                  batch["attention_mask"])
+    ours = jax_logits(model, params, batch)
+    ref = hf_logits(torch_model, batch, position_ids=positions)
+    assert masked_max_diff(ours, ref, batch["attention_mask"]) <= TOL
+    # ... and the two position conventions really differ after a video.
+    ref_hf_positions = hf_logits(torch_model, batch)
+    assert masked_max_diff(ours, ref_hf_positions, batch["attention_mask"]) > 1e-3
+
+
+def test_rope_index_equals_transformers_in_spatial_extent_mode(reference):
+    name, torch_model, _, model, _ = reference
+    batch = make_batch(model.config, rows_for("mixed", name), seed=5)
+    config = dataclasses.replace(model.config, mrope_text_start="spatial_extent")
+    ours, deltas = get_rope_index(config, batch["input_ids"], batch["image_grid_thw"],
+                                  batch["video_grid_thw"], batch["second_per_grid_ts"],
+                                  batch["attention_mask"])
+    keep = batch["attention_mask"].astype(bool)
+    ref, ref_deltas = torch_model.model.get_rope_index(
+        torch.tensor(batch["input_ids"]), torch.tensor(batch["mm_token_type_ids"]),
+        torch.tensor(batch["image_grid_thw"]), torch.tensor(batch["video_grid_thw"]),
+        torch.tensor(batch["second_per_grid_ts"]), torch.tensor(batch["attention_mask"]))
+    np.testing.assert_array_equal(ours[:, keep], ref.numpy()[:, keep])
+    # Where every row ends in text, our slot-based deltas and transformers' real-token deltas put
+    # the next token at the same place (generation is compared in test_decode).
+    length, n_real = keep.shape[1], keep.sum(1)
+    np.testing.assert_array_equal(deltas + length, ours[0, np.arange(len(keep)), -1] + 1)
+    assert np.all(ref_deltas.numpy().reshape(-1) + n_real >= deltas + length)
+
+
+def test_reference_positions_by_hand():
+    """Qwen's rule: text after media resumes at (largest media position) + 1."""
+    from fourd_jax.model import tiny
+
+    c = tiny()
+    v, s, e = c.video_token_id, c.vision_start_token_id, c.vision_end_token_id
+    # 2 text, start, a video of t=3 temporal patches on a 2x2 merged grid (12 tokens), end, 1 text.
+    ids = np.array([[7, 8, s] + [v] * 12 + [e, 9]])
+    pos, delta = get_rope_index(c, ids, video_grid_thw=np.array([[3, 4, 4]]),
+                                second_per_grid_ts=np.array([1.5]))
+    # interval = tokens_per_second (2) * 1.5 = 3 -> t offsets 0, 3, 6
+    t = np.repeat([0, 3, 6], 4) + 3
+    h = np.tile([0, 0, 1, 1], 3) + 3
+    w = np.tile([0, 1, 0, 1], 3) + 3
+    np.testing.assert_array_equal(pos[0, 0], [0, 1, 2, *t, 10, 11])
+    np.testing.assert_array_equal(pos[1, 0], [0, 1, 2, *h, 10, 11])
+    np.testing.assert_array_equal(pos[2, 0], [0, 1, 2, *w, 10, 11])
+    assert delta[0] == 12 - ids.shape[1]
+
+
+def test_vision_tower_matches_transformers(reference):
+    name, torch_model, _, model, params = reference
+    m = MEDIA[name]
+    batch = make_batch(model.config, [Row([("video", m["video"], 1.0), ("image", m["image"])])])
+    from fourd_jax.model import prepare_vision
+
+    # Two media of different sizes in one call: attention never crosses media items.
+    vision = prepare_vision(model.config, batch["pixel_values"], batch["image_grid_thw"],
+                            batch["pixel_values_videos"], batch["video_grid_thw"])
+    ours = np.asarray(model.apply({"params": params}, vision, method=Qwen25VL.encode_vision))
+    with torch.no_grad():
+        ref_img = torch_model.model.visual(torch.tensor(batch["pixel_values"]),
+                                           grid_thw=torch.tensor(batch["image_grid_thw"])).pooler_output
+        ref_vid = torch_model.model.visual(torch.tensor(batch["pixel_values_videos"]),
+                                           grid_thw=torch.tensor(batch["video_grid_thw"])).pooler_output
+    ref = np.concatenate([ref_img.numpy(), ref_vid.numpy()])
+    assert np.abs(ours - ref).max() <= TOL
+
+
+def test_mismatched_media_inputs_fail_clearly(reference):
+    _, _, _, model, params = reference
+    batch = make_batch(model.config, rows_for("image", reference[0]))
+    bad = dict(batch, pixel_values=batch["pixel_values"][:-4])
+    with pytest.raises(ValueError, match="`pixel_values` has .* rows but `image_grid_thw` describes"):
+        model.apply({"params": params}, **bad)
+    bad = dict(batch, input_ids=batch["input_ids"][:, 2:], attention_mask=batch["attention_mask"][:, 2:],
+               mm_token_type_ids=None)
+    ids = bad["input_ids"].copy()
+    ids[ids == model.config.image_token_id] = 1
+    bad["input_ids"] = ids
+    with pytest.raises(ValueError, match="image"):
+        model.apply({"params": params}, **bad)
