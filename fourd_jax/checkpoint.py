@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.vlm import Qwen25VL, abstract_params
 
@@ -22,7 +23,7 @@ PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(InputError, FileNotFoundError):
     """A directory with no restorable checkpoint."""
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.text import init_kv_cache
 from fourd_jax.model.vlm import Qwen25VL, VisionInputs, prepare_vision
@@ -48,9 +49,9 @@ def prepare_prompt(
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
+        raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
     if np.any(mask[:, -1] == 0):
-        raise ValueError("Prompts must be left-padded: attention_mask is 0 in the last column.")
+        raise InputError("Prompts must be left-padded: attention_mask is 0 in the last column.")
     vision = prepare_vision(model.config, pixel_values, image_grid_thw, pixel_values_videos,
                             video_grid_thw)
     positions, deltas = rope.get_rope_index(

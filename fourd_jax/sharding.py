@@ -14,7 +14,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
+
+from fourd_jax.errors import InputError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -43,7 +45,7 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(InputError):
     """A mesh or rules table that cannot place the model."""
 
 
@@ -92,7 +94,9 @@ def check_rules(boxed_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> No
             if logical is None:
                 continue
             if logical not in known:
-                raise ShardingError(f"Parameter '{name}' uses logical axis '{logical}', which the rules table does not map.")
+                raise ShardingError(
+                    f"Parameter '{name}' uses logical axis '{logical}', which the rules table does not map."
+                )
             axes = mapping[logical]
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

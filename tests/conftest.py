@@ -1,14 +1,20 @@
-"""Test set-up: 8 virtual CPU devices (for sharding tests) before JAX initialises."""
+"""Test set-up: 8 virtual CPU devices (for sharding tests) before JAX initialises.
+
+XLA's LLVM backend runs at optimisation level 0 here: the suite compiles many small programs
+and spends most of its time compiling, not running. Results are asserted as numbers with
+tolerances, so they do not depend on the level; timings live in benchmarks, not tests.
+"""
 
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-
 from reference import CONFIGS, save_hf_model  # noqa: E402
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import Row, build_hf_model, config_b, hf_logits, make_batch
 from flax import traverse_util
+from reference import Row, build_hf_model, config_b, hf_logits, make_batch
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 

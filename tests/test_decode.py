@@ -3,13 +3,14 @@ equals `transformers` generate."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from reference import Row, make_batch, masked_max_diff, torch_inputs
 
-from fourd_jax.model import Qwen25VL, init_kv_cache
+from fourd_jax.model import Qwen25VL, forward, init_kv_cache
 from fourd_jax.model.rope import text_position_ids
 from fourd_jax.sample import greedy_generate, prepare_prompt
 
@@ -24,28 +25,29 @@ def mixed_rows():
 def test_cached_decoding_equals_full_forward(reference):
     _, _, _, model, params = reference
     batch = make_batch(model.config, mixed_rows(), seed=11)
-    variables = {"params": params}
-    full = model.apply(variables, **batch)
+    full = forward(model, params, **batch)
     # Prefill the first P tokens, then feed the remaining ones one by one through the cache.
     length = batch["input_ids"].shape[1]
     prefill = length - 4
     prompt = prepare_prompt(model, **batch)
-    cache = init_kv_cache(model.config, 2, length)
+
+    @jax.jit
+    def step(cache, ids, mask, positions, index, vision=None):
+        return model.apply({"params": params}, ids, attention_mask=mask, position_ids=positions,
+                           vision=vision, kv_cache=cache, cache_index=index)
+
     mask = np.zeros((2, length), np.int32)
     mask[:, :prefill] = batch["attention_mask"][:, :prefill]
-    out = model.apply(variables, prompt.input_ids[:, :prefill], attention_mask=mask,
-                      position_ids=prompt.position_ids[:, :, :prefill], vision=prompt.vision,
-                      kv_cache=cache, cache_index=0)
+    out = step(init_kv_cache(model.config, 2, length), prompt.input_ids[:, :prefill], mask,
+               prompt.position_ids[:, :, :prefill], 0, prompt.vision)
     keep = batch["attention_mask"][:, :prefill]
     assert masked_max_diff(out.logits, full.logits[:, :prefill], keep) <= 1e-5
     cache = out.kv_cache
     for slot in range(prefill, length):
         mask[:, slot] = 1
-        step = model.apply(variables, prompt.input_ids[:, slot:slot + 1], attention_mask=mask,
-                           position_ids=prompt.position_ids[:, :, slot:slot + 1], kv_cache=cache,
-                           cache_index=slot)
-        cache = step.kv_cache
-        assert np.abs(np.asarray(step.logits[:, 0]) - np.asarray(full.logits[:, slot])).max() <= 1e-5
+        out = step(cache, prompt.input_ids[:, slot:slot + 1], mask, prompt.position_ids[:, :, slot:slot + 1], slot)
+        cache = out.kv_cache
+        assert np.abs(np.asarray(out.logits[:, 0]) - np.asarray(full.logits[:, slot])).max() <= 1e-5
 
 
 def test_decode_positions_continue_from_rope_deltas(reference):

@@ -93,7 +93,9 @@ def test_latent_embeds_replace_pad_embeddings_like_inputs_embeds(reference):
     with torch.no_grad():
         embeds = torch_model.get_input_embeddings()(torch.tensor(ids))
         embeds[0, torch.tensor(ids[0] == pad)] = torch.tensor(rows)
-        ref = torch_model.model(inputs_embeds=embeds)
+        # Explicit positions: the session's torch model keeps rope_deltas from earlier generate calls.
+        positions = torch.arange(ids.shape[1])[None, None].expand(3, 1, -1)
+        ref = torch_model.model(inputs_embeds=embeds, position_ids=positions)
         ref_logits = torch_model.lm_head(ref.last_hidden_state)
     np.testing.assert_allclose(np.asarray(ours.hidden_states), ref.last_hidden_state.numpy(), atol=1e-4)
     np.testing.assert_allclose(np.asarray(ours.logits), ref_logits.numpy(), atol=1e-4)

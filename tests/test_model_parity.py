@@ -7,7 +7,8 @@ import pytest
 import torch
 from reference import Row, hf_logits, make_batch, masked_max_diff
 
-from fourd_jax.model import Qwen25VL, get_rope_index
+from fourd_jax.errors import InputError
+from fourd_jax.model import Qwen25VL, forward, get_rope_index
 
 TOL = 1e-4
 
@@ -36,8 +37,11 @@ def rows_for(case: str, name: str) -> list[Row]:
     ]
 
 
-def jax_logits(model, params, batch):
-    return np.asarray(model.apply({"params": params}, **batch).logits)
+def jax_logits(model, params, batch, public_api=False):
+    """Logits through `model.apply` (the documented API, eager) or the jitted `forward`."""
+    if public_api:
+        return np.asarray(model.apply({"params": params}, **batch).logits)
+    return np.asarray(forward(model, params, **batch).logits)
 
 
 @pytest.mark.parametrize("case", ["text", "image", "video", "mixed"])
@@ -46,7 +50,7 @@ def test_logits_match_transformers(reference, case):
     name, torch_model, _, model, params = reference
     batch = make_batch(model.config, rows_for(case, name), seed=hash(case) % 1000)
     hf_mode = Qwen25VL(dataclasses.replace(model.config, mrope_text_start="spatial_extent"))
-    ours = jax_logits(hf_mode, params, batch)
+    ours = jax_logits(hf_mode, params, batch, public_api=case in ("text", "mixed"))
     ref = hf_logits(torch_model, batch)
     assert masked_max_diff(ours, ref, batch["attention_mask"]) <= TOL
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero logits
@@ -131,12 +135,14 @@ def test_mismatched_media_inputs_fail_clearly(reference):
     _, _, _, model, params = reference
     batch = make_batch(model.config, rows_for("image", reference[0]))
     bad = dict(batch, pixel_values=batch["pixel_values"][:-4])
-    with pytest.raises(ValueError, match="`pixel_values` has .* rows but `image_grid_thw` describes"):
+    with pytest.raises(InputError, match="`pixel_values` has .* rows but `image_grid_thw` describes"):
         model.apply({"params": params}, **bad)
     bad = dict(batch, input_ids=batch["input_ids"][:, 2:], attention_mask=batch["attention_mask"][:, 2:],
                mm_token_type_ids=None)
     ids = bad["input_ids"].copy()
     ids[ids == model.config.image_token_id] = 1
     bad["input_ids"] = ids
-    with pytest.raises(ValueError, match="image"):
+    with pytest.raises(InputError, match="input_ids has 0 image placeholder tokens but the image inputs give"):
         model.apply({"params": params}, **bad)
+    with pytest.raises(InputError, match="input_ids has 0 image placeholder tokens"):
+        forward(model, params, **bad)

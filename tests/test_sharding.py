@@ -8,7 +8,7 @@ from flax import traverse_util
 from reference import Row, make_batch
 
 from fourd_jax import sharding
-from fourd_jax.model import Qwen25VL, abstract_params, get_rope_index, init_params, qwen25vl_7b, tiny
+from fourd_jax.model import Qwen25VL, abstract_params, forward, get_rope_index, init_params, qwen25vl_7b, tiny
 from fourd_jax.model.vlm import prepare_vision
 
 
@@ -56,14 +56,15 @@ def test_sharded_init_and_forward_equal_one_device():
     batch = make_batch(model.config, [Row([("text", 3), ("image", (1, 4, 8)), ("text", 5)])] * 4, seed=4)
     vision = prepare_vision(model.config, batch["pixel_values"], batch["image_grid_thw"])
     positions, _ = get_rope_index(model.config, batch["input_ids"], batch["image_grid_thw"])
-    ref = model.apply({"params": single}, batch["input_ids"], vision=vision, position_ids=positions).logits
+    ref = forward(model, single, batch["input_ids"], pixel_values=batch["pixel_values"],
+                  image_grid_thw=batch["image_grid_thw"]).logits
 
-    def forward(p, ids, pos, vis):
+    def sharded_forward(p, ids, pos, vis):
         return model.apply({"params": p}, ids, position_ids=pos, vision=vis).logits
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         ids = jax.device_put(batch["input_ids"], sharding.batch_sharding(mesh, 2))
-        out = jax.jit(forward)(params, ids, positions, vision)
+        out = jax.jit(sharded_forward)(params, ids, positions, vision)
     assert out.sharding.spec[0] == ("data", "fsdp")
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= 1e-5
 

@@ -29,11 +29,12 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig
 from fourd_jax.model.vlm import Qwen25VL, abstract_params
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not match the model it claims to be."""
 
 
@@ -212,7 +213,7 @@ def config_from_hf(hf_config: dict[str, Any], source: str = "config.json", **ove
     fields.update(overrides)
     try:
         return ModelConfig(**fields)
-    except ValueError as e:
+    except InputError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
@@ -406,7 +407,7 @@ def _parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
     if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'.")
+        raise InputError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'.")
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
@@ -462,7 +463,7 @@ def save(
     names = (["model.safetensors"] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     weight_map = {}
-    for file_name, members in zip(names, plan):
+    for file_name, members in zip(names, plan, strict=True):
         tensors = {}
         for name in members:
             slot = slots[name]

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.imagery import LATENT_TOKENS, add_latent_tokens
 
@@ -73,7 +74,7 @@ def config_for_tokenizer(tokenizer: Any, config: ModelConfig) -> ModelConfig:
               "<|endoftext|>") + LATENT_TOKENS
     absent = [t for t in needed if t not in vocab]
     if absent:
-        raise ValueError(f"The tokenizer lacks the token(s) {absent} that Qwen2.5-VL needs.")
+        raise InputError(f"The tokenizer lacks the token(s) {absent} that Qwen2.5-VL needs.")
     size = max(vocab.values()) + 1
     return config.replace(
         text=dataclasses.replace(config.text, vocab_size=max(size, config.text.vocab_size)),

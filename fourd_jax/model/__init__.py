@@ -8,12 +8,14 @@ from fourd_jax.model.vlm import (
     Qwen25VL,
     VisionInputs,
     abstract_params,
+    encode_vision,
+    forward,
     init_params,
     prepare_vision,
 )
 
 __all__ = [
     "KVCache", "ModelConfig", "ModelOutput", "Qwen25VL", "TextConfig", "VisionConfig",
-    "VisionInputs", "abstract_params", "get_rope_index", "init_kv_cache", "init_params",
+    "VisionInputs", "abstract_params", "encode_vision", "forward", "get_rope_index", "init_kv_cache", "init_params",
     "prepare_vision", "qwen25vl_3b", "qwen25vl_7b", "tiny",
 ]

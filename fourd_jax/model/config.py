@@ -12,6 +12,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from fourd_jax.errors import InputError
+
 # How text positions continue after an image or video in M-RoPE:
 #   "max_position": next text position = largest vision position + 1 (Qwen's reference code and
 #       transformers < 5.3; the released checkpoints were trained this way).
@@ -150,7 +152,7 @@ class ModelConfig:
                 f"mrope_text_start must be 'max_position' or 'spatial_extent', not {self.mrope_text_start!r}"
             )
         if problems:
-            raise ValueError("Invalid model config: " + "; ".join(problems) + ".")
+            raise InputError("Invalid model config: " + "; ".join(problems) + ".")
 
     @property
     def jnp_param_dtype(self) -> jnp.dtype:
@@ -180,7 +182,7 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
-            raise ValueError(f"Model config has unknown field(s) {unknown}.")
+            raise InputError(f"Model config has unknown field(s) {unknown}.")
         text = dict(d.pop("text", {}))
         vision = dict(d.pop("vision", {}))
         text["mrope_section"] = tuple(text.get("mrope_section", TextConfig.mrope_section))

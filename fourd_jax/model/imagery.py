@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.vlm import Qwen25VL, VisionInputs
+from fourd_jax.model.vlm import Qwen25VL, VisionInputs, encode_vision
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
@@ -50,7 +51,7 @@ def latent_token_ids(tokenizer: Any) -> tuple[int, int, int]:
     vocab = tokenizer.get_vocab()
     absent = [t for t in LATENT_TOKENS if t not in vocab]
     if absent:
-        raise ValueError(
+        raise InputError(
             f"The tokenizer has no {', '.join(absent)} token(s); add them with "
             "fourd_jax.model.imagery.add_latent_tokens(tokenizer) before training or decoding."
         )
@@ -68,7 +69,7 @@ def grow_embeddings(
     latent ids set) and new params; the input params are not modified.
     """
     if not 0 < num_old_tokens <= config.text.vocab_size:
-        raise ValueError(f"num_old_tokens {num_old_tokens} must be in [1, vocab {config.text.vocab_size}].")
+        raise InputError(f"num_old_tokens {num_old_tokens} must be in [1, vocab {config.text.vocab_size}].")
     vocab = max(config.text.vocab_size, max(token_ids) + 1)
     ids = jnp.asarray(token_ids)
 
@@ -113,16 +114,14 @@ def imagery_targets(
     counts = [t * h * w // merge for t, h, w in grids]
     small = [i for i, n in enumerate(counts) if n < latent_size]
     if small:
-        raise ValueError(
+        raise InputError(
             f"Imagery image {small[0]} gives {counts[small[0]]} visual tokens, fewer than "
             f"latent_size {latent_size}; use a larger image."
         )
-    tokens = jax.lax.stop_gradient(
-        model.apply({"params": params}, vision, method=Qwen25VL.encode_vision)
-    ).astype(jnp.float32)
+    tokens = jax.lax.stop_gradient(encode_vision(model, params, vision)).astype(jnp.float32)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     targets = []
-    for start, n in zip(starts, counts):
+    for start, n in zip(starts, counts, strict=True):
         chunk = n // latent_size
         block = tokens[start:start + chunk * latent_size]
         targets.append(block.reshape(latent_size, chunk, -1).mean(axis=1))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig, TextConfig
 
 
@@ -46,7 +47,7 @@ def get_rope_index(
     seconds = (np.ones(n_videos, np.float32) if second_per_grid_ts is None
                else np.asarray(second_per_grid_ts, np.float32).reshape(-1))
     if seconds.shape[0] != n_videos:
-        raise ValueError(
+        raise InputError(
             f"second_per_grid_ts has {seconds.shape[0]} entries but video_grid_thw has {n_videos} videos."
         )
     video_seconds = iter(seconds.tolist())
@@ -67,7 +68,7 @@ def get_rope_index(
                 continue
             grid = next(grids[tok], None)
             if grid is None:
-                raise ValueError(
+                raise InputError(
                     f"input_ids row {b} has more {names[tok]} placeholder runs than "
                     f"{names[tok]}_grid_thw has {names[tok]}s."
                 )
@@ -75,7 +76,7 @@ def get_rope_index(
             n = t * (h // m) * (w // m)
             run = tokens[i:i + n]
             if run.shape[0] != n or np.any(run != tok):
-                raise ValueError(
+                raise InputError(
                     f"input_ids row {b}: a {names[tok]} with grid ({t}, {h}, {w}) needs {n} consecutive "
                     f"placeholder tokens at position {i}, but the run is shorter."
                 )
@@ -100,7 +101,7 @@ def get_rope_index(
         deltas[b] = nxt - length
     for tok, it in grids.items():
         if next(it, None) is not None:
-            raise ValueError(
+            raise InputError(
                 f"{names[tok]}_grid_thw has more {names[tok]}s than input_ids has placeholder runs."
             )
     return position_ids, deltas

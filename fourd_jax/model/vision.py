@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig, VisionConfig
 from fourd_jax.model.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, remat_policy
 
@@ -43,12 +44,12 @@ def vision_layout(grid_thw: np.ndarray, config: VisionConfig) -> VisionLayout:
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m = config.spatial_merge_size
     wu = config.window_units
-    patch_index, valid, rotary_pos, frame_id, unit_slot = [], [], [], [], []
+    patch_index, rotary_pos, frame_id, unit_slot = [], [], [], []
     patch_offset = slot_offset = frame_offset = 0
     frame_lens = set()
     for t, h, w in grid_thw.tolist():
         if h % m or w % m or t < 1:
-            raise ValueError(
+            raise InputError(
                 f"grid_thw ({t}, {h}, {w}) is not a valid vision grid: h and w must be multiples of "
                 f"spatial_merge_size {m} and t >= 1."
             )

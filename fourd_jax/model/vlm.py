@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.layers import Dense
@@ -75,15 +76,15 @@ def prepare_vision(
         if pix is None and grid is None:
             continue
         if pix is None or grid is None:
-            raise ValueError(f"`{pix_name}` and `{grid_name}` must be given together.")
+            raise InputError(f"`{pix_name}` and `{grid_name}` must be given together.")
         grid = _host(grid, grid_name).astype(np.int64).reshape(-1, 3)
         pix = jnp.asarray(pix)
         if pix.ndim != 2 or pix.shape[1] != config.vision.patch_dim:
-            raise ValueError(
+            raise InputError(
                 f"`{pix_name}` must have shape [patches, {config.vision.patch_dim}], got {tuple(pix.shape)}."
             )
         if pix.shape[0] != num_patches(grid):
-            raise ValueError(
+            raise InputError(
                 f"`{pix_name}` has {pix.shape[0]} rows but `{grid_name}` describes {num_patches(grid)} patches."
             )
         parts.append(pix)
@@ -98,6 +99,28 @@ def prepare_vision(
         video_grids=video_grids,
         merge=config.vision.spatial_merge_size,
     )
+
+
+def check_placeholders(config: ModelConfig, input_ids: Any, vision: VisionInputs | None,
+                       mm_token_type_ids: Any = None) -> None:
+    """Host-side check that placeholder tokens match the media (skipped for traced ids)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return  # shapes are the caller's contract under jit (see replace_rows)
+    ids = np.asarray(input_ids)
+    if mm_token_type_ids is not None:
+        expected = np.where(ids == config.image_token_id, 1, np.where(ids == config.video_token_id, 2, 0))
+        if not np.array_equal(_host(mm_token_type_ids, "mm_token_type_ids"), expected):
+            raise InputError("`mm_token_type_ids` disagrees with the image/video tokens in `input_ids`.")
+    if vision is None:
+        return  # like transformers: placeholders without media keep their token embeddings
+    n_img = vision.num_image_tokens
+    n_vid = vision.layout.unit_slot.shape[0] - n_img
+    for kind, token_id, n_features in (("image", config.image_token_id, n_img),
+                                       ("video", config.video_token_id, n_vid)):
+        n_tokens = int(np.sum(ids == token_id))
+        if n_tokens != n_features:
+            raise InputError(f"input_ids has {n_tokens} {kind} placeholder tokens but the {kind} inputs give "
+                             f"{n_features} features.")
 
 
 def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Array:
@@ -184,18 +207,14 @@ class Qwen25VL(nn.Module):
         batch, length = input_ids.shape
         pixels_given = any(a is not None for a in (pixel_values, pixel_values_videos))
         if pixels_given and vision is not None:
-            raise ValueError("Pass either pixel arguments or `vision=`, not both.")
+            raise InputError("Pass either pixel arguments or `vision=`, not both.")
         if pixels_given or image_grid_thw is not None or video_grid_thw is not None:
             vision = prepare_vision(c, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if mm_token_type_ids is not None:
-            ids = _host(host_ids, "input_ids")
-            expected = np.where(ids == c.image_token_id, 1, np.where(ids == c.video_token_id, 2, 0))
-            if not np.array_equal(_host(mm_token_type_ids, "mm_token_type_ids"), expected):
-                raise ValueError("`mm_token_type_ids` disagrees with the image/video tokens in `input_ids`.")
+        check_placeholders(c, host_ids, vision, mm_token_type_ids)
 
         if position_ids is None:
             if kv_cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
-                raise ValueError("Decoding into a non-empty KV cache needs explicit `position_ids`.")
+                raise InputError("Decoding into a non-empty KV cache needs explicit `position_ids`.")
             row_mask = attention_mask
             if kv_cache is not None and attention_mask is not None:
                 row_mask = _host(attention_mask, "attention_mask")[:, :length]
@@ -216,15 +235,13 @@ class Qwen25VL(nn.Module):
         if vision is not None:
             features = self.visual(vision.patches, vision.layout)
             n_img = vision.num_image_tokens
-            self._check_count(host_ids, c.image_token_id, n_img, "image")
-            self._check_count(host_ids, c.video_token_id, features.shape[0] - n_img, "video")
             if n_img:
                 embeds = replace_rows(embeds, input_ids == c.image_token_id, features[:n_img])
             if features.shape[0] > n_img:
                 embeds = replace_rows(embeds, input_ids == c.video_token_id, features[n_img:])
         if latent_embeds is not None:
             if c.latent_pad_token_id is None:
-                raise ValueError("`latent_embeds` given but the config has no latent_pad_token_id.")
+                raise InputError("`latent_embeds` given but the config has no latent_pad_token_id.")
             embeds = replace_rows(embeds, input_ids == c.latent_pad_token_id, latent_embeds)
 
         cache_len = None if kv_cache is None else kv_cache.max_len
@@ -249,16 +266,54 @@ class Qwen25VL(nn.Module):
         """Input token embeddings [..., hidden]."""
         return self.language_model.embed(input_ids)
 
-    @staticmethod
-    def _check_count(input_ids, token_id: int, n_features: int, kind: str) -> None:
-        if isinstance(input_ids, jax.core.Tracer):
-            return  # shapes are the caller's contract under jit (see replace_rows)
-        n_tokens = int(np.sum(np.asarray(input_ids) == token_id))
-        if n_tokens != n_features:
-            raise ValueError(
-                f"input_ids has {n_tokens} {kind} placeholder tokens but the {kind} inputs give "
-                f"{n_features} features."
-            )
+
+def forward(
+    model: Qwen25VL,
+    params: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    pixel_values: Any = None,
+    image_grid_thw: Any = None,
+    pixel_values_videos: Any = None,
+    video_grid_thw: Any = None,
+    second_per_grid_ts: Any = None,
+    mm_token_type_ids: Any = None,
+    *,
+    latent_embeds: Any = None,
+    compute_logits: bool = True,
+) -> ModelOutput:
+    """`model.apply` on processor outputs, with the device work jitted (cached per model).
+
+    The host-side work (media layout, M-RoPE positions, checks) runs here in numpy; the rest is
+    one compiled program, so repeated calls with the same shapes do not re-trace. Eager
+    `model.apply` compiles every primitive separately, which is slow for more than a few calls.
+    """
+    config = model.config
+    vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    check_placeholders(config, input_ids, vision, mm_token_type_ids)
+    positions, _ = rope.get_rope_index(config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                       attention_mask)
+    return _jitted_apply(model, compute_logits)(params, jnp.asarray(input_ids), attention_mask, positions,
+                                                vision, latent_embeds)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(model: Qwen25VL, compute_logits: bool):
+    def apply(params, input_ids, attention_mask, position_ids, vision, latent_embeds):
+        return model.apply({"params": params}, input_ids, attention_mask, position_ids=position_ids,
+                           vision=vision, latent_embeds=latent_embeds, compute_logits=compute_logits)
+
+    return jax.jit(apply)
+
+
+def encode_vision(model: Qwen25VL, params: Any, vision: VisionInputs) -> jax.Array:
+    """Merged visual tokens for `vision` through a jitted tower (cached per model)."""
+    return _jitted_encode(model)(params, vision)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_encode(model: Qwen25VL):
+    return jax.jit(lambda params, vision: model.apply({"params": params}, vision, method=Qwen25VL.encode_vision))
 
 
 def dummy_inputs(config: ModelConfig) -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""`fourd-jax bench forward`: jitted JAX forward vs eager PyTorch (`transformers`), same machine.
+
+Both frameworks run the same Qwen2.5-VL weights (written once by `transformers`, read by
+`fourd_jax.hf.load`) on the same batch: two rows, each with text, an image and a video. The
+outputs are checked to agree before anything is timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig
+
+SIZES = {
+    "small": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv=2, vocab=8192,
+                  vision_hidden=256, vision_intermediate=640, vision_depth=4, vision_heads=4,
+                  image=224, frames=8, text=64),
+    "tiny": dict(hidden=128, intermediate=256, layers=2, heads=4, kv=2, vocab=1024,
+                 vision_hidden=64, vision_intermediate=128, vision_depth=2, vision_heads=2,
+                 image=112, frames=4, text=16),
+}
+
+
+def bench_config(size: str) -> ModelConfig:
+    s = SIZES[size]
+    v = s["vocab"]
+    half = s["hidden"] // s["heads"] // 2
+    temporal = half // 4  # Qwen's split of the rotary half-dim: 1/4 time, 3/8 rows, 3/8 columns
+    return ModelConfig(
+        text=TextConfig(vocab_size=v, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                        num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv"],
+                        mrope_section=(temporal, (half - temporal) // 2, (half - temporal) // 2)),
+        vision=VisionConfig(depth=s["vision_depth"], hidden_size=s["vision_hidden"],
+                            intermediate_size=s["vision_intermediate"], num_heads=s["vision_heads"],
+                            out_hidden_size=s["hidden"], fullatt_block_indexes=(s["vision_depth"] - 1,)),
+        tie_word_embeddings=False,
+        vision_start_token_id=v - 8, vision_end_token_id=v - 7, image_token_id=v - 6,
+        video_token_id=v - 5, bos_token_id=v - 4, eos_token_id=v - 3, pad_token_id=v - 4,
+    )
+
+
+def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two rows of text + image + text + video + text, as processor outputs."""
+    from fourd_jax.data.processor import patchify
+
+    s = SIZES[size]
+    rs = np.random.RandomState(seed)
+    m2 = config.vision.spatial_merge_size**2
+    ids, pix, pixv, grids, vgrids = [], [], [], [], []
+    for _ in range(2):
+        image = rs.randint(0, 256, (1, s["image"], s["image"], 3), dtype=np.uint8)
+        video = rs.randint(0, 256, (s["frames"], s["image"], s["image"], 3), dtype=np.uint8)
+        (p, g), (pv, gv) = patchify(image, config.vision), patchify(video, config.vision)
+        pix.append(p)
+        pixv.append(pv)
+        grids.append(g)
+        vgrids.append(gv)
+        text = lambda n: rs.randint(0, config.vision_start_token_id, n).tolist()  # noqa: E731
+        ids.append(text(s["text"]) + [config.vision_start_token_id]
+                   + [config.image_token_id] * (int(np.prod(g)) // m2) + [config.vision_end_token_id]
+                   + text(8) + [config.vision_start_token_id]
+                   + [config.video_token_id] * (int(np.prod(gv)) // m2) + [config.vision_end_token_id]
+                   + text(s["text"]))
+    input_ids = np.array(ids)
+    return dict(
+        input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+        pixel_values=np.concatenate(pix), image_grid_thw=np.array(grids),
+        pixel_values_videos=np.concatenate(pixv), video_grid_thw=np.array(vgrids),
+        second_per_grid_ts=np.full(2, 2.0, np.float32),
+        mm_token_type_ids=np.where(input_ids == config.image_token_id, 1,
+                                   np.where(input_ids == config.video_token_id, 2, 0)),
+    )
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str, Any]:
+    """Time both forwards; print and (optionally) record the ratio."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from fourd_jax.bench.report import record as record_row
+    from fourd_jax.convert import hf
+    from fourd_jax.model import rope
+    from fourd_jax.model.vlm import prepare_vision
+
+    config = bench_config(size)
+    torch.manual_seed(0)
+    torch_model = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model.save_pretrained(tmp)
+        model, params = hf.load(tmp)
+    batch = bench_batch(config, size)
+    torch_batch = {k: torch.tensor(v) for k, v in batch.items()}
+
+    # transformers 5.x positions text after a video by its spatial extent; use the same positions.
+    positions, _ = rope.get_rope_index(
+        config.replace(mrope_text_start="spatial_extent"), batch["input_ids"],
+        batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"])
+    vision = prepare_vision(config, batch["pixel_values"], batch["image_grid_thw"],
+                            batch["pixel_values_videos"], batch["video_grid_thw"])
+
+    @jax.jit
+    def forward(params, input_ids, position_ids, vision):
+        return model.apply({"params": params}, input_ids, position_ids=position_ids, vision=vision).logits
+
+    start = time.perf_counter()
+    ours = np.asarray(forward(params, batch["input_ids"], positions, vision))
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        ref = torch_model(**torch_batch).logits.numpy()
+    max_diff = float(np.abs(ours - ref).max())
+    if max_diff > 1e-3:
+        raise RuntimeError(f"JAX and PyTorch forwards disagree (max |diff| {max_diff:.2e}); not timing.")
+
+    jax_s = _time(lambda: forward(params, batch["input_ids"], positions, vision).block_until_ready(), repeats)
+    with torch.no_grad():
+        torch_s = _time(lambda: torch_model(**torch_batch), repeats)
+    result = {
+        "size": size, "tokens": int(batch["input_ids"].size), "jax ms": round(jax_s * 1e3, 1),
+        "torch ms": round(torch_s * 1e3, 1), "speed-up (torch / jax)": round(torch_s / jax_s, 2),
+        "jax compile s": round(compile_s, 1), "max logit diff": f"{max_diff:.1e}",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    print(f"forward ({size}, {result['tokens']} tokens, batch 2, fp32): jax {result['jax ms']} ms, "
+          f"torch eager {result['torch ms']} ms -> jax is {result['speed-up (torch / jax)']}x "
+          f"the speed of torch (median of {repeats}; logits agree to {max_diff:.1e})")
+    if record:
+        path = record_row(
+            "forward",
+            "`fourd-jax bench forward`: one jitted JAX forward vs one eager `transformers` forward "
+            "(`torch.no_grad`, default SDPA attention) on the same weights and batch (2 rows of "
+            "text, a 224 px image and an 8-frame 224 px video), fp32, median wall time.",
+            result,
+        )
+        print(f"recorded in {path}")
+    return result
