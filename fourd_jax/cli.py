@@ -37,7 +37,29 @@ def _bench(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from fourd_jax import demo
 
-    demo.run(args.workdir)
+    demo.run(args.workdir, parse_config("fourd-jax demo", args.config_args, "configs/demo.py"))
+
+
+def parse_config(prog: str, argv: list[str], default: str):
+    """An ml_collections config from `--config path[:arg]` and `--config.key=value` overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    argv = [prog, *argv]
+    try:
+        # Overrides are read from argv when the flag is defined, so both steps can refuse input.
+        config_flags.DEFINE_config_file("config", default, "config file: path[:arg]", flag_values=values,
+                                        sys_argv=argv)
+        values(argv)
+    except (AttributeError, KeyError) as e:
+        raise InputError(f"the config has no field {str(e).strip(chr(34))} (from a --config.KEY override).") from None
+    except flags.Error as e:
+        raise InputError(str(e)) from None
+    except FileNotFoundError:
+        raise InputError(f"config file {values['config'].serialize()!r} not found; run from the "
+                         "repository root or pass --config PATH.") from None
+    return values.config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-record", action="store_true", help="print only, do not write docs/")
     bench.set_defaults(func=_bench)
 
-    demo = sub.add_parser("demo", help="the end-to-end job on a tiny model, on CPU")
+    demo = sub.add_parser("demo", help="the end-to-end job on a tiny model, on CPU",
+                          description="Flags after --workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")
     demo.add_argument("--workdir", default="workdir_demo")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, takes_config=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "takes_config", False):
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args.config_args = rest
     try:
         args.func(args)
     except InputError as e:  # bad input is reported as its one sentence, without a traceback

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +21,9 @@ from fourd_jax import checkpoint
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import expand_placeholders, patchify
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
-from fourd_jax.model import Qwen25VL, forward, init_params, prepare_vision, tiny
+from fourd_jax.errors import InputError
+from fourd_jax.model import Qwen25VL, forward, init_params, prepare_vision
+from fourd_jax.model.config import PRESETS
 from fourd_jax.model.imagery import expand_output_images, imagery_targets
 from fourd_jax.sample import greedy_generate, prepare_prompt
 
@@ -50,43 +53,45 @@ def imagery_image(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.round().astype(np.uint8)
 
 
-def run(workdir: str | Path) -> dict:
+def run(workdir: str | Path, config: Any) -> dict:
+    """Run the demo with the settings of `configs/demo.py`; write `workdir/demo.json`."""
+    if config.model not in PRESETS:
+        raise InputError(f"config.model {config.model!r} is not one of {sorted(PRESETS)}.")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str]] = []
     start = time.perf_counter()
 
-    tokenizer = build_tokenizer(CORPUS, vocab_size=400)
+    tokenizer = build_tokenizer(CORPUS, vocab_size=config.tokenizer_vocab_size)
     tokenizer.save_pretrained(workdir / "tokenizer")
     rows.append(("tokenizer (byte BPE + Qwen + latent tokens)", f"{len(tokenizer)} tokens -> {workdir / 'tokenizer'}"))
 
-    config = config_for_tokenizer(tokenizer, tiny())
-    model = Qwen25VL(config)
-    params = init_params(model, jax.random.key(0))
+    model = Qwen25VL(config_for_tokenizer(tokenizer, PRESETS[config.model]()))
+    params = init_params(model, jax.random.key(config.seed))
     n_params = sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
     rows.append(("tiny Qwen2.5-VL initialised", f"{n_params:,} parameters"))
 
-    video, masks = render_clip()
-    video_patches, video_grid = patchify(video, config.vision)
-    image_patches, image_grid = patchify(imagery_image(video[0], masks[0])[None], config.vision)
+    video, masks = render_clip(config.frames, config.image_size)
+    video_patches, video_grid = patchify(video, model.config.vision)
+    image_patches, image_grid = patchify(imagery_image(video[0], masks[0])[None], model.config.vision)
     rows.append(("clip -> patches", f"video grid {video_grid}, imagery image grid {image_grid}"))
 
-    trace = expand_output_images(TRACE, latent_size=4)
+    trace = expand_output_images(TRACE, latent_size=config.latent_size)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_text = expand_placeholders(prompt_text, video_grids=[video_grid])
     full_ids = np.array([tokenizer(prompt_text + trace)["input_ids"]])
-    targets = imagery_targets(model, params,
-                              prepare_vision(config, image_patches, np.array([image_grid])), latent_size=4)
+    imagery = prepare_vision(model.config, image_patches, np.array([image_grid]))
+    targets = imagery_targets(model, params, imagery, latent_size=config.latent_size)
     out = forward(model, params, full_ids, pixel_values_videos=video_patches, video_grid_thw=np.array([video_grid]),
                   second_per_grid_ts=np.array([2.0]), latent_embeds=targets[0])
-    rows.append(("forward with 4 latent imagery inputs",
+    rows.append((f"forward with {config.latent_size} latent imagery inputs",
                  f"{full_ids.shape[1]} tokens, logits {tuple(out.logits.shape)}"))
 
     prompt_ids = np.array([tokenizer(prompt_text)["input_ids"]])
     prompt = prepare_prompt(model, prompt_ids, pixel_values_videos=video_patches,
                             video_grid_thw=np.array([video_grid]), second_per_grid_ts=np.array([2.0]))
-    tokens = np.asarray(greedy_generate(params, prompt, model=model, max_new_tokens=16))
+    tokens = np.asarray(greedy_generate(params, prompt, model=model, max_new_tokens=config.max_new_tokens))
     # The cached decode must equal the full forward run over the finished sequence.
     seq = np.concatenate([prompt_ids, tokens], axis=1)
     logits = forward(model, params, seq, pixel_values_videos=video_patches, video_grid_thw=np.array([video_grid]),
@@ -94,7 +99,8 @@ def run(workdir: str | Path) -> dict:
     chosen = np.argmax(np.asarray(logits[0, prompt_ids.shape[1] - 1:-1]), axis=-1)
     if not np.array_equal(chosen, tokens[0]):
         raise RuntimeError("KV-cache decoding diverged from the full forward.")
-    rows.append(("greedy decode, 16 tokens, KV cache", "equals the full forward at every step (untrained text)"))
+    rows.append((f"greedy decode, {config.max_new_tokens} tokens, KV cache",
+                 "equals the full forward at every step (untrained text)"))
 
     hf.save(model, params, workdir / "hf", tokenizer=tokenizer)
     _, params_hf = hf.load(workdir / "hf")
@@ -111,6 +117,7 @@ def run(workdir: str | Path) -> dict:
     print(f"\nfourd-jax demo ({elapsed:.0f} s on {jax.devices()[0].device_kind})")
     for name, result in rows:
         print(f"  {name:<{width}}  {result}")
-    summary = {"steps": dict(rows), "seconds": round(elapsed, 1), "workdir": str(workdir)}
+    summary = {"steps": dict(rows), "seconds": round(elapsed, 1), "workdir": str(workdir),
+               "config": config.to_dict()}
     (workdir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

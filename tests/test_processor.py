@@ -1,0 +1,45 @@
+"""Patchify equals the transformers image processor; placeholder expansion matches the grids."""
+
+import numpy as np
+import pytest
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from fourd_jax.data.processor import expand_placeholders, patchify
+from fourd_jax.errors import InputError
+from fourd_jax.model.config import VisionConfig
+
+
+@pytest.mark.parametrize("size", [(56, 84), (112, 56), (84, 140)])
+def test_image_patches_equal_transformers(size):
+    image = np.random.RandomState(sum(size)).randint(0, 256, (*size, 3)).astype(np.uint8)
+    ref = Qwen2VLImageProcessorPil()(images=[image], return_tensors="np")
+    ours, grid = patchify(image[None], VisionConfig())
+    np.testing.assert_array_equal(np.array([grid]), ref["image_grid_thw"])
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-6)
+
+
+def test_video_patches_are_two_frame_images():
+    """A video's temporal patch t is the image processor's output on frames (2t, 2t+1)."""
+    rs = np.random.RandomState(0)
+    frames = rs.randint(0, 256, (3, 56, 28, 3)).astype(np.uint8)  # odd: the last frame repeats
+    ours, grid = patchify(frames, VisionConfig())
+    assert grid == (2, 4, 2)
+    first, _ = patchify(frames[:2], VisionConfig())
+    last, _ = patchify(frames[[2, 2]], VisionConfig())
+    np.testing.assert_array_equal(ours, np.concatenate([first, last]))
+    single, _ = patchify(frames[:1], VisionConfig())
+    np.testing.assert_array_equal(single, patchify(frames[[0, 0]], VisionConfig())[0])
+
+
+def test_bad_frames_and_placeholder_counts_fail_clearly():
+    with pytest.raises(InputError, match="frame size 50x56 must be a multiple of 28"):
+        patchify(np.zeros((1, 50, 56, 3), np.uint8), VisionConfig())
+    with pytest.raises(InputError, match="uint8"):
+        patchify(np.zeros((1, 56, 56, 3), np.float32), VisionConfig())
+    text = "a <|image_pad|> b <|video_pad|> c <|image_pad|>"
+    out = expand_placeholders(text, image_grids=[(1, 2, 2), (1, 4, 2)], video_grids=[(2, 2, 4)])
+    assert out == "a <|image_pad|> b " + "<|video_pad|>" * 4 + " c " + "<|image_pad|>" * 2
+    with pytest.raises(InputError, match="more <\\|image_pad\\|> placeholders than grids"):
+        expand_placeholders(text, image_grids=[(1, 2, 2)], video_grids=[(2, 2, 4)])
+    with pytest.raises(InputError, match="More grids than <\\|video_pad\\|> placeholders"):
+        expand_placeholders("x", video_grids=[(2, 2, 4)])
