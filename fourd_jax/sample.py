@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,54 +16,24 @@ import numpy as np
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.text import init_kv_cache
-from fourd_jax.model.vlm import Qwen25VL, VisionInputs, prepare_vision
+from fourd_jax.model.vlm import PreparedInputs, Qwen25VL, prepare_inputs
 
 
-@flax.struct.dataclass
-class Prompt:
-    """A left-padded prompt batch with everything computed that depends on data values."""
+def prepare_prompt(model: Qwen25VL, *processor_outputs: Any, **processor_kwargs: Any) -> PreparedInputs:
+    """Host-side preparation of processor outputs for generation (see `prepare_inputs`).
 
-    input_ids: jax.Array  # [B, L]
-    attention_mask: jax.Array  # [B, L]
-    position_ids: jax.Array  # [3, B, L]
-    rope_deltas: jax.Array  # [B]
-    vision: VisionInputs | None = None
-
-
-def prepare_prompt(
-    model: Qwen25VL,
-    input_ids: Any,
-    attention_mask: Any = None,
-    pixel_values: Any = None,
-    image_grid_thw: Any = None,
-    pixel_values_videos: Any = None,
-    video_grid_thw: Any = None,
-    second_per_grid_ts: Any = None,
-    **unused_processor_outputs: Any,
-) -> Prompt:
-    """Host-side preparation of processor outputs for `generate`.
-
-    Prompts must be left-padded (generation appends at the right edge of every row).
+    Prompts must be left-padded: generation appends at the right edge of every row.
     """
-    ids = np.asarray(input_ids)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
-    if np.any(mask[:, -1] == 0):
+    prompt = prepare_inputs(model.config, *processor_outputs, **processor_kwargs)
+    if np.any(np.asarray(prompt.attention_mask)[:, -1] == 0):
         raise InputError("Prompts must be left-padded: attention_mask is 0 in the last column.")
-    vision = prepare_vision(model.config, pixel_values, image_grid_thw, pixel_values_videos,
-                            video_grid_thw)
-    positions, deltas = rope.get_rope_index(
-        model.config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask
-    )
-    return Prompt(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                  jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32), vision)
+    return prompt
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def greedy_generate(
     params: Any,
-    prompt: Prompt,
+    prompt: PreparedInputs,
     *,
     model: Qwen25VL,
     max_new_tokens: int,

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,32 @@ def test_reference_positions_by_hand():
     np.testing.assert_array_equal(pos[1, 0], [0, 1, 2, *h, 10, 11])
     np.testing.assert_array_equal(pos[2, 0], [0, 1, 2, *w, 10, 11])
     assert delta[0] == 12 - ids.shape[1]
+
+
+def test_right_padded_batch_matches_transformers(reference):
+    name, torch_model, _, model, params = reference
+    batch = make_batch(model.config, rows_for("mixed", name), seed=9, pad_left=False)
+    hf_mode = Qwen25VL(dataclasses.replace(model.config, mrope_text_start="spatial_extent"))
+    ours = jax_logits(hf_mode, params, batch)
+    assert masked_max_diff(ours, hf_logits(torch_model, batch), batch["attention_mask"]) <= TOL
+    left = make_batch(model.config, rows_for("mixed", name), seed=9, pad_left=True)
+    ours_left = jax_logits(hf_mode, params, left)
+    for row in range(len(batch["input_ids"])):  # the same tokens give the same logits either way
+        np.testing.assert_allclose(ours[row][batch["attention_mask"][row] == 1],
+                                   ours_left[row][left["attention_mask"][row] == 1], atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(reference):
+    name, _, _, model, params = reference
+    batch = make_batch(model.config, rows_for("mixed", name), seed=4)
+    ref = jax_logits(model, params, batch)
+    for param_dtype in ("float32", "bfloat16"):
+        low = Qwen25VL(model.config.replace(dtype="bfloat16", param_dtype=param_dtype))
+        cast = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
+        out = forward(low, cast, **batch)
+        assert out.logits.dtype == jnp.bfloat16 and out.hidden_states.dtype == jnp.bfloat16
+        diff = masked_max_diff(out.logits, ref, batch["attention_mask"])
+        assert 0 < diff < 0.1 * np.abs(ref).max()
 
 
 def test_vision_tower_matches_transformers(reference):

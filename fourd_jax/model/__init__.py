@@ -5,17 +5,19 @@ from fourd_jax.model.rope import get_rope_index
 from fourd_jax.model.text import KVCache, init_kv_cache
 from fourd_jax.model.vlm import (
     ModelOutput,
+    PreparedInputs,
     Qwen25VL,
     VisionInputs,
     abstract_params,
     encode_vision,
     forward,
     init_params,
+    prepare_inputs,
     prepare_vision,
 )
 
 __all__ = [
-    "KVCache", "ModelConfig", "ModelOutput", "Qwen25VL", "TextConfig", "VisionConfig",
+    "KVCache", "ModelConfig", "ModelOutput", "PreparedInputs", "Qwen25VL", "TextConfig", "VisionConfig",
     "VisionInputs", "abstract_params", "encode_vision", "forward", "get_rope_index", "init_kv_cache", "init_params",
-    "prepare_vision", "qwen25vl_3b", "qwen25vl_7b", "tiny",
+    "prepare_inputs", "prepare_vision", "qwen25vl_3b", "qwen25vl_7b", "tiny",
 ]

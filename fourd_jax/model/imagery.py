@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,4 +126,6 @@ def imagery_targets(
         chunk = n // latent_size
         block = tokens[start:start + chunk * latent_size]
         targets.append(block.reshape(latent_size, chunk, -1).mean(axis=1))
-    return jnp.stack(targets)
+    out = jnp.stack(targets)
+    chex.assert_shape(out, (len(grids), latent_size, model.config.text.hidden_size))
+    return out

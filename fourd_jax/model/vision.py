@@ -11,6 +11,7 @@ the reference.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
@@ -178,6 +179,8 @@ class VisionTower(nn.Module):
     def __call__(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
         vc = self.config.vision
         dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
+        chex.assert_shape(patches, (None, vc.patch_dim))
+        chex.assert_shape(layout.rotary_pos, (layout.patch_index.shape[0], 2))
         padded = jnp.concatenate([patches.astype(dtype), jnp.zeros((1, vc.patch_dim), dtype)])
         x = padded[layout.patch_index]
         # A Conv3d with stride = kernel over (C, T, P, P) is a matmul on the flattened patch row.

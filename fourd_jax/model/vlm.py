@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
@@ -129,6 +130,9 @@ def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Ar
     Order is row-major over (batch, position), the order the processor writes placeholders in.
     Extra rows are ignored, so a padded `rows` keeps shapes static.
     """
+    chex.assert_rank([embeds, where, rows], [3, 2, 2])
+    chex.assert_shape(where, embeds.shape[:2])
+    chex.assert_axis_dimension(rows, 1, embeds.shape[2])
     flat = where.reshape(-1)
     index = jnp.clip(jnp.cumsum(flat) - 1, 0, max(rows.shape[0] - 1, 0))
     picked = rows.astype(embeds.dtype)[index].reshape(embeds.shape)
@@ -267,9 +271,19 @@ class Qwen25VL(nn.Module):
         return self.language_model.embed(input_ids)
 
 
-def forward(
-    model: Qwen25VL,
-    params: Any,
+@flax.struct.dataclass
+class PreparedInputs:
+    """A batch with everything that depends on data values computed on the host."""
+
+    input_ids: jax.Array  # [B, L]
+    attention_mask: jax.Array  # [B, L]
+    position_ids: jax.Array  # [3, B, L]
+    rope_deltas: jax.Array  # [B]; a token decoded into cache slot s sits at s + delta
+    vision: VisionInputs | None = None
+
+
+def prepare_inputs(
+    config: ModelConfig,
     input_ids: Any,
     attention_mask: Any = None,
     pixel_values: Any = None,
@@ -278,30 +292,44 @@ def forward(
     video_grid_thw: Any = None,
     second_per_grid_ts: Any = None,
     mm_token_type_ids: Any = None,
-    *,
+) -> PreparedInputs:
+    """Check processor outputs and compute media layout and M-RoPE positions (host, numpy)."""
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
+    vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    check_placeholders(config, ids, vision, mm_token_type_ids)
+    positions, deltas = rope.get_rope_index(config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask)
+    return PreparedInputs(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                          jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32), vision)
+
+
+def forward(
+    model: Qwen25VL,
+    params: Any,
+    *processor_outputs: Any,
     latent_embeds: Any = None,
     compute_logits: bool = True,
+    **processor_kwargs: Any,
 ) -> ModelOutput:
     """`model.apply` on processor outputs, with the device work jitted (cached per model).
 
-    The host-side work (media layout, M-RoPE positions, checks) runs here in numpy; the rest is
-    one compiled program, so repeated calls with the same shapes do not re-trace. Eager
-    `model.apply` compiles every primitive separately, which is slow for more than a few calls.
+    Takes the arguments of `prepare_inputs` (input_ids, attention_mask, pixel_values, ...). The
+    host-side work runs in numpy; the rest is one compiled program, so repeated calls with the
+    same shapes do not re-trace. Eager `model.apply` compiles every primitive separately, which
+    is slow for more than a few calls.
     """
-    config = model.config
-    vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    check_placeholders(config, input_ids, vision, mm_token_type_ids)
-    positions, _ = rope.get_rope_index(config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                                       attention_mask)
-    return _jitted_apply(model, compute_logits)(params, jnp.asarray(input_ids), attention_mask, positions,
-                                                vision, latent_embeds)
+    batch = prepare_inputs(model.config, *processor_outputs, **processor_kwargs)
+    return _jitted_apply(model, compute_logits)(params, batch, latent_embeds)
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_apply(model: Qwen25VL, compute_logits: bool):
-    def apply(params, input_ids, attention_mask, position_ids, vision, latent_embeds):
-        return model.apply({"params": params}, input_ids, attention_mask, position_ids=position_ids,
-                           vision=vision, latent_embeds=latent_embeds, compute_logits=compute_logits)
+    def apply(params, batch: PreparedInputs, latent_embeds):
+        return model.apply({"params": params}, batch.input_ids, batch.attention_mask,
+                           position_ids=batch.position_ids, vision=batch.vision, latent_embeds=latent_embeds,
+                           compute_logits=compute_logits)
 
     return jax.jit(apply)
 
