@@ -1,0 +1,1 @@
+"""Procedural 4D scene simulator: scenes, motion, camera and renderer."""
