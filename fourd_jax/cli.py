@@ -34,6 +34,38 @@ def _bench(args: argparse.Namespace) -> None:
         forward.run(size=args.size, repeats=args.repeats, record=not args.no_record)
 
 
+def _synth(args: argparse.Namespace) -> None:
+    from fourd_jax.data.sim.scene import SceneConfig
+    from fourd_jax.data.synth import SynthConfig, synthesize
+
+    scene = SceneConfig(num_frames=args.frames, fps=args.fps, image_size=(args.image_size, args.image_size))
+    config = SynthConfig(scene=scene, families=tuple(args.families.split(",")), scenes_per_shard=args.scenes_per_shard)
+    manifest = synthesize(args.out, args.num_scenes, args.seed, config, workers=args.workers)
+    counts = ", ".join(f"{split} {info['records']}" for split, info in manifest["splits"].items())
+    print(f"wrote {args.num_scenes} scenes to {args.out}: records {counts}")
+
+
+def _data(args: argparse.Namespace) -> None:
+    import json
+
+    if args.action == "inspect":
+        from fourd_jax.data import inspect
+
+        summary = inspect.summarize(args.path)
+        sheet_path = args.sheet or f"{args.path.rstrip('/')}_sample.png"
+        sheet = inspect.contact_sheet(inspect.first_sample(args.path), sheet_path)
+        print(json.dumps(summary, indent=2))
+        print(f"contact sheet: {sheet}")
+    else:
+        from fourd_jax.data import importers
+
+        if not args.out:
+            raise InputError("data import needs --out FILE.array_record.")
+        stats = importers.import_to_records(args.format, args.path, args.out, root=args.root,
+                                            max_frames=args.max_frames, skip_bad_records=not args.strict)
+        print(stats.summary())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from fourd_jax import demo
 
@@ -86,6 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--no-record", action="store_true", help="print only, do not write docs/")
     bench.set_defaults(func=_bench)
+
+    synth = sub.add_parser("synth", help="render procedural 4D scenes and write question records")
+    synth.add_argument("--out", required=True, help="output directory (train/, val/, test/, manifest.json)")
+    synth.add_argument("--num-scenes", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=1, help="worker processes")
+    synth.add_argument("--frames", type=int, default=16, help="frames per scene")
+    synth.add_argument("--fps", type=float, default=2.0)
+    synth.add_argument("--image-size", type=int, default=224, help="square frame side in pixels")
+    synth.add_argument("--families", default="dsr,4dthinker,mllm4d", help="comma-separated question families")
+    synth.add_argument("--scenes-per-shard", type=int, default=25)
+    synth.set_defaults(func=_synth)
+
+    data = sub.add_parser("data", help="inspect or import 4D record datasets")
+    data.add_argument("action", choices=["inspect", "import"])
+    data.add_argument("path", help="inspect: records (file or directory); import: the source file")
+    data.add_argument("--sheet", default=None, help="inspect: contact sheet PNG path")
+    data.add_argument("--format", choices=["4dthinker", "dsr", "dsr_bench", "vlm4d"], help="import: source format")
+    data.add_argument("--out", default=None, help="import: output .array_record file")
+    data.add_argument("--root", default=None, help="import: directory media paths are relative to")
+    data.add_argument("--max-frames", type=int, default=None, help="import: frames kept per video")
+    data.add_argument("--strict", action="store_true", help="import: stop at the first bad row instead of skipping")
+    data.set_defaults(func=_data)
 
     demo = sub.add_parser("demo", help="the end-to-end job on a tiny model, on CPU",
                           description="Flags after --workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")

@@ -20,9 +20,10 @@ import numpy as np
 from fourd_jax import checkpoint
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import expand_placeholders, patchify
+from fourd_jax.data.sim.render import overlay_mask
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
-from fourd_jax.model import Qwen25VL, forward, init_params, prepare_vision
+from fourd_jax.model import Qwen25VL, forward, init_params
 from fourd_jax.model.config import PRESETS
 from fourd_jax.model.imagery import expand_output_images, imagery_targets
 from fourd_jax.sample import greedy_generate, prepare_prompt
@@ -46,13 +47,6 @@ def render_clip(frames: int = 4, size: int = 112) -> tuple[np.ndarray, np.ndarra
     return video, masks
 
 
-def imagery_image(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The frame with the object's mask overlaid in red at alpha 0.4 (SPEC 3.2)."""
-    out = frame.astype(np.float32)
-    out[mask] = 0.6 * out[mask] + 0.4 * np.array([255.0, 0.0, 0.0])
-    return out.round().astype(np.uint8)
-
-
 def run(workdir: str | Path, config: Any) -> dict:
     """Run the demo with the settings of `configs/demo.py`; write `workdir/demo.json`."""
     if config.model not in PRESETS:
@@ -73,7 +67,7 @@ def run(workdir: str | Path, config: Any) -> dict:
 
     video, masks = render_clip(config.frames, config.image_size)
     video_patches, video_grid = patchify(video, model.config.vision)
-    image_patches, image_grid = patchify(imagery_image(video[0], masks[0])[None], model.config.vision)
+    image_patches, image_grid = patchify(overlay_mask(video[0], masks[0])[None], model.config.vision)
     rows.append(("clip -> patches", f"video grid {video_grid}, imagery image grid {image_grid}"))
 
     trace = expand_output_images(TRACE, latent_size=config.latent_size)
@@ -81,8 +75,7 @@ def run(workdir: str | Path, config: Any) -> dict:
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_text = expand_placeholders(prompt_text, video_grids=[video_grid])
     full_ids = np.array([tokenizer(prompt_text + trace)["input_ids"]])
-    imagery = prepare_vision(model.config, image_patches, np.array([image_grid]))
-    targets = imagery_targets(model, params, imagery, latent_size=config.latent_size)
+    targets = imagery_targets(model, params, image_patches, np.array([image_grid]), latent_size=config.latent_size)
     out = forward(model, params, full_ids, pixel_values_videos=video_patches, video_grid_thw=np.array([video_grid]),
                   second_per_grid_ts=np.array([2.0]), latent_embeds=targets[0])
     rows.append((f"forward with {config.latent_size} latent imagery inputs",

@@ -8,7 +8,8 @@ import torch
 from reference import Row, make_batch
 
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
-from fourd_jax.model import Qwen25VL, init_params, prepare_vision, tiny
+from fourd_jax.errors import InputError
+from fourd_jax.model import Qwen25VL, init_params, tiny
 from fourd_jax.model.imagery import (
     LATENT_TOKENS,
     add_latent_imagery,
@@ -107,8 +108,7 @@ def test_imagery_targets_are_chunk_means_of_frozen_vision_tokens(reference):
     _, torch_model, _, model, params = reference
     grids = [(1, 4, 6), (1, 8, 8)]  # 6 and 16 merged tokens
     batch = make_batch(model.config, [Row([("image", g) for g in grids])])
-    vision = prepare_vision(model.config, batch["pixel_values"], batch["image_grid_thw"])
-    targets = np.asarray(imagery_targets(model, params, vision, latent_size=4))
+    targets = np.asarray(imagery_targets(model, params, batch["pixel_values"], batch["image_grid_thw"], latent_size=4))
     with torch.no_grad():
         tokens = torch_model.model.visual(torch.tensor(batch["pixel_values"]),
                                           grid_thw=torch.tensor(batch["image_grid_thw"])).pooler_output.numpy()
@@ -117,11 +117,11 @@ def test_imagery_targets_are_chunk_means_of_frozen_vision_tokens(reference):
     assert targets.shape == (2, 4, model.config.text.hidden_size)
     np.testing.assert_allclose(targets, expected, atol=1e-5)
     # Targets are constants: no gradient reaches the vision tower through them.
-    grad = jax.grad(lambda p: imagery_targets(model, p, vision, 4).sum())(params)
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    grad = jax.grad(lambda p: imagery_targets(model, p, pixels, grid, 4).sum())(params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grad))
-    tiny_image = prepare_vision(model.config, batch["pixel_values"][:16], np.array([[1, 4, 4]]))
-    with pytest.raises(ValueError, match="gives 4 visual tokens, fewer than latent_size 8"):
-        imagery_targets(model, params, tiny_image, latent_size=8)
+    with pytest.raises(InputError, match="gives 4 visual tokens, fewer than latent_size 8"):
+        imagery_targets(model, params, pixels[:16], np.array([[1, 4, 4]]), latent_size=8)
 
 
 def test_demo_tokenizer_has_qwen_and_latent_tokens():

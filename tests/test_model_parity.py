@@ -133,7 +133,7 @@ def test_bfloat16_compute_stays_close_to_float32(reference):
     ref = jax_logits(model, params, batch)
     for param_dtype in ("float32", "bfloat16"):
         low = Qwen25VL(model.config.replace(dtype="bfloat16", param_dtype=param_dtype))
-        cast = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
+        cast = jax.tree_util.tree_map(lambda p, dtype=param_dtype: p.astype(dtype), params)
         out = forward(low, cast, **batch)
         assert out.logits.dtype == jnp.bfloat16 and out.hidden_states.dtype == jnp.bfloat16
         diff = masked_max_diff(out.logits, ref, batch["attention_mask"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from fourd_jax.data.processor import expand_placeholders, patchify
+from fourd_jax.data.processor import expand_placeholders, patchify, process, smart_resize
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import VisionConfig
 
@@ -16,6 +16,27 @@ def test_image_patches_equal_transformers(size):
     ours, grid = patchify(image[None], VisionConfig())
     np.testing.assert_array_equal(np.array([grid]), ref["image_grid_thw"])
     np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("size,max_pixels", [((50, 61), 28 * 28 * 1280), ((333, 200), 28 * 28 * 30),
+                                             ((20, 700), 28 * 28 * 1280), ((480, 640), 256 * 28 * 28)])
+def test_resized_image_patches_equal_transformers(size, max_pixels):
+    image = np.random.RandomState(size[0]).randint(0, 256, (*size, 3)).astype(np.uint8)
+    ref = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels})(
+        images=[image], return_tensors="np")
+    ours, grid = process(image[None], VisionConfig(), 56 * 56, max_pixels)
+    np.testing.assert_array_equal(np.array([grid]), ref["image_grid_thw"])
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-6)
+
+
+def test_smart_resize_equals_transformers():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+
+    rs = np.random.RandomState(0)
+    for _ in range(500):
+        h, w = (int(v) for v in rs.randint(10, 3000, 2))
+        lo, hi = int(rs.choice([3136, 128 * 784])), int(rs.choice([256 * 784, 768 * 784, 1280 * 784]))
+        assert smart_resize(h, w, 28, lo, hi) == reference(h, w, 28, lo, hi)
 
 
 def test_video_patches_are_two_frame_images():

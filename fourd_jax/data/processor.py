@@ -1,14 +1,20 @@
 """Numpy Qwen2.5-VL processing of frames into patch rows, grids and placeholder tokens.
 
-Frames [T, H, W, 3] uint8 are normalised with the CLIP mean/std, the time axis padded to a
-multiple of the temporal patch by repeating the last frame, and cut into rows of
-C * T_patch * P * P values in the order the reference processor uses: patches of one 2x2 merge
-unit are consecutive, merge units row-major, temporal patches outermost.
+Frames [T, H, W, 3] uint8 are resized (`smart_resize`: sides multiples of 28, pixel count within
+[min_pixels, max_pixels], PIL bicubic as the reference image processor), normalised with the
+CLIP mean/std, the time axis padded to a multiple of the temporal patch by repeating the last
+frame, and cut into rows of C * T_patch * P * P values in the order the reference processor
+uses: patches of one 2x2 merge unit are consecutive, merge units row-major, temporal patches
+outermost. Video frames go through the same resize as images (the reference video processor
+needs torchvision, which is not available here).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from PIL import Image
 
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import VisionConfig
@@ -16,6 +22,46 @@ from fourd_jax.model.config import VisionConfig
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+# Reference defaults: images [56*56, 28*28*1280] pixels; videos [128*28*28, 768*28*28] per frame.
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_MIN_PIXELS,
+                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
+    """The size Qwen2.5-VL resizes an image to: sides multiples of `factor`, aspect kept as well as
+    possible, pixel count within [min_pixels, max_pixels]."""
+    if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
+        raise InputError(f"image size {height}x{width} is empty or has an aspect ratio above 200.")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] resized to size (height, width) with PIL bicubic."""
+    height, width = size
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
+
+
+def process(frames: np.ndarray, config: VisionConfig, min_pixels: int, max_pixels: int
+            ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Resize then patchify uint8 frames [T, H, W, 3] (T = 1 for an image): (rows, grid)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4:
+        raise InputError(f"frames must be [T, H, W, 3], got shape {frames.shape}.")
+    factor = config.patch_size * config.spatial_merge_size
+    size = smart_resize(frames.shape[1], frames.shape[2], factor, min_pixels, max_pixels)
+    return patchify(resize_frames(frames, size), config)
 
 
 def patchify(frames: np.ndarray, config: VisionConfig) -> tuple[np.ndarray, tuple[int, int, int]]:

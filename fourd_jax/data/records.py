@@ -79,7 +79,8 @@ def decode_image(data: bytes) -> np.ndarray:
 def _check(sample: dict[str, Any]) -> None:
     missing = [k for k, (_, required) in FIELDS.items() if required and k not in sample]
     if missing:
-        raise RecordError(f"missing field '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise RecordError(f"missing field '{missing[0]}'{more}")
     extra = sorted(set(sample) - set(FIELDS))
     if extra:
         raise RecordError(f"unknown field '{extra[0]}'")
@@ -107,8 +108,8 @@ def encode(sample: dict[str, Any]) -> bytes:
         if key not in sample:
             continue
         value = sample[key]
-        if kind == "images":
-            value = [encode_image(img) for img in value]
+        if kind == "images":  # already-encoded PNG bytes pass through (frames shared by many records)
+            value = [img if isinstance(img, bytes) else encode_image(img) for img in value]
         elif kind.startswith("array:"):
             _, dtype, rank = kind.split(":")
             arr = np.ascontiguousarray(np.asarray(value, dtype=dtype))

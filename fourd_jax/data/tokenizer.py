@@ -9,7 +9,7 @@ works everywhere this one does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fourd_jax.errors import InputError
@@ -65,6 +65,20 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     tok.chat_template = CHAT_TEMPLATE
     add_latent_tokens(tok)
     return tok
+
+
+def record_texts(path: Any) -> Iterator[str]:
+    """The text a tokenizer should cover for records under `path`: questions, options, traces and
+    the fixed instruction and answer wording of the conversation."""
+    from fourd_jax.data import records
+    from fourd_jax.data.features import INSTRUCTION
+
+    yield INSTRUCTION
+    for sample in records.read(path, decode_images=False):
+        yield sample["question"]
+        yield from sample["options"]
+        if sample["trace"]:
+            yield sample["trace"]
 
 
 def config_for_tokenizer(tokenizer: Any, config: ModelConfig) -> ModelConfig:

@@ -18,7 +18,7 @@ import numpy as np
 
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.vlm import Qwen25VL, VisionInputs, encode_vision
+from fourd_jax.model.vlm import Qwen25VL, encode_vision, prepare_vision
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
@@ -102,30 +102,30 @@ def add_latent_imagery(model: Qwen25VL, params: Any, tokenizer: Any) -> tuple[Qw
     return Qwen25VL(config), params
 
 
-def imagery_targets(
-    model: Qwen25VL, params: Any, vision: VisionInputs, latent_size: int = DEFAULT_LATENT_SIZE
-) -> jax.Array:
-    """Latent targets [num_media, latent_size, hidden] for the imagery images in `vision`.
+def chunk_means(tokens: jax.Array, latent_size: int = DEFAULT_LATENT_SIZE) -> jax.Array:
+    """[N, D] visual tokens of one image -> [latent_size, D]: trim N to a multiple of latent_size,
+    split into latent_size contiguous chunks, mean-pool each (float32)."""
+    n = tokens.shape[0]
+    if n < latent_size:
+        raise InputError(f"An imagery image gives {n} visual tokens, fewer than latent_size {latent_size}; "
+                         "use a larger image.")
+    chunk = n // latent_size
+    return tokens[: chunk * latent_size].astype(jnp.float32).reshape(latent_size, chunk, -1).mean(axis=1)
 
-    Each image's merged visual tokens (N of them) are trimmed to a multiple of latent_size,
-    split into latent_size contiguous chunks and mean-pooled; gradients do not flow back.
+
+def imagery_targets(
+    model: Qwen25VL, params: Any, pixel_values: Any, image_grid_thw: Any, latent_size: int = DEFAULT_LATENT_SIZE
+) -> jax.Array:
+    """Latent targets [num_images, latent_size, hidden] for imagery images (processor outputs).
+
+    Each image's merged visual tokens from the frozen tower are reduced by `chunk_means`;
+    gradients do not flow back.
     """
-    grids = vision.image_grids + vision.video_grids
-    merge = vision.merge**2
-    counts = [t * h * w // merge for t, h, w in grids]
-    small = [i for i, n in enumerate(counts) if n < latent_size]
-    if small:
-        raise InputError(
-            f"Imagery image {small[0]} gives {counts[small[0]]} visual tokens, fewer than "
-            f"latent_size {latent_size}; use a larger image."
-        )
-    tokens = jax.lax.stop_gradient(encode_vision(model, params, vision)).astype(jnp.float32)
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    counts = [int(np.prod(g)) // model.config.vision.spatial_merge_size**2 for g in grids]
+    vision = prepare_vision(model.config, pixel_values, grids)
+    tokens = jax.lax.stop_gradient(encode_vision(model, params, vision))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    targets = []
-    for start, n in zip(starts, counts, strict=True):
-        chunk = n // latent_size
-        block = tokens[start:start + chunk * latent_size]
-        targets.append(block.reshape(latent_size, chunk, -1).mean(axis=1))
-    out = jnp.stack(targets)
-    chex.assert_shape(out, (len(grids), latent_size, model.config.text.hidden_size))
+    out = jnp.stack([chunk_means(tokens[s:s + n], latent_size) for s, n in zip(starts, counts, strict=True)])
+    chex.assert_shape(out, (len(counts), latent_size, model.config.text.hidden_size))
     return out

@@ -32,14 +32,10 @@ class VisionInputs:
 
     patches: jax.Array  # [N, C*T*P*P]
     layout: VisionLayout
-    # Static (hashable) grids, kept so positions can be computed from a prepared batch.
-    image_grids: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False, default=())
-    video_grids: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False, default=())
-    merge: int = flax.struct.field(pytree_node=False, default=2)
-
-    @property
-    def num_image_tokens(self) -> int:
-        return sum(t * h * w for t, h, w in self.image_grids) // self.merge**2
+    # Static: the first num_image_tokens merged tokens fill image placeholders, the rest video
+    # ones. Grids are not kept, so batches of different media sizes (padded to a bucket) reuse
+    # one compiled program.
+    num_image_tokens: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -96,15 +92,14 @@ def prepare_vision(
     return VisionInputs(
         patches=jnp.concatenate(parts) if len(parts) > 1 else parts[0],
         layout=vision_layout(np.array(image_grids + video_grids), config.vision),
-        image_grids=image_grids,
-        video_grids=video_grids,
-        merge=config.vision.spatial_merge_size,
+        num_image_tokens=num_patches(np.array(image_grids)) // config.vision.spatial_merge_size**2
+        if image_grids else 0,
     )
 
 
-def check_placeholders(config: ModelConfig, input_ids: Any, vision: VisionInputs | None,
+def check_placeholders(config: ModelConfig, input_ids: Any, image_grid_thw: Any = None, video_grid_thw: Any = None,
                        mm_token_type_ids: Any = None) -> None:
-    """Host-side check that placeholder tokens match the media (skipped for traced ids)."""
+    """Host-side check that placeholder tokens match the media grids (skipped for traced ids)."""
     if isinstance(input_ids, jax.core.Tracer):
         return  # shapes are the caller's contract under jit (see replace_rows)
     ids = np.asarray(input_ids)
@@ -112,13 +107,12 @@ def check_placeholders(config: ModelConfig, input_ids: Any, vision: VisionInputs
         expected = np.where(ids == config.image_token_id, 1, np.where(ids == config.video_token_id, 2, 0))
         if not np.array_equal(_host(mm_token_type_ids, "mm_token_type_ids"), expected):
             raise InputError("`mm_token_type_ids` disagrees with the image/video tokens in `input_ids`.")
-    if vision is None:
-        return  # like transformers: placeholders without media keep their token embeddings
-    n_img = vision.num_image_tokens
-    n_vid = vision.layout.unit_slot.shape[0] - n_img
-    for kind, token_id, n_features in (("image", config.image_token_id, n_img),
-                                       ("video", config.video_token_id, n_vid)):
-        n_tokens = int(np.sum(ids == token_id))
+    merge = config.vision.spatial_merge_size**2
+    for kind, grid, token_id in (("image", image_grid_thw, config.image_token_id),
+                                 ("video", video_grid_thw, config.video_token_id)):
+        if grid is None:
+            continue  # like transformers: placeholders without media keep their token embeddings
+        n_tokens, n_features = int(np.sum(ids == token_id)), num_patches(_host(grid, f"{kind}_grid_thw")) // merge
         if n_tokens != n_features:
             raise InputError(f"input_ids has {n_tokens} {kind} placeholder tokens but the {kind} inputs give "
                              f"{n_features} features.")
@@ -209,12 +203,12 @@ class Qwen25VL(nn.Module):
         c = self.config
         host_ids = input_ids  # the caller's array: concrete unless the caller is being traced
         batch, length = input_ids.shape
-        pixels_given = any(a is not None for a in (pixel_values, pixel_values_videos))
-        if pixels_given and vision is not None:
+        media_given = any(a is not None for a in (pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw))
+        if media_given and vision is not None:
             raise InputError("Pass either pixel arguments or `vision=`, not both.")
-        if pixels_given or image_grid_thw is not None or video_grid_thw is not None:
+        if media_given:
             vision = prepare_vision(c, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        check_placeholders(c, host_ids, vision, mm_token_type_ids)
+        check_placeholders(c, host_ids, image_grid_thw, video_grid_thw, mm_token_type_ids)
 
         if position_ids is None:
             if kv_cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
@@ -222,11 +216,12 @@ class Qwen25VL(nn.Module):
             row_mask = attention_mask
             if kv_cache is not None and attention_mask is not None:
                 row_mask = _host(attention_mask, "attention_mask")[:, :length]
-            grids = (None, None) if vision is None else (vision.image_grids, vision.video_grids)
+            if vision is not None and not media_given:
+                raise InputError("With precomputed `vision=`, pass `position_ids=` too (see get_rope_index).")
             position_ids, _ = rope.get_rope_index(
                 c, _host(host_ids, "input_ids"),
-                np.array(grids[0]).reshape(-1, 3) if grids[0] else None,
-                np.array(grids[1]).reshape(-1, 3) if grids[1] else None,
+                _host(image_grid_thw, "image_grid_thw") if image_grid_thw is not None else None,
+                _host(video_grid_thw, "video_grid_thw") if video_grid_thw is not None else None,
                 _host(second_per_grid_ts, "second_per_grid_ts") if second_per_grid_ts is not None else None,
                 None if row_mask is None else _host(row_mask, "attention_mask"),
             )
@@ -299,7 +294,7 @@ def prepare_inputs(
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
     vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    check_placeholders(config, ids, vision, mm_token_type_ids)
+    check_placeholders(config, ids, image_grid_thw, video_grid_thw, mm_token_type_ids)
     positions, deltas = rope.get_rope_index(config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask)
     return PreparedInputs(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
                           jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32), vision)
@@ -351,6 +346,7 @@ def dummy_inputs(config: ModelConfig) -> dict[str, Any]:
     ids = np.array([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]])
     return dict(
         input_ids=ids,
+        position_ids=rope.get_rope_index(config, ids, grid)[0],
         vision=prepare_vision(config, np.zeros((m * m, config.vision.patch_dim), np.float32), grid),
     )
 

@@ -40,6 +40,7 @@ MOVE_EFFECT = {
     "Pedestal Up": ("up", 1.0), "Pedestal Down": ("up", -1.0),
 }
 ROTATION_PARAMS = ("yaw", "pitch", "roll")
+MIN_CAMERA_HEIGHT = 0.8  # metres; camera heights start in [1.8, 3.0]
 
 # Categories: shape and (length along heading, width, height) ranges in metres.
 # A "car" is a box whose front face is painted, so its facing direction is visible.
@@ -277,7 +278,9 @@ def sample_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     distance, height = float(rng.uniform(6.0, 8.0)), float(rng.uniform(1.8, 3.0))
     position = np.array([-distance * np.cos(cam_yaw), -distance * np.sin(cam_yaw), height])
     pitch = -float(np.arctan2(height - 0.5, distance))
-    moves = sample_camera_moves(rng, config)
+    # Pedestal Down never takes the camera below MIN_CAMERA_HEIGHT (it would look at the floor from under it).
+    moves = tuple((m, min(v, round(height - MIN_CAMERA_HEIGHT, 3)) if m == "Pedestal Down" else v)
+                  for m, v in sample_camera_moves(rng, config))
     floor = _floor_colors(rng)
     return Scene(
         seed=seed, fps=config.fps, image_size=config.image_size,

@@ -1,0 +1,147 @@
+"""Examples -> fixed-shape batches: sequences padded to a bucket length, media to bucket sizes.
+
+A training step compiles once per distinct batch shape, so every variable size is rounded up:
+the sequence length to the next entry of `seq_buckets`, the media patch count and the padded
+window slots to the next power-of-two multiple of a base size. Padding rows have zero
+attention and zero loss; padded media slots are never attended to and their outputs unused.
+Examples that failed to featurize arrive as `BadExample` and are dropped here and counted in
+the batch (`num_skipped`), so the count survives worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.vision import VisionLayout, num_patches, vision_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class BadExample:
+    """A record that could not be used, and why (file and index when known)."""
+
+    reason: str
+
+
+def bucket(n: int, base: int) -> int:
+    """Smallest base * 2**k >= n (at least base)."""
+    size = base
+    while size < n:
+        size *= 2
+    return size
+
+
+def pad_layout(layout: VisionLayout, slots: int, units: int, zero_row: int) -> VisionLayout:
+    """A layout grown to `slots` window slots and `units` merged tokens; new slots are invalid and
+    read `zero_row` (an all-zero patch row); new units repeat unit 0 and are never used."""
+    extra_slots, extra_units = slots - layout.patch_index.shape[0], units - layout.unit_slot.shape[0]
+    if extra_slots < 0 or extra_units < 0:
+        raise ValueError(f"layout of {layout.patch_index.shape[0]} slots does not fit in {slots}")
+    fill = lambda a, n, v: np.concatenate([np.asarray(a), np.full((n, *np.shape(a)[1:]), v, np.asarray(a).dtype)])  # noqa: E731
+    patch_index = np.where(np.asarray(layout.valid), np.asarray(layout.patch_index), zero_row)
+    return VisionLayout(
+        patch_index=fill(patch_index, extra_slots, zero_row),
+        valid=fill(layout.valid, extra_slots, False),
+        rotary_pos=fill(layout.rotary_pos, extra_slots, 0),
+        frame_id=fill(layout.frame_id, extra_slots, int(np.max(layout.frame_id, initial=-1)) + 1),
+        unit_slot=fill(layout.unit_slot, extra_units, 0),
+        frame_len=layout.frame_len,
+    )
+
+
+def media_arrays(patch_list: Sequence[np.ndarray], grids: Sequence[Sequence[int]], model_config: ModelConfig,
+                 prefix: str) -> dict[str, Any]:
+    """Concatenated patches and their padded layout, as flat arrays named `{prefix}_*`."""
+    vc = model_config.vision
+    merge = vc.spatial_merge_size**2
+    grids = np.asarray(grids, np.int64).reshape(-1, 3)
+    patches = np.concatenate(patch_list) if len(patch_list) else np.zeros((0, vc.patch_dim), np.float32)
+    n = num_patches(grids) if len(grids) else 0
+    if patches.shape[0] != n:
+        raise ValueError(f"{prefix}: {patches.shape[0]} patch rows for grids describing {n}")
+    layout = vision_layout(grids, vc) if len(grids) else VisionLayout(
+        np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 2), np.int32), np.zeros(0, np.int32),
+        np.zeros(0, np.int32), 0)
+    rows = bucket(max(n, merge), 4 * vc.window_len)
+    base = max(layout.frame_len, vc.window_len)
+    slots = bucket(max(layout.patch_index.shape[0], base), base)
+    padded = pad_layout(layout, slots, rows // merge, zero_row=rows)
+    out = {
+        f"{prefix}_patches": np.concatenate([patches, np.zeros((rows - n, vc.patch_dim), np.float32)]),
+        f"{prefix}_frame_len": np.int32(padded.frame_len),
+    }
+    for field in ("patch_index", "valid", "rotary_pos", "frame_id", "unit_slot"):
+        out[f"{prefix}_{field}"] = np.asarray(getattr(padded, field))
+    out[f"{prefix}_tokens"] = np.int32(n // merge)
+    return out
+
+
+def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int) -> np.ndarray:
+    """For each merged imagery token: the target row (image * latent_size + chunk) it is averaged
+    into, or -1 when it falls in an image's trimmed remainder or padding."""
+    segments = np.full(units, -1, np.int32)
+    start = 0
+    for image, grid in enumerate(np.asarray(grids).reshape(-1, 3)):
+        count = int(np.prod(grid)) // merge
+        chunk = count // latent_size
+        rank = np.arange(chunk * latent_size)
+        segments[start:start + rank.size] = image * latent_size + rank // chunk
+        start += count
+    return segments
+
+
+def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, seq_buckets: Sequence[int],
+            model_config: ModelConfig, latent_size: int) -> dict[str, Any]:
+    """A fixed-shape batch of `batch_size` rows from the good examples (bad ones counted)."""
+    good = [e for e in examples if not isinstance(e, BadExample)]
+    skipped = [e.reason for e in examples if isinstance(e, BadExample)]
+    longest = max((len(e["input_ids"]) for e in good), default=1)
+    length = next((b for b in sorted(seq_buckets) if b >= longest), None)
+    if length is None:
+        raise ValueError(f"an example of {longest} tokens exceeds the largest sequence bucket {max(seq_buckets)}")
+    pad_id = model_config.pad_token_id or 0
+    batch: dict[str, Any] = {
+        "input_ids": np.full((batch_size, length), pad_id, np.int32),
+        "targets": np.zeros((batch_size, length), np.int32),
+        "attention_mask": np.zeros((batch_size, length), np.int32),
+        "loss_mask": np.zeros((batch_size, length), np.float32),
+        "latent_mask": np.zeros((batch_size, length), bool),
+        "position_ids": np.zeros((3, batch_size, length), np.int32),
+        "example_mask": np.zeros(batch_size, bool),
+    }
+    for row, e in enumerate(good):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = e["input_ids"]
+        batch["targets"][row, :n] = e["targets"]
+        batch["attention_mask"][row, :n] = 1
+        batch["loss_mask"][row, :n] = e["loss_mask"]
+        batch["latent_mask"][row, :n] = e["latent_mask"]
+        batch["position_ids"][:, row, :n] = e["position_ids"]
+        batch["example_mask"][row] = True
+    batch.update(media_arrays([e["video_patches"] for e in good], [e["video_grid"] for e in good], model_config,
+                              "video"))
+    imagery_grids = [g for e in good for g in e["imagery_grids"]]
+    batch.update(media_arrays([e["imagery_patches"] for e in good], imagery_grids, model_config, "imagery"))
+    merge = model_config.vision.spatial_merge_size**2
+    units = batch["imagery_unit_slot"].shape[0]
+    batch["imagery_segment"] = imagery_segments(np.array(imagery_grids), merge, latent_size, units)
+    batch["num_latent_targets"] = np.int32(len(imagery_grids) * latent_size)
+    batch["num_skipped"] = np.int32(len(skipped))
+    batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
+    for key in ("answer", "sample_id", "family", "subtask"):
+        batch[key] = np.array([e[key] for e in good] + [""] * (batch_size - len(good)), dtype=object)
+    return batch
+
+
+def vision_inputs(batch: dict[str, Any], prefix: str):
+    """The model's VisionInputs for `video` or `imagery` arrays of a batch (frame_len made static)."""
+    from fourd_jax.model.vlm import VisionInputs
+
+    layout = VisionLayout(*(batch[f"{prefix}_{f}"] for f in ("patch_index", "valid", "rotary_pos", "frame_id",
+                                                             "unit_slot")),
+                          frame_len=int(batch[f"{prefix}_frame_len"]))
+    return VisionInputs(batch[f"{prefix}_patches"], layout, num_image_tokens=0)

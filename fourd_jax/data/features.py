@@ -1,0 +1,117 @@
+"""One record -> model-ready numpy features (SPEC 3.3): patches, chat tokens, labels and masks.
+
+The conversation follows 4DThinker's SFT layout: the user turn holds the video then the
+question with its options and an instruction to reason with mental imagery; the assistant turn
+is the reasoning trace with every `<output_image>` expanded to a latent block
+(`<|latent_start|>` + latent_size x `<|latent_pad|>` + `<|latent_end|>`), or, for records
+without a trace, just the answer. Imagery images are not placed in the token sequence: they
+are processed separately and become the DIFT targets of the latent pads, in order.
+
+Labels: position t predicts token t + 1 (`targets`); `loss_mask` selects assistant tokens
+(through `<|im_end|>`) except `<|latent_pad|>` ones; `latent_mask` marks the pad positions
+whose input embeddings are replaced by imagery targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from fourd_jax.data.processor import expand_placeholders, process
+from fourd_jax.errors import InputError
+from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.imagery import expand_output_images, latent_token_ids
+from fourd_jax.model.rope import get_rope_index
+
+INSTRUCTION = ("Think about the question with mental imagery inside <think> </think> tags, and give only the "
+               "final answer inside <answer> </answer> tags.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    latent_size: int = 4
+    max_frames: int = 16  # evenly spaced frames kept from the shown frames
+    video_min_pixels: int = 4 * 28 * 28  # per frame
+    video_max_pixels: int = 256 * 28 * 28  # per frame (4DThinker SFT)
+    imagery_min_pixels: int = 4 * 28 * 28
+    imagery_max_pixels: int = 256 * 28 * 28
+    max_length: int = 4096  # longer samples are dropped (and counted), never cut
+    supervised: bool = True  # False: the prompt only (generation, RL rollouts, evaluation)
+    instruction: str = INSTRUCTION
+
+
+def question_text(sample: dict[str, Any]) -> str:
+    """The question, a blank line, then "A. ..." to "D. ..." lines (4DThinker's text_input)."""
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", sample["options"], strict=True))
+    return f"{sample['question']}\n\n{options}"
+
+
+def assistant_text(sample: dict[str, Any], latent_size: int) -> str:
+    """The supervised assistant turn: the trace (latent blocks expanded) or the bare answer."""
+    if sample["trace"]:
+        return expand_output_images(sample["trace"], latent_size)
+    key = sample["options"]["ABCD".index(sample["answer"])]
+    return f"<answer>{sample['answer']}. {key}</answer>"
+
+
+def select_frames(sample: dict[str, Any], max_frames: int) -> tuple[np.ndarray, float]:
+    """Frames shown to the model, evenly thinned to max_frames, and the seconds per frame step."""
+    shown = np.asarray(sample["shown_frames"])
+    if shown.size == 0:
+        raise InputError("the record shows no frames")
+    keep = shown[np.linspace(0, shown.size - 1, min(max_frames, shown.size)).round().astype(int)]
+    times = np.asarray(sample["timestamps"], np.float64)[keep]
+    step = float(np.mean(np.diff(times))) if keep.size > 1 else 1.0 / float(sample["fps"])
+    return np.asarray(sample["frames"])[keep], step
+
+
+def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig, config: FeatureConfig
+              ) -> dict[str, Any]:
+    """Features of one decoded record. Raises InputError when the record cannot be used."""
+    vc = model_config.vision
+    frames, step = select_frames(sample, config.max_frames)
+    video, grid = process(frames, vc, config.video_min_pixels, config.video_max_pixels)
+    seconds_per_grid = vc.temporal_patch_size * step
+
+    user = [{"type": "video"}, {"type": "text", "text": f"{question_text(sample)}\n{config.instruction}"}]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                           add_generation_prompt=True)
+    prompt_ids = tokenizer(expand_placeholders(prompt, video_grids=[grid], merge=vc.spatial_merge_size),
+                           add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids)
+    imagery, imagery_grids = np.zeros((0, vc.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    if config.supervised:
+        answer = assistant_text(sample, config.latent_size) + "<|im_end|>"
+        ids += tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if sample["imagery"]:
+            parts = [process(np.asarray(img)[None], vc, config.imagery_min_pixels, config.imagery_max_pixels)
+                     for img in sample["imagery"]]
+            imagery = np.concatenate([p for p, _ in parts])
+            imagery_grids = np.array([g for _, g in parts], np.int64)
+    ids = np.asarray(ids, np.int32)
+    if ids.size > config.max_length:
+        raise InputError(f"the sample has {ids.size} tokens, more than max_length {config.max_length}")
+
+    _, pad, _ = latent_token_ids(tokenizer)
+    latent_mask = ids == pad
+    if config.supervised and latent_mask.sum() != config.latent_size * len(imagery_grids):
+        raise InputError(f"the trace has {int(latent_mask.sum())} latent pads for {len(imagery_grids)} imagery "
+                         f"images of latent_size {config.latent_size}")
+    targets = np.append(ids[1:], 0).astype(np.int32)
+    loss_mask = np.zeros(ids.size, np.float32)
+    if config.supervised:
+        loss_mask[len(prompt_ids) - 1:-1] = 1.0
+        loss_mask[:-1][latent_mask[1:]] = 0.0  # the pads are predicted by the latent loss instead
+    positions, _ = get_rope_index(model_config, ids[None], video_grid_thw=np.array([grid]),
+                                  second_per_grid_ts=np.array([seconds_per_grid]))
+    return {
+        "input_ids": ids, "targets": targets, "loss_mask": loss_mask, "latent_mask": latent_mask,
+        "position_ids": positions[:, 0].astype(np.int32), "prompt_length": len(prompt_ids),
+        "video_patches": video.astype(np.float32), "video_grid": np.array(grid, np.int64),
+        "second_per_grid": seconds_per_grid,
+        "imagery_patches": imagery.astype(np.float32), "imagery_grids": imagery_grids,
+        "answer": sample["answer"], "sample_id": sample["sample_id"], "family": sample["family"],
+        "subtask": sample["subtask"],
+    }

@@ -1,0 +1,130 @@
+"""The Grain input pipeline: ArrayRecord 4D records -> fixed-shape training batches.
+
+    source (ArrayRecord) -> seeded shuffle (per epoch) -> shard by JAX process -> decode ->
+    featurize (processor, chat template, latent blocks, labels) -> collate into bucketed batches
+    -> worker processes (optional)
+
+Everything up to the batch runs in worker processes when `num_workers > 0`. The iterator's state
+(`get_state` / `set_state`) restores the exact next batch. Bad records (corrupt bytes, missing
+fields, undecodable images, too long) are dropped and counted in each batch's `num_skipped`
+when `skip_bad_records` is true, or raise an error naming the file and record index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from fourd_jax.data import records
+from fourd_jax.data.batching import BadExample, collate
+from fourd_jax.data.features import FeatureConfig, featurize
+from fourd_jax.errors import InputError
+from fourd_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 8  # per JAX process
+    seq_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    seed: int = 0
+    num_epochs: int | None = 1  # None: repeat forever
+    shuffle: bool = True
+    num_workers: int = 0
+    skip_bad_records: bool = True
+    drop_remainder: bool = True
+    features: FeatureConfig = FeatureConfig()
+
+
+class RecordSource:
+    """Random access to the raw records of several ArrayRecord files, with their origin."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path]):
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        self.files = [f for p in paths for f in records.files(p)]
+        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        counts = []
+        for f in self.files:
+            reader = ArrayRecordReader(str(f))
+            counts.append(reader.num_records())
+            reader.close()
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._source[index]
+
+    def origin(self, index: int) -> str:
+        """'file record k' for a global record index."""
+        f = bisect.bisect_right(self._starts, index) - 1
+        return f"{self.files[f]} record {index - self._starts[f]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Featurize:
+    """(global index, record bytes) -> features, or BadExample when skipping bad records."""
+
+    source: RecordSource
+    tokenizer: Any
+    model_config: ModelConfig
+    config: PipelineConfig
+
+    def __call__(self, indexed: tuple[int, bytes]) -> dict[str, Any] | BadExample:
+        index, data = indexed
+        try:
+            return featurize(records.decode(data), self.tokenizer, self.model_config, self.config.features)
+        except InputError as e:
+            if not self.config.skip_bad_records:
+                raise records.RecordError(f"{self.source.origin(index)}: {e}.") from None
+            return BadExample(f"{self.source.origin(index)}: {e}")
+
+
+def _with_index(index: int, data: bytes) -> tuple[int, bytes]:
+    return index, data
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+    """Picklable batch function (worker processes receive the pipeline by pickling)."""
+
+    model_config: ModelConfig
+    config: PipelineConfig
+
+    def __call__(self, examples):
+        return collate(examples, self.config.batch_size, self.config.seq_buckets, self.model_config,
+                       self.config.features.latent_size)
+
+
+def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model_config: ModelConfig,
+                  config: PipelineConfig = PipelineConfig()) -> grain.IterDataset:
+    """The batched IterDataset for records under `path` (files or directories)."""
+    from fourd_jax.model.imagery import latent_token_ids
+
+    latent_token_ids(tokenizer)  # one clear error up front for a tokenizer without latent tokens
+    source = RecordSource(path)
+    ds = grain.MapDataset.source(source)
+    ds = ds.map_with_index(_with_index)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    shard = grain.sharding.ShardByJaxProcess()
+    ds = ds[shard.shard_index::shard.shard_count]
+    ds = ds.map(Featurize(source, tokenizer, model_config, config))
+    batches = ds.to_iter_dataset().batch(config.batch_size, drop_remainder=config.drop_remainder,
+                                         batch_fn=Collate(model_config, config))
+    if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; unparsed ones raise there
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    return batches

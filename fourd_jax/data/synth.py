@@ -1,0 +1,157 @@
+"""`fourd-jax synth`: render procedural scenes and write their questions as 4D records.
+
+Scene i of a run with seed S gets its own seed from (S, i), so every scene, and every shard file
+built from scenes, depends only on S, the config and the scene indices: the same seed gives
+byte-identical files whatever the number of worker processes. Scenes are split into
+train / val / test by index blocks; each split is written in shards of `scenes_per_shard`
+scenes, one ArrayRecord file each, and a `manifest.json` summarises the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fourd_jax.data import records
+from fourd_jax.data.qa.common import QA
+from fourd_jax.data.qa.dsr import dsr_questions
+from fourd_jax.data.qa.fourdthinker import fourdthinker_questions
+from fourd_jax.data.qa.mllm4d import mllm4d_questions
+from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
+from fourd_jax.data.sim.scene import Scene, SceneConfig, sample_scene
+from fourd_jax.errors import InputError
+
+FAMILIES = {"dsr": dsr_questions, "4dthinker": fourdthinker_questions, "mllm4d": mllm4d_questions}
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    scene: SceneConfig = SceneConfig()
+    families: tuple[str, ...] = ("dsr", "4dthinker", "mllm4d")
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
+    scenes_per_shard: int = 25
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.families) - set(FAMILIES))
+        if unknown:
+            raise InputError(f"unknown question families {unknown}; choose from {sorted(FAMILIES)}.")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise InputError(f"split_fractions {self.split_fractions} must be non-negative and sum to 1.")
+
+
+def scene_seed(seed: int, index: int) -> int:
+    """The seed of scene `index` in a run seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def split_sizes(num_scenes: int, fractions: tuple[float, float, float]) -> dict[str, int]:
+    """Scenes per split (index blocks in train, val, test order); rounding goes to train."""
+    val, test = (int(round(num_scenes * f)) for f in fractions[1:])
+    return {"train": num_scenes - val - test, "val": val, "test": test}
+
+
+def scene_questions(scene: Scene, boxes: np.ndarray, families: tuple[str, ...], seed: int) -> list[QA]:
+    """All questions of the chosen families; each family draws from its own random stream."""
+    out: list[QA] = []
+    for k, family in enumerate(sorted(families)):
+        out += FAMILIES[family](scene, boxes, np.random.default_rng([seed, k]))
+    return out
+
+
+def scene_records(index: int, seed: int, config: SynthConfig, split: str) -> Iterator[dict[str, Any]]:
+    """Render one scene and turn each of its questions into a record."""
+    sseed = scene_seed(seed, index)
+    scene = sample_scene(sseed, config.scene)
+    rendered = render_scene(scene)
+    boxes = bounding_boxes(rendered.instance, len(scene.objects))
+    frames = [records.encode_image(f) for f in rendered.rgb]  # encoded once, shared by the records
+    shared = {
+        "source": "sim", "fps": scene.fps, "timestamps": scene.timestamps, "frames": frames,
+        "intrinsics": scene.intrinsics, "cam_to_world": scene.cam_to_world,
+        "object_ids": [o.object_id for o in scene.objects],
+        "object_categories": [o.category for o in scene.objects],
+        "object_names": [o.name for o in scene.objects],
+        "object_centers": scene.centers, "object_headings": scene.headings,
+        "scene_seed": sseed, "camera_moves": [list(m) for m in scene.camera_moves],
+    }
+    for k, qa in enumerate(scene_questions(scene, boxes, config.families, sseed)):
+        imagery = [overlay_mask(rendered.rgb[t], rendered.instance[t] == obj + 1) for t, obj in qa.imagery]
+        yield {
+            **shared,
+            "sample_id": f"sim-{seed}-{index:06d}-{k:02d}-{qa.family}-{qa.subtask}",
+            "family": qa.family, "subtask": qa.subtask, "question": qa.question, "options": list(qa.options),
+            "answer": qa.answer, "trace": qa.trace, "imagery": imagery, "shown_frames": list(qa.shown_frames),
+            "target_objects": list(qa.target_objects),
+            "meta": {"split": split, "scene_index": index, "motions": [o.motion for o in scene.objects], **qa.meta},
+        }
+
+
+def _write_shard(job: tuple[Path, str, list[int], int, SynthConfig]) -> tuple[str, Counter]:
+    path, split, indices, seed, config = job
+    counts: Counter = Counter()
+
+    def samples():
+        for index in indices:
+            for record in scene_records(index, seed, config, split):
+                counts[(record["family"], record["subtask"], record["answer"])] += 1
+                yield record
+
+    records.write(path, samples())
+    return split, counts
+
+
+def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: SynthConfig = SynthConfig(),
+               workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Write `num_scenes` scenes' records under out_dir/{train,val,test}/ and a manifest."""
+    if num_scenes < 1:
+        raise InputError(f"--num-scenes must be at least 1, got {num_scenes}.")
+    out = Path(out_dir)
+    sizes = split_sizes(num_scenes, config.split_fractions)
+    jobs, start = [], 0
+    for split in SPLITS:
+        indices = list(range(start, start + sizes[split]))
+        start += sizes[split]
+        shards = [indices[i:i + config.scenes_per_shard] for i in range(0, len(indices), config.scenes_per_shard)]
+        for k, shard in enumerate(shards):
+            jobs.append((out / split / f"{split}-{k:05d}-of-{len(shards):05d}{records.SUFFIX}", split, shard, seed,
+                         config))
+    totals: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="synth shards", unit="shard", disable=not progress)
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for split, counts in pool.imap_unordered(_write_shard, jobs):
+                totals[split].update(counts)
+                bar.update()
+    else:
+        for job in jobs:
+            split, counts = _write_shard(job)
+            totals[split].update(counts)
+            bar.update()
+    bar.close()
+    manifest = _manifest(num_scenes, seed, config, sizes, totals)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _manifest(num_scenes, seed, config, sizes, totals) -> dict[str, Any]:
+    splits = {}
+    for split, counts in totals.items():
+        per_task: Counter = Counter()
+        letters: Counter = Counter()
+        for (family, subtask, answer), n in counts.items():
+            per_task[f"{family}/{subtask}"] += n
+            letters[answer] += n
+        splits[split] = {"scenes": sizes[split], "records": sum(counts.values()),
+                         "per_subtask": dict(sorted(per_task.items())), "answer_letters": dict(sorted(letters.items()))}
+    return {"schema_version": records.SCHEMA_VERSION, "seed": seed, "num_scenes": num_scenes,
+            "config": dataclasses.asdict(config), "splits": splits}

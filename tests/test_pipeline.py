@@ -1,0 +1,142 @@
+"""Grain pipeline: features and labels, fixed batch shapes, resume, bad records, model inputs."""
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from fourd_jax.data import records
+from fourd_jax.data.batching import imagery_segments, vision_inputs
+from fourd_jax.data.features import FeatureConfig, featurize
+from fourd_jax.data.pipeline import PipelineConfig, build_dataset
+from fourd_jax.data.sim.scene import SceneConfig
+from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
+from fourd_jax.model import tiny
+from fourd_jax.model.imagery import LATENT_TOKENS
+from fourd_jax.model.rope import get_rope_index
+
+FEATURES = FeatureConfig(max_frames=6, video_max_pixels=112 * 112, imagery_max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    config = SynthConfig(scene=SceneConfig(num_frames=8, image_size=(112, 112)), scenes_per_shard=2)
+    synthesize(out, 5, seed=11, config=config, progress=False)
+    tokenizer = build_tokenizer(record_texts(out), vocab_size=600)
+    return out, tokenizer, config_for_tokenizer(tokenizer, tiny())
+
+
+def sample_with_imagery(path):
+    return next(s for s in records.read(path) if s["imagery"])
+
+
+def test_features_of_a_traced_sample(data):
+    path, tok, config = data
+    sample = sample_with_imagery(path)
+    f = featurize(sample, tok, config, FEATURES)
+    ids = f["input_ids"]
+    pad = tok.convert_tokens_to_ids(LATENT_TOKENS[1])
+    assert (ids == config.video_token_id).sum() == np.prod(f["video_grid"]) // 4
+    assert f["latent_mask"].sum() == 4 * len(sample["imagery"]) == 4 * len(f["imagery_grids"])
+    np.testing.assert_array_equal(f["targets"][:-1], ids[1:])
+    p = f["prompt_length"]
+    assert f["loss_mask"][: p - 1].sum() == 0 and f["loss_mask"][-1] == 0
+    supervised = np.flatnonzero(f["loss_mask"])
+    assert supervised[0] == p - 1 and supervised[-1] == len(ids) - 2
+    assert not np.any(ids[supervised + 1] == pad)  # pads are never CE targets...
+    assert np.all(f["loss_mask"][np.flatnonzero(ids == pad) - 1] == 0)
+    starts = np.flatnonzero(ids == tok.convert_tokens_to_ids(LATENT_TOKENS[0]))
+    assert np.all(f["loss_mask"][starts - 1] == 1)  # ...but latent_start / latent_end are
+    assert tok.decode(ids[p:]).endswith("</answer><|im_end|>")
+    assert "<|video_pad|>" not in tok.decode(ids[p:]) and "<output_image>" not in tok.decode(ids)
+    positions, _ = get_rope_index(config, ids[None], video_grid_thw=f["video_grid"][None],
+                                  second_per_grid_ts=np.array([f["second_per_grid"]]))
+    np.testing.assert_array_equal(f["position_ids"], positions[:, 0])
+    prompt_only = featurize(sample, tok, config, FeatureConfig(**{**FEATURES.__dict__, "supervised": False}))
+    np.testing.assert_array_equal(prompt_only["input_ids"], ids[:p])
+    assert prompt_only["loss_mask"].sum() == 0 and len(prompt_only["imagery_grids"]) == 0
+
+
+def batches(data, n, **overrides):
+    path, tok, config = data
+    pipeline = PipelineConfig(batch_size=3, seq_buckets=(512, 1024), num_epochs=None, features=FEATURES, **overrides)
+    it = iter(build_dataset(path / "train", tok, config, pipeline))
+    return it, [next(it) for _ in range(n)]
+
+
+def test_batches_have_fixed_shapes_and_model_ready_media(data):
+    _, _, config = data
+    _, got = batches(data, 4)
+    shapes = {k: np.shape(v) for k, v in got[0].items()}
+    for b in got[1:]:
+        assert {k: np.shape(v) for k, v in b.items()} == shapes
+    b = got[0]
+    assert b["input_ids"].shape[0] == 3 and int(b["num_skipped"]) == 0
+    video = vision_inputs(b, "video")
+    assert video.layout.frame_len > 0 and video.patches.shape[0] % 64 == 0
+    assert int(b["video_tokens"]) == int((b["input_ids"] == config.video_token_id).sum())
+    assert int(b["num_latent_targets"]) == int(b["latent_mask"].sum())
+
+
+def test_imagery_segments_are_chunk_means():
+    grids = np.array([[1, 4, 6], [1, 8, 8]])  # 6 and 16 merged tokens
+    seg = imagery_segments(grids, 4, 4, units=32)
+    np.testing.assert_array_equal(seg[:6], [0, 1, 2, 3, -1, -1])
+    np.testing.assert_array_equal(seg[6:22], np.repeat([4, 5, 6, 7], 4))
+    assert np.all(seg[22:] == -1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_restored_iterator_gives_the_same_next_batches(data, workers):
+    it, _ = batches(data, 3, num_workers=workers)
+    state = it.get_state()
+    expected = [next(it) for _ in range(2)]
+    path, tok, config = data
+    fresh = iter(build_dataset(path / "train", tok, config,
+                               PipelineConfig(batch_size=3, seq_buckets=(512, 1024), num_epochs=None,
+                                              features=FEATURES, num_workers=workers)))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for key in ("input_ids", "loss_mask", "video_patches", "imagery_patches", "position_ids"):
+            np.testing.assert_array_equal(got[key], want[key])
+        assert list(got["sample_id"]) == list(want["sample_id"])
+
+
+def corrupt_copy(path, target):
+    """The first records of `path` with a truncated record and one lacking 'question' among them."""
+    raw = [data for _, _, data in records.read_raw(path)][:5]
+    import msgpack
+
+    missing = msgpack.unpackb(raw[1], raw=False)
+    del missing["question"]
+    bad = [raw[0], raw[2][: len(raw[2]) // 2], msgpack.packb(missing, use_bin_type=True), raw[3], raw[4]]
+    writer = ArrayRecordWriter(str(target), "group_size:1")
+    for item in bad:
+        writer.write(item)
+    writer.close()
+
+
+def test_bad_records_are_skipped_and_counted_or_named(data, tmp_path):
+    path, tok, config = data
+    target = tmp_path / "bad.array_record"
+    corrupt_copy(path / "train", target)
+    pipeline = PipelineConfig(batch_size=5, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
+    (batch,) = list(build_dataset(target, tok, config, pipeline))
+    assert int(batch["num_skipped"]) == 2 and batch["example_mask"].sum() == 3
+    assert batch["attention_mask"][3:].sum() == 0 and batch["loss_mask"][3:].sum() == 0
+    strict = PipelineConfig(batch_size=5, seq_buckets=(512, 1024), shuffle=False, skip_bad_records=False,
+                            features=FEATURES)
+    with pytest.raises(records.RecordError, match=rf"{target} record 1: not a msgpack record"):
+        list(build_dataset(target, tok, config, strict))
+
+
+def test_tokenizer_without_latent_tokens_is_refused(data, tmp_path):
+    path, _, config = data
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    with pytest.raises(ValueError, match="no <\\|latent_start\\|>"):
+        build_dataset(path / "train", plain, config)
