@@ -373,3 +373,22 @@ def test_vlm4d_rows(tmp_path):
     with pytest.raises(InputError) as error:
         list(importers.import_vlm4d(path))
     assert_one_sentence(str(error.value), "real_mc.json row 4", "equals 2 of the choices")
+
+
+def test_data_import_cli_writes_records_and_reports_skips(tmp_path, capsys):
+    from fourd_jax import cli
+
+    write_video(tmp_path / "clips" / "a.mp4", num_frames=24)
+    rows = [{"id": 1, "video": "clips/a.mp4", "question_type": "direction", "question": "Where?",
+             "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"},
+            {"id": 2, "video": "clips/missing.mp4", "question_type": "direction", "question": "Where?",
+             "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"}]
+    (tmp_path / "vlm4d.json").write_text(json.dumps(rows))
+    out = tmp_path / "imported.array_record"
+    assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "vlm4d", "--out", str(out)]) == 0
+    assert "written 1" in capsys.readouterr().out
+    (sample,) = records.read(out)
+    assert sample["answer"] == "C" and frame_indices(sample["frames"]) == [0, 8, 16]
+    assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "vlm4d", "--out",
+                     str(tmp_path / "strict.array_record"), "--strict"]) == 2
+    assert "row 2" in capsys.readouterr().err

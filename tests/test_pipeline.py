@@ -12,7 +12,7 @@ from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
 from fourd_jax.model import tiny
-from fourd_jax.model.imagery import LATENT_TOKENS
+from fourd_jax.model.imagery import LATENT_TOKENS, chunk_means, segment_means
 from fourd_jax.model.rope import get_rope_index
 
 FEATURES = FeatureConfig(max_frames=6, video_max_pixels=112 * 112, imagery_max_pixels=112 * 112)
@@ -85,6 +85,10 @@ def test_imagery_segments_are_chunk_means():
     np.testing.assert_array_equal(seg[:6], [0, 1, 2, 3, -1, -1])
     np.testing.assert_array_equal(seg[6:22], np.repeat([4, 5, 6, 7], 4))
     assert np.all(seg[22:] == -1)
+    tokens = np.random.RandomState(0).randn(32, 5).astype(np.float32)
+    means = np.asarray(segment_means(tokens, seg, 32))
+    np.testing.assert_allclose(means[:4], chunk_means(tokens[:6], 4), atol=1e-6)
+    np.testing.assert_allclose(means[4:8], chunk_means(tokens[6:22], 4), atol=1e-6)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -46,21 +46,14 @@ import numpy as np
 from PIL import Image
 
 from fourd_jax.data import records
+from fourd_jax.data.qa.common import LETTERS
+from fourd_jax.data.qa.dsr import ALL_SUBTASKS as DSR_SUBTASKS
+from fourd_jax.data.qa.fourdthinker import DIRECTIONS as OBJECT_DIRECTIONS
+from fourd_jax.data.qa.fourdthinker import DISTANCES as OBJECT_DISTANCES
+from fourd_jax.data.qa.fourdthinker import SPEEDS as OBJECT_SPEEDS
+from fourd_jax.data.sim.scene import CAMERA_MOVES
 from fourd_jax.errors import InputError
 
-LETTERS = "ABCD"
-DSR_SUBTASKS = ("abs_dis", "abs_dir", "abs_ori", "abs_spd", "abs_spd_comp", "abs_dir_pred", "rel_dis",
-                "rel_dir", "rel_ori", "rel_spd", "rel_spd_comp", "rel_dir_pred", "non_temp")
-CAMERA_MOVES = ("Pan Right", "Pan Left", "Dolly In", "Dolly Out", "Roll Clockwise", "Roll Counter-Clockwise",
-                "Tilt Up", "Tilt Down", "Pedestal Up", "Pedestal Down", "Truck Left", "Truck Right")
-OBJECT_DIRECTIONS = ("Moving Left", "Moving Right", "Moving Up", "Moving Down", "Moving Left-Up",
-                     "Moving Left-Down", "Moving Right-Up", "Moving Right-Down", "Moving Toward Camera",
-                     "Moving Away from Camera", "Stationary")
-OBJECT_SPEEDS = ("Speeding Up", "Slowing Down", "Maintaining a Constant Speed",
-                 "First Speeding Up, Then Slowing Down", "First Slowing Down, Then Speeding Up",
-                 "Moving at Varying Speeds")
-OBJECT_DISTANCES = ("Getting Closer to Camera", "Getting Farther from Camera", "Maintaining Roughly the Same Distance",
-                    "First Getting Closer, Then Farther", "First Getting Farther, Then Closer")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 DEFAULT_MAX_FRAMES = {"4dthinker": 50, "dsr": 32, "dsr_bench": 32, "vlm4d": 32}
 

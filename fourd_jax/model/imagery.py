@@ -113,6 +113,20 @@ def chunk_means(tokens: jax.Array, latent_size: int = DEFAULT_LATENT_SIZE) -> ja
     return tokens[: chunk * latent_size].astype(jnp.float32).reshape(latent_size, chunk, -1).mean(axis=1)
 
 
+def segment_means(tokens: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """Mean of the tokens [U, D] in each segment (ids in [0, num_segments), -1 = unused), float32.
+
+    The jit-friendly form of `chunk_means` for a batch of imagery images of any sizes: the
+    pipeline's `imagery_segment` gives each merged token its (image * latent_size + chunk) row.
+    """
+    chex.assert_rank([tokens, segments], [2, 1])
+    used = segments >= 0
+    ids = jnp.where(used, segments, 0)
+    sums = jax.ops.segment_sum(jnp.where(used[:, None], tokens.astype(jnp.float32), 0.0), ids, num_segments)
+    counts = jax.ops.segment_sum(used.astype(jnp.float32), ids, num_segments)
+    return sums / jnp.maximum(counts, 1.0)[:, None]
+
+
 def imagery_targets(
     model: Qwen25VL, params: Any, pixel_values: Any, image_grid_thw: Any, latent_size: int = DEFAULT_LATENT_SIZE
 ) -> jax.Array:
