@@ -45,7 +45,7 @@ def batch_forward(model: Qwen25VL, params: Any, batch: dict[str, Any]):
     """The model on a pipeline batch, with the imagery targets fed at the latent pads (as in DIFT)."""
     imagery = vision_inputs(batch, "imagery")
     tokens = jax.lax.stop_gradient(encode_vision(model, params, imagery))
-    targets = segment_means(tokens, jnp.asarray(batch["imagery_segment"]), tokens.shape[0])
+    targets = segment_means(tokens, jnp.asarray(batch["imagery_segment"]), tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"], vision=vision_inputs(batch, "video"),
                       latent_embeds=targets)

@@ -74,9 +74,40 @@ def test_batches_have_fixed_shapes_and_model_ready_media(data):
     b = got[0]
     assert b["input_ids"].shape[0] == 3 and int(b["num_skipped"]) == 0
     video = vision_inputs(b, "video")
-    assert video.layout.frame_len > 0 and video.patches.shape[0] % 64 == 0
-    assert int(b["video_tokens"]) == int((b["input_ids"] == config.video_token_id).sum())
-    assert int(b["num_latent_targets"]) == int(b["latent_mask"].sum())
+    assert video.layout.frame_len > 0 and video.patches.shape[:2] == (3, video.layout.unit_slot.shape[1] * 4)
+    np.testing.assert_array_equal(b["video_tokens"], (b["input_ids"] == config.video_token_id).sum(1))
+    for row in range(3):  # each row's latent pads are fed by that row's imagery targets
+        assert b["latent_mask"][row].sum() == (b["imagery_segment"][row] >= 0).any() * (
+            b["imagery_segment"][row].max() + 1)
+
+
+def test_batched_forward_equals_each_example_alone(data):
+    """Per-example media in a padded batch give each row exactly its own example's logits."""
+    import jax
+
+    from fourd_jax.data.batching import collate
+    from fourd_jax.demo import batch_forward
+    from fourd_jax.model import Qwen25VL, forward, init_params
+    from fourd_jax.model.imagery import imagery_targets
+
+    path, tok, config = data
+    model = Qwen25VL(config)
+    params = init_params(model, jax.random.key(0))
+    samples = [s for s in records.read(path / "train")][:6]
+    picked = [next(s for s in samples if s["imagery"]), next(s for s in samples if not s["imagery"])]
+    feats = [featurize(s, tok, config, FEATURES) for s in picked]
+    batch = collate(feats, 3, (512, 1024), config, FEATURES.latent_size)
+    out, _ = batch_forward(model, params, batch)
+    for row, f in enumerate(feats):
+        latents = None
+        if len(f["imagery_grids"]):
+            latents = imagery_targets(model, params, f["imagery_patches"], f["imagery_grids"]).reshape(
+                -1, config.text.hidden_size)
+        alone = forward(model, params, f["input_ids"][None], pixel_values_videos=f["video_patches"],
+                        video_grid_thw=f["video_grid"][None], second_per_grid_ts=np.array([f["second_per_grid"]]),
+                        latent_embeds=latents)
+        n = len(f["input_ids"])
+        np.testing.assert_allclose(np.asarray(out.logits[row, :n]), np.asarray(alone.logits[0]), atol=2e-5)
 
 
 def test_imagery_segments_are_chunk_means():
@@ -109,13 +140,17 @@ def test_restored_iterator_gives_the_same_next_batches(data, workers):
 
 
 def corrupt_copy(path, target):
-    """The first records of `path` with a truncated record and one lacking 'question' among them."""
-    raw = [data for _, _, data in records.read_raw(path)][:5]
+    """Records of `path` with, among them, a truncated record, one lacking 'question' and one whose
+    frame is not a decodable image."""
+    raw = [data for _, _, data in records.read_raw(path)][:6]
     import msgpack
 
     missing = msgpack.unpackb(raw[1], raw=False)
     del missing["question"]
-    bad = [raw[0], raw[2][: len(raw[2]) // 2], msgpack.packb(missing, use_bin_type=True), raw[3], raw[4]]
+    broken_frame = msgpack.unpackb(raw[5], raw=False)
+    broken_frame["frames"][2] = b"\x89PNG not really"
+    bad = [raw[0], raw[2][: len(raw[2]) // 2], msgpack.packb(missing, use_bin_type=True), raw[3],
+           msgpack.packb(broken_frame, use_bin_type=True), raw[4]]
     writer = ArrayRecordWriter(str(target), "group_size:1")
     for item in bad:
         writer.write(item)
@@ -126,14 +161,22 @@ def test_bad_records_are_skipped_and_counted_or_named(data, tmp_path):
     path, tok, config = data
     target = tmp_path / "bad.array_record"
     corrupt_copy(path / "train", target)
-    pipeline = PipelineConfig(batch_size=5, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
+    pipeline = PipelineConfig(batch_size=6, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
     (batch,) = list(build_dataset(target, tok, config, pipeline))
-    assert int(batch["num_skipped"]) == 2 and batch["example_mask"].sum() == 3
+    assert int(batch["num_skipped"]) == 3 and batch["example_mask"].sum() == 3
     assert batch["attention_mask"][3:].sum() == 0 and batch["loss_mask"][3:].sum() == 0
-    strict = PipelineConfig(batch_size=5, seq_buckets=(512, 1024), shuffle=False, skip_bad_records=False,
+    strict = PipelineConfig(batch_size=6, seq_buckets=(512, 1024), shuffle=False, skip_bad_records=False,
                             features=FEATURES)
     with pytest.raises(records.RecordError, match=rf"{target} record 1: not a msgpack record"):
         list(build_dataset(target, tok, config, strict))
+    with pytest.raises(records.RecordError, match="missing field 'question'"):
+        records.decode(msgpack_record(target, 2))
+    with pytest.raises(records.RecordError, match="field 'frames' cannot be decoded"):
+        records.decode(msgpack_record(target, 4))
+
+
+def msgpack_record(path, index):
+    return [data for _, _, data in records.read_raw(path)][index]
 
 
 def test_tokenizer_without_latent_tokens_is_refused(data, tmp_path):

@@ -6,6 +6,10 @@ window slots to the next power-of-two multiple of a base size. Padding rows have
 attention and zero loss; padded media slots are never attended to and their outputs unused.
 Examples that failed to featurize arrive as `BadExample` and are dropped here and counted in
 the batch (`num_skipped`), so the count survives worker processes.
+
+Media are kept per example (a leading batch axis on patches and layouts) so a batch can be
+sharded over devices by example: example b's video tokens fill row b's placeholders, and its
+imagery targets (`imagery_segment`, local to the example) feed row b's latent pads.
 """
 
 from __future__ import annotations
@@ -53,36 +57,49 @@ def pad_layout(layout: VisionLayout, slots: int, units: int, zero_row: int) -> V
     )
 
 
-def media_arrays(patch_list: Sequence[np.ndarray], grids: Sequence[Sequence[int]], model_config: ModelConfig,
-                 prefix: str) -> dict[str, Any]:
-    """Concatenated patches and their padded layout, as flat arrays named `{prefix}_*`."""
+def _empty_layout() -> VisionLayout:
+    return VisionLayout(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 2), np.int32), np.zeros(0, np.int32),
+                        np.zeros(0, np.int32), 0)
+
+
+def media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarray], batch_size: int,
+                 model_config: ModelConfig, prefix: str) -> dict[str, Any]:
+    """Per-example media as arrays with a leading batch axis, named `{prefix}_*`.
+
+    Example b's patches [n_b, C] and grids [k_b, 3] become patches [B, P, C] and a layout padded
+    to [B, S] slots / [B, U] merged tokens (P, S rounded up to powers of two; U = P / merge^2).
+    Rows past the examples hold nothing valid. All examples share `frame_len` when their frames
+    have one padded size (the usual case), else 0 (segment-mask attention).
+    """
     vc = model_config.vision
     merge = vc.spatial_merge_size**2
-    grids = np.asarray(grids, np.int64).reshape(-1, 3)
-    patches = np.concatenate(patch_list) if len(patch_list) else np.zeros((0, vc.patch_dim), np.float32)
-    n = num_patches(grids) if len(grids) else 0
-    if patches.shape[0] != n:
-        raise ValueError(f"{prefix}: {patches.shape[0]} patch rows for grids describing {n}")
-    layout = vision_layout(grids, vc) if len(grids) else VisionLayout(
-        np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 2), np.int32), np.zeros(0, np.int32),
-        np.zeros(0, np.int32), 0)
-    rows = bucket(max(n, merge), 4 * vc.window_len)
-    base = max(layout.frame_len, vc.window_len)
-    slots = bucket(max(layout.patch_index.shape[0], base), base)
-    padded = pad_layout(layout, slots, rows // merge, zero_row=rows)
-    out = {
-        f"{prefix}_patches": np.concatenate([patches, np.zeros((rows - n, vc.patch_dim), np.float32)]),
-        f"{prefix}_frame_len": np.int32(padded.frame_len),
-    }
+    grids = [np.asarray(g, np.int64).reshape(-1, 3) for g in grid_list]
+    layouts = [vision_layout(g, vc) if len(g) else _empty_layout() for g in grids]
+    counts = [num_patches(g) if len(g) else 0 for g in grids]
+    for name_count, patches in zip(counts, patch_list, strict=True):
+        if patches.shape[0] != name_count:
+            raise ValueError(f"{prefix}: {patches.shape[0]} patch rows for grids describing {name_count}")
+    frame_lens = {lay.frame_len for lay, n in zip(layouts, counts, strict=True) if n}
+    frame_len = frame_lens.pop() if len(frame_lens) == 1 else 0
+    rows = bucket(max([merge, *counts]), 4 * vc.window_len)
+    base = max(frame_len, vc.window_len)
+    slots = bucket(max([base, *(lay.patch_index.shape[0] for lay in layouts)]), base)
+    layouts += [_empty_layout()] * (batch_size - len(layouts))
+    padded = [pad_layout(VisionLayout(lay.patch_index, lay.valid, lay.rotary_pos, lay.frame_id, lay.unit_slot,
+                                      frame_len), slots, rows // merge, zero_row=rows) for lay in layouts]
+    patches = np.zeros((batch_size, rows, vc.patch_dim), np.float32)
+    for b, p in enumerate(patch_list):
+        patches[b, : p.shape[0]] = p
+    out = {f"{prefix}_patches": patches, f"{prefix}_frame_len": np.int32(frame_len),
+           f"{prefix}_tokens": np.array(counts + [0] * (batch_size - len(counts)), np.int32) // merge}
     for field in ("patch_index", "valid", "rotary_pos", "frame_id", "unit_slot"):
-        out[f"{prefix}_{field}"] = np.asarray(getattr(padded, field))
-    out[f"{prefix}_tokens"] = np.int32(n // merge)
+        out[f"{prefix}_{field}"] = np.stack([np.asarray(getattr(lay, field)) for lay in padded])
     return out
 
 
 def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int) -> np.ndarray:
-    """For each merged imagery token: the target row (image * latent_size + chunk) it is averaged
-    into, or -1 when it falls in an image's trimmed remainder or padding."""
+    """For each merged imagery token of one example: the target row (image * latent_size + chunk)
+    it is averaged into, or -1 when it falls in an image's trimmed remainder or padding."""
     segments = np.full(units, -1, np.int32)
     start = 0
     for image, grid in enumerate(np.asarray(grids).reshape(-1, 3)):
@@ -122,14 +139,15 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         batch["latent_mask"][row, :n] = e["latent_mask"]
         batch["position_ids"][:, row, :n] = e["position_ids"]
         batch["example_mask"][row] = True
-    batch.update(media_arrays([e["video_patches"] for e in good], [e["video_grid"] for e in good], model_config,
-                              "video"))
-    imagery_grids = [g for e in good for g in e["imagery_grids"]]
-    batch.update(media_arrays([e["imagery_patches"] for e in good], imagery_grids, model_config, "imagery"))
+    batch.update(media_arrays([e["video_patches"] for e in good], [e["video_grid"] for e in good], batch_size,
+                              model_config, "video"))
+    batch.update(media_arrays([e["imagery_patches"] for e in good], [e["imagery_grids"] for e in good], batch_size,
+                              model_config, "imagery"))
     merge = model_config.vision.spatial_merge_size**2
-    units = batch["imagery_unit_slot"].shape[0]
-    batch["imagery_segment"] = imagery_segments(np.array(imagery_grids), merge, latent_size, units)
-    batch["num_latent_targets"] = np.int32(len(imagery_grids) * latent_size)
+    units = batch["imagery_unit_slot"].shape[1]
+    batch["imagery_segment"] = np.full((batch_size, units), -1, np.int32)
+    for row, e in enumerate(good):
+        batch["imagery_segment"][row] = imagery_segments(e["imagery_grids"], merge, latent_size, units)
     batch["num_skipped"] = np.int32(len(skipped))
     batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
     for key in ("answer", "sample_id", "family", "subtask"):
@@ -138,7 +156,8 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
 
 
 def vision_inputs(batch: dict[str, Any], prefix: str):
-    """The model's VisionInputs for `video` or `imagery` arrays of a batch (frame_len made static)."""
+    """The model's per-example VisionInputs for the `video` or `imagery` arrays of a batch
+    (frame_len made static)."""
     from fourd_jax.model.vlm import VisionInputs
 
     layout = VisionLayout(*(batch[f"{prefix}_{f}"] for f in ("patch_index", "valid", "rotary_pos", "frame_id",

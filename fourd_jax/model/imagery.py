@@ -114,11 +114,14 @@ def chunk_means(tokens: jax.Array, latent_size: int = DEFAULT_LATENT_SIZE) -> ja
 
 
 def segment_means(tokens: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
-    """Mean of the tokens [U, D] in each segment (ids in [0, num_segments), -1 = unused), float32.
+    """Mean of the tokens [U, D] in each segment (ids in [0, num_segments), -1 = unused), float32;
+    per example for tokens [B, U, D] and segments [B, U].
 
     The jit-friendly form of `chunk_means` for a batch of imagery images of any sizes: the
     pipeline's `imagery_segment` gives each merged token its (image * latent_size + chunk) row.
     """
+    if tokens.ndim == 3:  # per example: [B, U, D] with segments [B, U]
+        return jax.vmap(lambda t, s: segment_means(t, s, num_segments))(tokens, segments)
     chex.assert_rank([tokens, segments], [2, 1])
     used = segments >= 0
     ids = jnp.where(used, segments, 0)

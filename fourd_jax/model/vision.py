@@ -170,8 +170,35 @@ class PatchMerger(nn.Module):
                      dtype, pdtype, std, name="mlp_2")(x)
 
 
+def flatten_examples(patches: jax.Array, layout: VisionLayout, merge_units: int) -> tuple[jax.Array, VisionLayout]:
+    """Per-example media [B, P, C] with layouts [B, S] / [B, U] -> one flat layout over B * S slots.
+
+    Each example gets its own zero row (its local index P), and its frame and unit ids are
+    offset so examples never mix: an example's slots form whole windows and whole frames, so
+    attention groups stay inside it, and a sharded leading batch axis stays sharded by example.
+    The result reads the rows [B * (P + 1), C] returned alongside it.
+    """
+    b, p, c = patches.shape
+    slots = layout.patch_index.shape[1]
+    rows = jnp.concatenate([patches, jnp.zeros((b, 1, c), patches.dtype)], axis=1).reshape(b * (p + 1), c)
+    example = jnp.arange(b)[:, None]
+    flat = VisionLayout(
+        patch_index=(layout.patch_index + example * (p + 1)).reshape(-1),
+        valid=layout.valid.reshape(-1),
+        rotary_pos=layout.rotary_pos.reshape(-1, 2),
+        frame_id=(layout.frame_id + example * slots).reshape(-1),
+        unit_slot=(layout.unit_slot + example * (slots // merge_units)).reshape(-1),
+        frame_len=layout.frame_len,
+    )
+    return rows, flat
+
+
 class VisionTower(nn.Module):
-    """pixel patches [N, C*T*P*P] + layout -> merged visual tokens [N / merge^2, text hidden]."""
+    """Merged visual tokens from patch rows and their layout.
+
+    Flat: patches [N, C*T*P*P] + layout [S] -> [U, text hidden]. Per example: patches [B, P, ...]
+    + layouts [B, S] / [B, U] -> [B, U, text hidden].
+    """
 
     config: ModelConfig
 
@@ -179,9 +206,14 @@ class VisionTower(nn.Module):
     def __call__(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
         vc = self.config.vision
         dtype, pdtype = self.config.jnp_dtype, self.config.jnp_param_dtype
-        chex.assert_shape(patches, (None, vc.patch_dim))
+        batch = None
+        if patches.ndim == 3:  # per example: flatten, with each example's own zero row
+            batch, units = patches.shape[0], layout.unit_slot.shape[1]
+            padded, layout = flatten_examples(patches.astype(dtype), layout, vc.spatial_merge_size**2)
+        else:  # flat: padding slots read row N, an all-zero patch
+            padded = jnp.concatenate([patches.astype(dtype), jnp.zeros((1, vc.patch_dim), dtype)])
+        chex.assert_shape(padded, (None, vc.patch_dim))
         chex.assert_shape(layout.rotary_pos, (layout.patch_index.shape[0], 2))
-        padded = jnp.concatenate([patches.astype(dtype), jnp.zeros((1, vc.patch_dim), dtype)])
         x = padded[layout.patch_index]
         # A Conv3d with stride = kernel over (C, T, P, P) is a matmul on the flattened patch row.
         x = Dense((vc.patch_dim,), (vc.hidden_size,), ("vision_patch",), ("vision_embed",), False,
@@ -210,6 +242,6 @@ class VisionTower(nn.Module):
             x = block(self.config, name=f"blocks_{i}")(
                 x, cos, sin, full_mask if full else window_mask, frames if full else windows
             )
-        merged = PatchMerger(self.config, name="merger")(x)
-        return merged[layout.unit_slot]
+        merged = PatchMerger(self.config, name="merger")(x)[layout.unit_slot]
+        return merged if batch is None else merged.reshape(batch, units, -1)
 

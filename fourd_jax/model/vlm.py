@@ -28,9 +28,14 @@ from fourd_jax.model.vision import VisionLayout, VisionTower, num_patches, visio
 
 @flax.struct.dataclass
 class VisionInputs:
-    """All media of a batch, images first then videos, ready for the vision tower."""
+    """The media of a batch, images first then videos, ready for the vision tower.
 
-    patches: jax.Array  # [N, C*T*P*P]
+    Flat: patches [N, C*T*P*P] with a layout over all media (host `prepare_vision`). Per example:
+    patches [B, P, C*T*P*P] with layouts [B, ...] (the training pipeline), so the batch axis can
+    be sharded; example b's merged tokens then fill row b's placeholders.
+    """
+
+    patches: jax.Array
     layout: VisionLayout
     # Static: the first num_image_tokens merged tokens fill image placeholders, the rest video
     # ones. Grids are not kept, so batches of different media sizes (padded to a bucket) reuse
@@ -119,17 +124,22 @@ def check_placeholders(config: ModelConfig, input_ids: Any, image_grid_thw: Any 
 
 
 def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Array:
-    """Put rows[0], rows[1], ... into embeds [B, L, D] at the True entries of where [B, L].
+    """Put rows into embeds [B, L, D] at the True entries of where [B, L], in order.
 
-    Order is row-major over (batch, position), the order the processor writes placeholders in.
-    Extra rows are ignored, so a padded `rows` keeps shapes static.
+    rows [N, D]: one sequence of rows consumed in row-major order over (batch, position), the
+    order the processor writes placeholders in. rows [B, N, D]: each batch row consumes its own.
+    Extra rows are ignored, so padded `rows` keep shapes static.
     """
-    chex.assert_rank([embeds, where, rows], [3, 2, 2])
+    chex.assert_rank([embeds, where], [3, 2])
     chex.assert_shape(where, embeds.shape[:2])
-    chex.assert_axis_dimension(rows, 1, embeds.shape[2])
-    flat = where.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat) - 1, 0, max(rows.shape[0] - 1, 0))
-    picked = rows.astype(embeds.dtype)[index].reshape(embeds.shape)
+    chex.assert_axis_dimension(rows, -1, embeds.shape[2])
+    if rows.ndim == 3:
+        index = jnp.clip(jnp.cumsum(where, axis=1) - 1, 0, max(rows.shape[1] - 1, 0))
+        picked = jnp.take_along_axis(rows.astype(embeds.dtype), index[..., None], axis=1)
+    else:
+        chex.assert_rank(rows, 2)
+        index = jnp.clip(jnp.cumsum(where.reshape(-1)) - 1, 0, max(rows.shape[0] - 1, 0))
+        picked = rows.astype(embeds.dtype)[index].reshape(embeds.shape)
     return jnp.where(where[..., None], picked, embeds)
 
 
@@ -195,8 +205,8 @@ class Qwen25VL(nn.Module):
             mm_token_type_ids: as returned by the `transformers` processor (all optional).
           position_ids: [3, B, L] M-RoPE positions; computed from the inputs when omitted.
           vision: precomputed `prepare_vision(...)` (instead of the pixel arguments).
-          latent_embeds: [N, hidden] vectors that replace the input embeddings at the
-            `<|latent_pad|>` positions, in row-major order.
+          latent_embeds: vectors that replace the input embeddings at the `<|latent_pad|>`
+            positions: [N, hidden] in row-major order, or [B, N, hidden] per batch row.
           kv_cache: a cache to write this chunk into at slot `cache_index` and attend over.
           compute_logits: False returns only hidden states (e.g. for the latent loss).
         """
@@ -232,12 +242,12 @@ class Qwen25VL(nn.Module):
 
         embeds = self.language_model.embed(input_ids)
         if vision is not None:
-            features = self.visual(vision.patches, vision.layout)
+            features = self.visual(vision.patches, vision.layout)  # [U, D] or per example [B, U, D]
             n_img = vision.num_image_tokens
             if n_img:
-                embeds = replace_rows(embeds, input_ids == c.image_token_id, features[:n_img])
-            if features.shape[0] > n_img:
-                embeds = replace_rows(embeds, input_ids == c.video_token_id, features[n_img:])
+                embeds = replace_rows(embeds, input_ids == c.image_token_id, features[..., :n_img, :])
+            if features.shape[-2] > n_img:
+                embeds = replace_rows(embeds, input_ids == c.video_token_id, features[..., n_img:, :])
         if latent_embeds is not None:
             if c.latent_pad_token_id is None:
                 raise InputError("`latent_embeds` given but the config has no latent_pad_token_id.")
