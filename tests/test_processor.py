@@ -64,3 +64,17 @@ def test_bad_frames_and_placeholder_counts_fail_clearly():
         expand_placeholders(text, image_grids=[(1, 2, 2)], video_grids=[(2, 2, 4)])
     with pytest.raises(InputError, match="More grids than <\\|video_pad\\|> placeholders"):
         expand_placeholders("x", video_grids=[(2, 2, 4)])
+
+
+@pytest.mark.parametrize("size", [(90, 130), (224, 224), (300, 180)])
+def test_resized_video_equals_transformers_per_temporal_patch(size):
+    """No torchvision here, so no video-processor reference: a video whose temporal patches are
+    pairs of identical frames must equal the image processor on each of those frames."""
+    rs = np.random.RandomState(size[1])
+    stills = rs.randint(0, 256, (3, *size, 3)).astype(np.uint8)
+    video = np.repeat(stills, 2, axis=0)  # frames f0 f0 f1 f1 f2 f2
+    ours, grid = process(video, VisionConfig(), 4 * 28 * 28, 64 * 28 * 28)
+    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 4 * 28 * 28, "longest_edge": 64 * 28 * 28})
+    ref = proc(images=list(stills), return_tensors="np")
+    assert grid[0] == 3 and tuple(ref["image_grid_thw"][0][1:]) == grid[1:]
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-6)
