@@ -128,3 +128,29 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     """Sharding for an array whose leading axis is the batch."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+def like_params(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a pytree holding param-shaped leaves (e.g. an optimizer state).
+
+    A leaf whose key path ends with a parameter's path and has its shape takes that parameter's
+    sharding (Adam moments live where their parameters live); anything else (step counters,
+    masked-out placeholders) is replicated.
+    """
+    by_path = {tuple(k): v for k, v in traverse_util.flatten_dict(params_shardings).items()}
+    longest = max((len(k) for k in by_path), default=0)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        names = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            names.insert(0, str(entry.key))
+        for start in range(max(0, len(names) - longest), len(names)):
+            sharding = by_path.get(tuple(names[start:]))
+            if sharding is not None:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

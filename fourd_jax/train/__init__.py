@@ -1,0 +1,1 @@
+"""Training: the shared loop, DIFT and 4DRL steps."""

@@ -1,0 +1,129 @@
+"""Dynamic-Imagery Fine-Tuning (SPEC 3.3): the loss and one jitted training step.
+
+    L = ce_weight * CE(answer/trace tokens) + latent_weight * mean_p (1 - cos(h[p-1], target[p]))
+
+The imagery targets come from the frozen vision tower inside the step (stop-gradient): each
+imagery image's merged tokens averaged in latent_size chunks (`segment_means`), fed as the input
+embeddings of the `<|latent_pad|>` positions and predicted by the final hidden state one
+position earlier. Losses are sums with token counts taken over the whole (global) batch, so
+gradient accumulation over micro-batches and data parallelism give the exact batch mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fourd_jax.data.batching import vision_inputs
+from fourd_jax.model.imagery import segment_means
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train.state import TrainState
+
+
+
+@dataclasses.dataclass(frozen=True)
+class DiftLossConfig:
+    ce_weight: float = 0.1
+    latent_weight: float = 1.0
+
+
+def latent_cosine_terms(hidden: jax.Array, targets: jax.Array, latent_mask: jax.Array) -> jax.Array:
+    """(1 - cos(h[p-1], target of pad p)) at every position p-1 before a latent pad, else 0.
+
+    hidden [B, L, D]; targets [B, K, D] (row k feeds the k-th pad of the batch row); latent_mask
+    [B, L]. Computed in float32.
+    """
+    predicts = jnp.pad(latent_mask[:, 1:], ((0, 0), (0, 1)))  # position t predicts the pad at t + 1
+    order = jnp.cumsum(latent_mask, axis=1) - 1
+    which = jnp.clip(jnp.pad(order[:, 1:], ((0, 0), (0, 1))), 0, targets.shape[1] - 1)
+    wanted = jnp.take_along_axis(targets.astype(jnp.float32), which[..., None], axis=1)
+    h = hidden.astype(jnp.float32)
+    cos = jnp.sum(h * wanted, -1) / jnp.maximum(jnp.linalg.norm(h, axis=-1) * jnp.linalg.norm(wanted, axis=-1), 1e-8)
+    return jnp.where(predicts, 1.0 - cos, 0.0)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target) per position, float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]
+              ) -> dict[str, jax.Array]:
+    """Summed CE and latent losses over a (micro-)batch. frame_lens: the static (video, imagery)
+    frame lengths of the batch's media layouts."""
+    imagery = vision_inputs({**batch, "imagery_frame_len": frame_lens[1]}, "imagery")
+    tokens = jax.lax.stop_gradient(model.apply({"params": params}, imagery, method=Qwen25VL.encode_vision))
+    targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
+    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      position_ids=batch["position_ids"],
+                      vision=vision_inputs({**batch, "video_frame_len": frame_lens[0]}, "video"),
+                      latent_embeds=targets)
+    ce = token_cross_entropy(out.logits, batch["targets"]) * batch["loss_mask"]
+    latent = latent_cosine_terms(out.hidden_states, targets, batch["latent_mask"])
+    return {"ce_sum": ce.sum(), "latent_sum": latent.sum()}
+
+
+def counts(batch: dict[str, Any]) -> dict[str, jax.Array]:
+    return {"ce_count": batch["loss_mask"].sum(), "latent_count": batch["latent_mask"].sum().astype(jnp.float32)}
+
+
+def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """Every per-example array [B, ...] -> [k, B / k, ...] (position_ids [3, B, L] -> [k, 3, B / k, L])."""
+    def split(key, x):
+        if key == "position_ids":
+            return jnp.moveaxis(x.reshape(3, k, x.shape[1] // k, x.shape[2]), 1, 0)
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    return {key: split(key, x) for key, x in batch.items()}
+
+
+def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx: optax.GradientTransformation,
+               trainable: Any, loss_config: DiftLossConfig, frame_lens: tuple[int, int], grad_accum: int = 1,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a batch (split into `grad_accum` micro-batches).
+
+    A step whose loss or gradient norm is not finite leaves params and optimizer state as they
+    were and bumps the non-finite counters; the loop stops after too many in a row.
+    """
+    n = counts(batch)
+    weights = {"ce_sum": loss_config.ce_weight / jnp.maximum(n["ce_count"], 1.0),
+               "latent_sum": loss_config.latent_weight / jnp.maximum(n["latent_count"], 1.0)}
+
+    def objective(params, micro):
+        params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        sums = loss_sums(params, micro, model, frame_lens)
+        return sum(weights[k] * v for k, v in sums.items()), sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if grad_accum == 1:
+        (loss, sums), grads = grad_fn(state.params, batch)
+    else:
+        def accumulate(carry, micro):
+            (micro_loss, micro_sums), micro_grads = grad_fn(state.params, micro)
+            return jax.tree_util.tree_map(jnp.add, carry, (micro_loss, micro_sums, micro_grads)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        init = (zero, {"ce_sum": zero, "latent_sum": zero}, jax.tree_util.tree_map(jnp.zeros_like, state.params))
+        (loss, sums, grads), _ = jax.lax.scan(accumulate, init, split_micro_batches(batch, grad_accum))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss, "ce": sums["ce_sum"] / jnp.maximum(n["ce_count"], 1.0),
+        "latent_loss": sums["latent_sum"] / jnp.maximum(n["latent_count"], 1.0),
+        "grad_norm": grad_norm, "ce_tokens": n["ce_count"], "latent_targets": n["latent_count"],
+        "tokens": batch["attention_mask"].sum().astype(jnp.float32), "finite": finite,
+    }
+    return new_state, metrics

@@ -1,0 +1,60 @@
+"""The training state: one pytree, created already sharded, donated to each jitted step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fourd_jax import sharding
+from fourd_jax.model.vlm import Qwen25VL, abstract_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data (checkpointable)
+    nonfinite_streak: jax.Array  # int32 []: consecutive steps skipped for a non-finite loss or gradient
+    nonfinite_total: jax.Array  # int32 []
+
+
+def state_shardings(model: Qwen25VL, tx: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
+    """Where every leaf of the state lives: params by the logical rules, Adam moments with their
+    parameters, scalars replicated."""
+    boxed = abstract_params(model)
+    params = sharding.param_shardings(boxed, mesh, rules)
+    opt = sharding.like_params(jax.eval_shape(tx.init, nn.meta.unbox(boxed)), params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated,
+                      nonfinite_streak=replicated, nonfinite_total=replicated)
+
+
+def new_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A state at step 0 (traceable: jit it with `state_shardings` as out_shardings)."""
+    def zero():  # distinct buffers: the state is donated, and one buffer cannot be donated twice
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(step=zero(), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(), nonfinite_total=zero())
+
+
+def abstract_state(shardings: TrainState, model: Qwen25VL, tx: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs with shardings, the restore target of a checkpoint on any mesh."""
+    shapes = jax.eval_shape(lambda p: new_state(p, tx, 0), nn.meta.unbox(abstract_params(model)))
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def state_bytes_per_device(state: TrainState) -> dict[int, int]:
+    """Bytes of params + optimizer state held by each device (from the actual shards)."""
+    held: dict[int, int] = {}
+    for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    return held
