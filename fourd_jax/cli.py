@@ -70,6 +70,24 @@ def _data(args: argparse.Namespace) -> None:
         print(stats.summary())
 
 
+def _dift(args: argparse.Namespace) -> None:
+    config = parse_config("fourd-jax dift", args.config_args, "configs/dift.py")
+    from fourd_jax import distributed
+
+    distributed.initialize(config.distributed)
+    from fourd_jax.train import dift
+
+    state = dift.train(config, args.workdir, data=args.data, steps=args.steps)
+    print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from fourd_jax.train import plot
+
+    for path in plot.plot_metrics(args.workdir):
+        print(f"wrote {path}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from fourd_jax import demo
 
@@ -145,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-frames", type=int, default=None, help="import: frames kept per video")
     data.add_argument("--strict", action="store_true", help="import: stop at the first bad row instead of skipping")
     data.set_defaults(func=_data)
+
+    dift = sub.add_parser("dift", help="Dynamic-Imagery Fine-Tuning (resumes from WORKDIR)",
+                          description="Flags after the named ones: --config configs/dift.py[:PRESET[,MESH]], "
+                                      "--config.KEY=VALUE.")
+    dift.add_argument("--workdir", required=True)
+    dift.add_argument("--data", default=None, help="records from fourd-jax synth (default: config.data.path)")
+    dift.add_argument("--steps", type=int, default=None, help="train until this global step")
+    dift.set_defaults(func=_dift, takes_config=True)
+
+    plot = sub.add_parser("plot", help="training curves of a WORKDIR as PNG")
+    plot.add_argument("workdir")
+    plot.set_defaults(func=_plot)
 
     demo = sub.add_parser("demo", help="the end-to-end job on a tiny model, on CPU",
                           description="Flags after --workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")

@@ -12,17 +12,26 @@ gradient accumulation over micro-batches and data parallelism give the exact bat
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from fourd_jax import sharding
+from fourd_jax.data import records
 from fourd_jax.data.batching import vision_inputs
+from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.train.state import TrainState
-
+from fourd_jax.train import job, loop, observe
+from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.optim import learning_rate, make_optimizer, trainable_mask
+from fourd_jax.train.state import TrainState, abstract_state, new_state, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,3 +136,58 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
         "tokens": batch["attention_mask"].sum().astype(jnp.float32), "finite": finite,
     }
     return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def train(config: Any, workdir: str | Path, data: str | None = None, steps: int | None = None,
+          progress: bool = True) -> TrainState:
+    """`fourd-jax dift`: train until global step `steps` (default optim.total_steps), resuming from
+    the latest checkpoint in `workdir` if there is one."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    total = int(steps or config.optim.total_steps)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    rules = sharding.DEFAULT_RULES
+    loop.check_batch_divides(config.data.batch_size, mesh)
+
+    data_dir = job.data_directory(config, workdir, data)
+    tokenizer = job.tokenizer(config, workdir, data_dir)
+    model, params = job.model_and_params(config, tokenizer, mesh, rules)
+    optim = dict(config.optim)
+    tx = make_optimizer(ml_collections.ConfigDict(optim), params)
+    shardings = state_shardings(model, tx, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=shardings)(params)
+
+    batches = iter(build_dataset(data_dir / "train", tokenizer, model.config, job.pipeline_config(config)))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                best_metric=config.train.best_metric or None)
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state(shardings, model, tx), batches)
+    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
+
+    step = jax.jit(functools.partial(
+        train_step, model=model, tx=tx, trainable=trainable_mask(params, tuple(config.optim.freeze)),
+        loss_config=DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight),
+        grad_accum=config.optim.grad_accum), static_argnames=("frame_lens",), donate_argnums=0,
+        out_shardings=(shardings, None))
+
+    def step_fn(state, batch):
+        lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return step(state, loop.device_batch(batch, mesh, rules), frame_lens=lens)
+
+    metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
+    try:
+        return loop.run(
+            state=state, step_fn=step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
+            total_steps=total, config=config.to_dict(), model_config=model.config.to_dict(),
+            schedule=learning_rate(ml_collections.ConfigDict(optim)), flops_fn=job.flops_fn(model.config),
+            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
+            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
+            progress=progress)
+    finally:
+        metrics.close()
+        checkpointer.close()

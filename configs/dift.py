@@ -1,0 +1,104 @@
+"""DIFT (Dynamic-Imagery Fine-Tuning) runs: `fourd-jax dift --config configs/dift.py:PRESET`.
+
+Presets: tiny (CPU demo and tests), qwen25vl_3b, qwen25vl_7b (the 4DThinker recipe, SPEC 3.3).
+A mesh preset can follow a comma: `configs/dift.py:qwen25vl_7b,v5p-64`. Any field can be
+overridden with --config.FIELD=VALUE.
+"""
+
+import ml_collections
+
+# (data, fsdp, tensor) per hardware slice; -1 = all remaining devices.
+MESHES = {
+    "cpu": (1, -1, 1),
+    "v5e-8": (1, 8, 1), "v5e-16": (2, 8, 1), "v5e-64": (8, 8, 1), "v5e-256": (32, 8, 1),
+    "v5p-8": (1, 4, 1), "v5p-32": (2, 8, 1), "v5p-64": (4, 8, 1), "v5p-128": (8, 8, 1),
+    "v6e-8": (1, 8, 1), "v6e-16": (2, 8, 1), "v6e-64": (8, 8, 1), "v6e-256": (32, 8, 1),
+    "8xh100": (1, 8, 1), "16xh100": (2, 8, 1),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    preset, _, mesh = arg.partition(",")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny" if preset == "tiny" else preset  # fourd_jax.model.config.PRESETS
+    c.model.init_from = ""  # "" = random init; an HF directory or an Orbax checkpoint directory
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat_policy = "none"
+
+    c.tokenizer = ""  # "" = train the offline BPE on the data (saved to WORKDIR/tokenizer)
+    c.tokenizer_vocab_size = 800
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # records from `fourd-jax synth` (train/ is used); "" = synthesise into WORKDIR/data
+    c.data.synth_scenes = 40
+    c.data.synth_frames = 8
+    c.data.synth_image_size = 112
+    c.data.batch_size = 8  # global
+    c.data.seq_buckets = (512, 1024)
+    c.data.max_frames = 8
+    c.data.video_max_pixels = 112 * 112
+    c.data.imagery_max_pixels = 112 * 112
+    c.data.num_workers = 0
+    c.data.skip_bad_records = True
+    c.data.latent_size = 4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-3
+    c.optim.min_lr_ratio = 0.1
+    c.optim.warmup_steps = 10
+    c.optim.total_steps = 300  # schedule length; training stops at --steps (default: this)
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.grad_accum = 1
+    c.optim.freeze = (r"^visual/",)  # regexes over parameter paths: the vision tower and merger
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.ce_weight = 0.1
+    c.loss.latent_weight = 1.0
+    c.loss.imagery_targets = "in_step"  # frozen vision tower inside the step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 3
+    c.train.best_metric = "loss"
+    c.train.max_nonfinite = 5
+    c.train.peak_flops = 0.0  # per device, for MFU; 0 = look the device kind up
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # "host:port" for an explicit cluster (e.g. CPU processes)
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+
+    if preset in ("qwen25vl_3b", "qwen25vl_7b"):  # the 4DThinker DIFT recipe
+        c.model.dtype = "bfloat16"
+        c.model.remat_policy = "nothing_saveable"
+        c.data.path = "data/dift"
+        c.data.batch_size = 8
+        c.data.seq_buckets = (2048, 4096, 8192, 16384)
+        c.data.max_frames = 50
+        c.data.video_max_pixels = 256 * 28 * 28
+        c.data.imagery_max_pixels = 256 * 28 * 28
+        c.data.num_workers = 8
+        c.optim.lr = 1e-5
+        c.optim.min_lr_ratio = 0.0
+        c.optim.warmup_steps = 10
+        c.optim.total_steps = 4750  # 1 epoch of ~38K samples at batch 8
+        c.train.checkpoint_every = 500
+        c.mesh.shape = MESHES["v5p-8"]
+    elif preset != "tiny":
+        raise ValueError(f"unknown preset {preset!r}; choose tiny, qwen25vl_3b or qwen25vl_7b")
+    if mesh:
+        if mesh not in MESHES:
+            raise ValueError(f"unknown mesh preset {mesh!r}; choose from {sorted(MESHES)}")
+        c.mesh.shape = MESHES[mesh]
+    return c

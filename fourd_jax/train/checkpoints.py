@@ -1,0 +1,95 @@
+"""Training checkpoints (Orbax): everything needed to continue a run exactly.
+
+Each step directory holds the items
+  params       the parameters (also what `fourd-jax convert jax-to-hf` exports)
+  model        the ModelConfig (JSON)
+  train_state  step, optimizer state, RNG and non-finite counters
+  data         the Grain iterator state (the next batch)
+  config       the run's config (JSON)
+Orbax writes each step under a temporary name and renames it when complete, so a process killed
+mid-save leaves the previous step restorable. Retention keeps the last `keep` steps plus the best
+one by the recorded metric.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM
+from fourd_jax.train.state import TrainState
+
+TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
+
+
+class Checkpointer:
+    """Async saves with last-N + best retention; restore onto any mesh."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, best_metric: str | None = None, best_mode: str = "min"):
+        self.directory = Path(directory).absolute()
+        self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True))
+        self._metrics_file = self.directory / "metrics_by_step.json"
+        self._metrics = json.loads(self._metrics_file.read_text()) if self._metrics_file.exists() else {}
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, iterator: Any, config: dict, model_config: dict,
+             metric: float | None = None, wait: bool = False) -> None:
+        step = int(jax.device_get(state.step))
+        self.manager.wait_until_finished()
+        if step in self.manager.all_steps():
+            return  # e.g. a run resumed at its last step saves nothing new
+        rest = state.replace(params=None)
+        self.manager.save(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            TRAIN_ITEM: ocp.args.StandardSave(rest),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
+            CONFIG_ITEM: ocp.args.JsonSave(config),
+            MODEL_ITEM: ocp.args.JsonSave(model_config),
+        }))
+        if metric is not None:
+            self._metrics[str(step)] = float(metric)
+        if wait:
+            self.manager.wait_until_finished()
+        self._retain(current=step)
+
+    def _retain(self, current: int) -> None:
+        steps = sorted(self.manager.all_steps())
+        keep = set(steps[-self.keep:]) | {current}
+        scored = {int(s): m for s, m in self._metrics.items() if int(s) in steps}
+        if self.best_metric and scored:
+            pick = min if self.best_mode == "min" else max
+            keep.add(pick(scored, key=scored.get))
+        for step in steps:
+            if step not in keep:
+                self.manager.wait_until_finished()
+                self.manager.delete(step)
+                self._metrics.pop(str(step), None)
+        if jax.process_index() == 0:
+            self._metrics_file.write_text(json.dumps(self._metrics, indent=1, sort_keys=True))
+
+    def restore(self, abstract: TrainState, iterator: Any, step: int | None = None) -> TrainState:
+        """The state at `step` (default latest) shaped and sharded like `abstract`; also restores
+        `iterator` in place to the batch after that step."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(abstract.params),
+            TRAIN_ITEM: ocp.args.StandardRestore(abstract.replace(params=None)),
+            DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
+        }))
+        return restored[TRAIN_ITEM].replace(params=restored[PARAMS_ITEM])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,111 @@
+"""What a training job assembles from its config before the loop: data, tokenizer, model, params.
+
+Shared by both stages. Every choice is written into the workdir (the tokenizer, the synthesised
+data) so a resumed run finds exactly what the first run used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fourd_jax.data.features import FeatureConfig
+from fourd_jax.data.pipeline import PipelineConfig
+from fourd_jax.errors import InputError
+from fourd_jax.model.config import PRESETS
+from fourd_jax.model.vlm import Qwen25VL, abstract_params, init_params
+from fourd_jax.train import observe
+
+
+def data_directory(config: Any, workdir: Path, data: str | None) -> Path:
+    """--data, else config.data.path, else records synthesised once into WORKDIR/data."""
+    path = data or config.data.path
+    if path:
+        path = Path(path)
+        if not (path / "train").is_dir():
+            raise InputError(f"data directory {path} has no train/ split (write one with fourd-jax synth).")
+        return path
+    path = workdir / "data"
+    if not (path / "manifest.json").exists():
+        from fourd_jax.data.sim.scene import SceneConfig
+        from fourd_jax.data.synth import SynthConfig, synthesize
+
+        size = int(config.data.synth_image_size)
+        scene = SceneConfig(num_frames=int(config.data.synth_frames), image_size=(size, size))
+        if jax.process_index() == 0:
+            synthesize(path, int(config.data.synth_scenes), seed=int(config.seed), config=SynthConfig(scene=scene),
+                       progress=False)
+    return path
+
+
+def tokenizer(config: Any, workdir: Path, data_dir: Path) -> Any:
+    """config.tokenizer, else WORKDIR/tokenizer (trained on the data the first time)."""
+    from transformers import AutoTokenizer
+
+    from fourd_jax.data.tokenizer import build_tokenizer, record_texts
+    from fourd_jax.model.imagery import add_latent_tokens
+
+    if config.tokenizer:
+        tok = AutoTokenizer.from_pretrained(config.tokenizer)
+        add_latent_tokens(tok)
+        return tok
+    saved = workdir / "tokenizer"
+    if not saved.exists():
+        tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=int(config.tokenizer_vocab_size))
+        if jax.process_index() == 0:
+            tok.save_pretrained(saved)
+        return tok
+    return AutoTokenizer.from_pretrained(saved)
+
+
+def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen25VL, Any]:
+    """The model for this tokenizer and its parameters, created or loaded already sharded."""
+    from fourd_jax import sharding
+    from fourd_jax.data.tokenizer import config_for_tokenizer
+    from fourd_jax.model.imagery import add_latent_imagery
+
+    numerics = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                    remat_policy=config.model.remat_policy)
+    source = config.model.init_from
+    if not source:
+        if config.model.preset not in PRESETS:
+            raise InputError(f"model.preset {config.model.preset!r} is not one of {sorted(PRESETS)}.")
+        model = Qwen25VL(config_for_tokenizer(tok, PRESETS[config.model.preset](**numerics)))
+        return model, init_params(model, jax.random.key(int(config.seed)), mesh=mesh, rules=rules)
+    from fourd_jax import checkpoint
+    from fourd_jax.convert import hf
+
+    if (Path(source) / "config.json").exists():
+        model, params = hf.load(source, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+                                remat_policy=config.model.remat_policy)
+    else:
+        model, params = checkpoint.restore_params(source, **numerics)
+    if model.config.latent_token_ids is None:
+        model, params = add_latent_imagery(model, params, tok)
+    shardings = sharding.param_shardings(abstract_params(model), mesh, rules)
+    return model, jax.device_put(params, shardings)
+
+
+def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
+    d = config.data
+    features = FeatureConfig(latent_size=int(d.latent_size), max_frames=int(d.max_frames),
+                             video_max_pixels=int(d.video_max_pixels), imagery_max_pixels=int(d.imagery_max_pixels),
+                             max_length=max(d.seq_buckets), supervised=supervised)
+    return PipelineConfig(batch_size=int(d.batch_size) // jax.process_count(), seq_buckets=tuple(d.seq_buckets),
+                          seed=int(config.seed), num_epochs=None, num_workers=int(d.num_workers),
+                          skip_bad_records=bool(d.skip_bad_records), features=features)
+
+
+def flops_fn(model_config: Any):
+    """FLOPs of one training step on a host batch (text forward + backward, frozen vision forward)."""
+    def flops(batch: dict[str, Any]) -> float:
+        tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
+        patches = float(np.sum(batch["video_valid"]) + np.sum(batch["imagery_valid"])) * jax.process_count()
+        seq = batch["input_ids"].shape[1]
+        return (tokens * observe.decoder_flops_per_token(model_config, seq)
+                + patches * observe.vision_flops_per_patch(model_config))
+    return flops
+

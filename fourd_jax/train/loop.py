@@ -1,0 +1,143 @@
+"""The outer training loop both stages share: the only place with side effects.
+
+    state <- restore latest checkpoint, or a fresh sharded state
+    for each step until `steps`:
+        stop on preemption (SIGTERM): save, exit 0
+        batch -> device (sharded by example over data x fsdp) -> jitted step -> metrics
+        stop after `max_nonfinite` non-finite steps in a row
+        log metrics; save every `checkpoint_every` steps (async)
+    save the final step
+
+A stage supplies `step(state, host_batch) -> (state, metrics)` (jitted inside) and the FLOPs of a
+batch; the loop handles everything else.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from fourd_jax import sharding
+from fourd_jax.errors import InputError
+from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.observe import TIMING_KEYS, MetricsWriter, peak_flops
+from fourd_jax.train.state import TrainState
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def device_batch(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """The numeric per-example arrays of a host batch as global arrays sharded over the batch axis.
+
+    Each process passes its own rows; `make_array_from_process_local_data` assembles the global
+    batch. position_ids carry the batch on axis 1.
+    """
+    out = {}
+    rows = batch["input_ids"].shape[0]
+    for key, value in batch.items():
+        if not isinstance(value, np.ndarray) or value.dtype == object or value.ndim == 0:
+            continue
+        axis = 1 if key == "position_ids" else 0
+        if value.shape[axis] != rows:
+            continue
+        spec = [None] * value.ndim
+        spec[axis] = sharding.batch_sharding(mesh, 1, rules).spec[0]
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),
+                                                          value)
+    return out
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % ways or global_batch % jax.process_count():
+        raise InputError(f"data.batch_size {global_batch} must be divisible by data x fsdp = {ways} and by the "
+                         f"{jax.process_count()} processes.")
+
+
+def run(
+    *,
+    state: TrainState,
+    step_fn: Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]],
+    batches: Iterator[dict[str, Any]],
+    checkpointer: Checkpointer,
+    metrics: MetricsWriter,
+    total_steps: int,
+    config: dict,
+    model_config: dict,
+    schedule: Callable[[int], float],
+    flops_fn: Callable[[dict[str, Any]], float],
+    checkpoint_every: int,
+    max_nonfinite: int,
+    peak_flops_per_device: float | None = None,
+    best_metric: str | None = "loss",
+    progress: bool = True,
+) -> TrainState:
+    """Train from `state` to `total_steps`; returns the final state (after saving it)."""
+    from tqdm import tqdm
+
+    start_step = int(jax.device_get(state.step))
+    peak = peak_flops(peak_flops_per_device)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not progress or jax.process_index() != 0)
+    last_metric = None
+    with Preemption() as preemption:
+        while int(jax.device_get(state.step)) < total_steps:
+            if preemption.requested:
+                break
+            batch = next(batches)
+            began = time.perf_counter()
+            state, step_metrics = step_fn(state, batch)
+            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            elapsed = time.perf_counter() - began
+            step = int(jax.device_get(state.step))
+            streak = int(jax.device_get(state.nonfinite_streak))
+            if streak >= max_nonfinite:
+                checkpointer.wait()
+                raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient (step {step}); "
+                                     "stopping. Lower optim.lr or check the data.")
+            flops = flops_fn(batch)
+            step_metrics.update(
+                lr=float(schedule(step - 1)), step_time=elapsed, tokens_per_s=step_metrics["tokens"] / elapsed,
+                mfu=(flops / elapsed / (peak * jax.device_count())) if peak else None,
+                skipped_records=float(batch.get("num_skipped", 0)), nonfinite_total=float(state.nonfinite_total),
+            )
+            metrics.write(step, step_metrics)
+            last_metric = step_metrics.get(best_metric) if best_metric else None
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+            if step % checkpoint_every == 0 and step < total_steps:
+                checkpointer.save(state, batches, config, model_config, metric=last_metric)
+        checkpointer.save(state, batches, config, model_config, metric=last_metric, wait=True)
+    bar.close()
+    return state
+
+
+def without_timing(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row without wall-clock fields (what must repeat bit for bit across runs)."""
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}

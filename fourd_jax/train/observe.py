@@ -1,0 +1,114 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard events, manifest.json, and the FLOPs/MFU
+estimate. Only process 0 writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPUs) need `train.peak_flops`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+}
+TIMING_KEYS = ("step_time", "tokens_per_s", "mfu", "elapsed")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "numpy", "fourd_jax")
+
+
+class MetricsWriter:
+    """One JSON object per step in WORKDIR/metrics.jsonl and the same scalars as TensorBoard events."""
+
+    def __init__(self, workdir: str | Path, resume_from_step: int = 0):
+        self.active = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        if not self.active:
+            return
+        if self.path.exists():  # a resumed run drops lines past its checkpoint, so the file stays one history
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_from_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_from_step + 1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        row = {"step": step, **{k: (None if v is None else float(v)) for k, v in sorted(metrics.items())}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if value is not None:
+                self.tensorboard.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        if self.active:
+            self.tensorboard.close()
+
+
+def peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return float(configured)
+    return PEAK_FLOPS.get(jax.devices()[0].device_kind)
+
+
+def decoder_flops_per_token(model_config: Any, seq_len: int, trainable: bool = True) -> float:
+    """Forward (x1) or forward + backward (x3) FLOPs per token of the text decoder: 2 * params in
+    matmuls plus attention scores and values."""
+    t = model_config.text
+    d, f, layers = t.hidden_size, t.intermediate_size, t.num_layers
+    kv = t.num_kv_heads * t.head_dim
+    matmul = layers * (2 * d * (d + 2 * kv) + 2 * d * d + 6 * d * f) + 2 * d * t.vocab_size
+    attention = layers * 4 * seq_len * d  # QK^T and PV, averaged over causal positions x2
+    return (3 if trainable else 1) * (matmul + attention)
+
+
+def vision_flops_per_patch(model_config: Any) -> float:
+    """Forward FLOPs per patch of the (frozen) vision tower."""
+    v = model_config.vision
+    e, m = v.hidden_size, v.intermediate_size
+    merged = e * v.spatial_merge_size**2
+    per_block = 2 * e * 3 * e + 2 * e * e + 6 * e * m + 4 * v.window_len * e  # qkv, proj, MLP, windowed scores
+    merger = (2 * merged * merged + 2 * merged * v.out_hidden_size) / v.spatial_merge_size**2
+    return 2 * v.patch_dim * e + v.depth * per_block + merger
+
+
+def file_digest(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for path in paths:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(path)] = h.hexdigest()
+    return out
+
+
+def write_manifest(workdir: str | Path, config: dict, data_files: list[Path], mesh: Any) -> Path:
+    """What a reproducibility study needs to rerun: versions, config, seed, data hashes, devices."""
+    path = Path(workdir) / "manifest.json"
+    if jax.process_index() != 0:
+        return path
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    manifest = {
+        "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+        "config": config, "seed": config.get("seed"), "data_files": file_digest(data_files),
+        "mesh_shape": dict(mesh.shape), "process_count": jax.process_count(),
+        "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return path

@@ -1,0 +1,43 @@
+"""`fourd-jax plot WORKDIR`: training curves from metrics.jsonl as PNG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fourd_jax.errors import InputError
+
+PANELS = (("loss", "ce", "latent_loss"), ("grad_norm",), ("lr",), ("tokens_per_s",))
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise InputError(f"{path} does not exist (is {workdir} a training workdir?).")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """One PNG with a panel per metric group; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    panels = [p for p in PANELS if any(rows[0].get(k) is not None for k in p)] if rows else []
+    if not panels:
+        raise InputError(f"{Path(workdir) / 'metrics.jsonl'} holds no metrics to plot.")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, keys in zip(axes[:, 0], panels, strict=True):
+        for key in keys:
+            ax.plot(steps, [r.get(key) for r in rows], label=key)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(out or Path(workdir) / "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
