@@ -81,15 +81,19 @@ def record_texts(path: Any) -> Iterator[str]:
             yield sample["trace"]
 
 
-def config_for_tokenizer(tokenizer: Any, config: ModelConfig) -> ModelConfig:
-    """`config` with its vocabulary and special/latent token ids taken from `tokenizer`."""
+def config_for_tokenizer(tokenizer: Any, config: ModelConfig, pad_vocab_to: int = 128) -> ModelConfig:
+    """`config` with its vocabulary and special/latent token ids taken from `tokenizer`.
+
+    The vocabulary is rounded up to a multiple of `pad_vocab_to` (unused rows), so the embedding
+    and LM head split evenly over tensor-parallel devices.
+    """
     vocab = tokenizer.get_vocab()
     needed = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_end|>",
               "<|endoftext|>") + LATENT_TOKENS
     absent = [t for t in needed if t not in vocab]
     if absent:
         raise InputError(f"The tokenizer lacks the token(s) {absent} that Qwen2.5-VL needs.")
-    size = max(vocab.values()) + 1
+    size = -(-(max(vocab.values()) + 1) // pad_vocab_to) * pad_vocab_to
     return config.replace(
         text=dataclasses.replace(config.text, vocab_size=max(size, config.text.vocab_size)),
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],

@@ -241,4 +241,15 @@ def tiny(vocab_size: int = 512, **overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-PRESETS = {"tiny": tiny, "qwen25vl_3b": qwen25vl_3b, "qwen25vl_7b": qwen25vl_7b}
+def tiny8(vocab_size: int = 512, **overrides) -> ModelConfig:
+    """`tiny` with every sharded dimension divisible by 8 (8 heads, 8 KV heads) and a 2-block vision
+    tower (one window, one full-attention block), for tests that split the model 8 ways."""
+    base = tiny(vocab_size, **overrides)
+    return base.replace(
+        text=dataclasses.replace(base.text, num_heads=8, num_kv_heads=8, mrope_section=(2, 1, 1)),
+        vision=dataclasses.replace(base.vision, depth=2, fullatt_block_indexes=(1,), hidden_size=64, num_heads=8,
+                                   intermediate_size=128),
+    )
+
+
+PRESETS = {"tiny": tiny, "tiny8": tiny8, "qwen25vl_3b": qwen25vl_3b, "qwen25vl_7b": qwen25vl_7b}

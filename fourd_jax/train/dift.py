@@ -119,7 +119,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
         zero = jnp.zeros((), jnp.float32)
         init = (zero, {"ce_sum": zero, "latent_sum": zero}, jax.tree_util.tree_map(jnp.zeros_like, state.params))
         (loss, sums, grads), _ = jax.lax.scan(accumulate, init, split_micro_batches(batch, grad_accum))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -141,33 +141,26 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
 # ----------------------------------------------------------------------------- the job
 
 
-def train(config: Any, workdir: str | Path, data: str | None = None, steps: int | None = None,
-          progress: bool = True) -> TrainState:
-    """`fourd-jax dift`: train until global step `steps` (default optim.total_steps), resuming from
-    the latest checkpoint in `workdir` if there is one."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    total = int(steps or config.optim.total_steps)
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    rules = sharding.DEFAULT_RULES
-    loop.check_batch_divides(config.data.batch_size, mesh)
+@dataclasses.dataclass
+class Trainer:
+    """A model, its optimizer and sharded state on a mesh, and the step that updates it."""
 
-    data_dir = job.data_directory(config, workdir, data)
-    tokenizer = job.tokenizer(config, workdir, data_dir)
+    model: Qwen25VL
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    state: TrainState
+    step_fn: Any  # (state, host batch) -> (state, metrics)
+    schedule: optax.Schedule
+
+
+def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.DEFAULT_RULES) -> Trainer:
+    """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step."""
     model, params = job.model_and_params(config, tokenizer, mesh, rules)
-    optim = dict(config.optim)
-    tx = make_optimizer(ml_collections.ConfigDict(optim), params)
+    optim = ml_collections.ConfigDict(dict(config.optim))
+    tx = make_optimizer(optim, params)
     shardings = state_shardings(model, tx, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=shardings)(params)
-
-    batches = iter(build_dataset(data_dir / "train", tokenizer, model.config, job.pipeline_config(config)))
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                best_metric=config.train.best_metric or None)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_state(shardings, model, tx), batches)
-    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
-
     step = jax.jit(functools.partial(
         train_step, model=model, tx=tx, trainable=trainable_mask(params, tuple(config.optim.freeze)),
         loss_config=DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight),
@@ -179,15 +172,36 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return step(state, loop.device_batch(batch, mesh, rules), frame_lens=lens)
 
+    return Trainer(model, tx, shardings, state, step_fn, learning_rate(optim))
+
+
+def train(config: Any, workdir: str | Path, data: str | None = None, steps: int | None = None,
+          progress: bool = True) -> TrainState:
+    """`fourd-jax dift`: train until global step `steps` (default optim.total_steps), resuming from
+    the latest checkpoint in `workdir` if there is one."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    loop.check_batch_divides(config.data.batch_size, mesh)
+    data_dir = job.data_directory(config, workdir, data)
+    tokenizer = job.tokenizer(config, workdir, data_dir)
+    trainer = make_trainer(config, tokenizer, mesh)
+    batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, job.pipeline_config(config)))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                best_metric=config.train.best_metric or None)
+    state = trainer.state
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
     metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
     try:
         return loop.run(
-            state=state, step_fn=step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
-            total_steps=total, config=config.to_dict(), model_config=model.config.to_dict(),
-            schedule=learning_rate(ml_collections.ConfigDict(optim)), flops_fn=job.flops_fn(model.config),
-            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
-            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
-            progress=progress)
+            state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
+            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
+            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule,
+            flops_fn=job.flops_fn(trainer.model.config), checkpoint_every=config.train.checkpoint_every,
+            max_nonfinite=config.train.max_nonfinite, peak_flops_per_device=config.train.peak_flops or None,
+            best_metric=config.train.best_metric or None, progress=progress)
     finally:
         metrics.close()
         checkpointer.close()

@@ -52,6 +52,37 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def agree_shapes(batch: dict[str, Any]) -> dict[str, Any]:
+    """Pad each process's batch arrays to the largest shape any process has (multi-host).
+
+    Every process buckets its own rows, so sequence and media sizes can differ between hosts; the
+    global arrays need one shape. Padding is zeros: no attention, no loss, invalid media slots,
+    rows past every example's media (which reads padding patches that nothing attends to).
+    """
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    keys = sorted(k for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object and v.ndim)
+    shapes = np.array([list(batch[k].shape) + [0] * (4 - batch[k].ndim) for k in keys])
+    largest = np.max(multihost_utils.process_allgather(shapes), axis=0)
+    out = dict(batch)
+    for prefix in ("video", "imagery"):
+        # A process whose rows have no media of a kind has an empty layout, which fits any frame size.
+        mine = np.array([int(batch[f"{prefix}_frame_len"]), int(batch[f"{prefix}_valid"].any())])
+        every = multihost_utils.process_allgather(mine)
+        sizes = {int(f) for f, used in every if used}
+        if len(sizes) > 1:
+            raise RuntimeError(f"processes hold {prefix} frames of different sizes {sorted(sizes)}; use one frame "
+                               "size per run")
+        out[f"{prefix}_frame_len"] = np.int32(sizes.pop() if sizes else 0)
+    for key, want in zip(keys, largest, strict=True):
+        value = batch[key]
+        pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
+        out[key] = np.pad(value, pad) if any(p for _, p in pad) else value
+    return out
+
+
 def device_batch(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """The numeric per-example arrays of a host batch as global arrays sharded over the batch axis.
 
@@ -110,7 +141,7 @@ def run(
         while int(jax.device_get(state.step)) < total_steps:
             if preemption.requested:
                 break
-            batch = next(batches)
+            batch = agree_shapes(next(batches))
             began = time.perf_counter()
             state, step_metrics = step_fn(state, batch)
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

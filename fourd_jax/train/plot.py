@@ -29,10 +29,12 @@ def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Pat
     if not panels:
         raise InputError(f"{Path(workdir) / 'metrics.jsonl'} holds no metrics to plot.")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
-    steps = [r["step"] for r in rows]
     for ax, keys in zip(axes[:, 0], panels, strict=True):
         for key in keys:
-            ax.plot(steps, [r.get(key) for r in rows], label=key)
+            # the latent loss is undefined for batches without imagery
+            points = [(r["step"], r.get(key)) for r in rows
+                      if r.get(key) is not None and not (key == "latent_loss" and r.get("latent_targets") == 0)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")

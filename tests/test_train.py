@@ -1,0 +1,263 @@
+"""DIFT training: mesh equivalence, memory per device, accumulation, non-finite guard, exact resume,
+checkpoints (restore onto another mesh, kill during save, SIGTERM), multi-process equality."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fourd_jax import sharding
+from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.data.sim.scene import SceneConfig
+from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.tokenizer import build_tokenizer, record_texts
+from fourd_jax.errors import InputError
+from fourd_jax.train import dift, job, loop
+from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.state import abstract_state, state_bytes_per_device
+
+REPO = Path(__file__).parents[1]
+
+
+def dift_config(**overrides):
+    spec = importlib.util.spec_from_file_location("dift_config", REPO / "configs" / "dift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.seq_buckets = (1024,)
+    config.train.checkpoint_every = 3
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dift_data")
+    synthesize(out, 8, seed=5, config=SynthConfig(scene=SceneConfig(num_frames=8, image_size=(112, 112))),
+               progress=False)
+    tokenizer = build_tokenizer(record_texts(out / "train"), vocab_size=600)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out, tokenizer
+
+
+def host_batches(config, data, n):
+    """n copies of one batch that has imagery latents (one batch shape: the step compiles once)."""
+    path, tokenizer = data
+    from fourd_jax.data.tokenizer import config_for_tokenizer
+    from fourd_jax.model.config import PRESETS
+
+    model_config = config_for_tokenizer(tokenizer, PRESETS[config.model.preset]())
+    it = iter(build_dataset(path / "train", tokenizer, model_config, job.pipeline_config(config)))
+    batch = next(b for b in it if b["latent_mask"].any())
+    return [batch] * n
+
+
+def run_steps(config, data, mesh, batches):
+    trainer = dift.make_trainer(config, data[1], mesh)
+    state, losses = trainer.state, []
+    for batch in batches:
+        state, metrics = trainer.step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses, trainer
+
+
+def test_meshes_give_the_losses_and_params_of_one_device(data):
+    config = dift_config(**{"model.preset": "tiny8", "optim.warmup_steps": 1})
+    batches = host_batches(config, data, 3)
+    reference, ref_losses, _ = run_steps(config, data, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), batches)
+    assert all(np.isfinite(ref_losses))
+    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)):
+        state, losses, _ = run_steps(config, data, sharding.make_mesh(shape), batches)
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
+        # Adam moves a parameter by up to lr per step whatever its gradient's size, so a near-zero
+        # gradient whose last bits differ with the reduction order can move it a fraction of lr.
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * config.optim.lr, err_msg=str(shape))
+
+
+def test_fsdp_8_holds_an_eighth_of_the_state_per_device(data):
+    config = dift_config(**{"model.preset": "tiny8"})
+    trainer = dift.make_trainer(config, data[1], sharding.make_mesh((1, 8, 1)))
+    held = state_bytes_per_device(trainer.state)
+    total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((trainer.state.params, trainer.state.opt_state)))
+    assert len(held) == 8
+    assert max(held.values()) <= 1.15 * total / 8, (max(held.values()), total / 8)
+
+
+def test_gradient_accumulation_equals_the_full_batch(data):
+    config = dift_config()
+    batches = host_batches(config, data, 2)
+    mesh = sharding.make_mesh((1, 2, 1), jax.devices()[:2])
+    full, full_losses, _ = run_steps(config, data, mesh, batches)
+    config.optim.grad_accum = 2
+    accumulated, acc_losses, _ = run_steps(config, data, mesh, batches)
+    np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(accumulated.params), jax.tree_util.tree_leaves(full.params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_non_finite_steps_leave_the_state_and_stop_training(data, tmp_path):
+    config = dift_config()
+    batches = host_batches(config, data, 3)
+    trainer = dift.make_trainer(config, data[1], sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    params = trainer.state.params
+    poisoned = dict(params, language_model=dict(params["language_model"], norm={
+        "weight": params["language_model"]["norm"]["weight"] * np.nan}))
+    state = trainer.state.replace(params=poisoned)
+    before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    state, metrics = trainer.step_fn(state, batches[0])
+    assert not bool(metrics["finite"]) and int(state.nonfinite_streak) == 1 and int(state.step) == 1
+    after = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), after, before)
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
+        loop.run(state=state, step_fn=trainer.step_fn, batches=iter(batches[1:]), checkpointer=checkpointer,
+                 metrics=_NoMetrics(), total_steps=10, config={}, model_config={}, schedule=trainer.schedule,
+                 flops_fn=lambda b: 0.0, checkpoint_every=100, max_nonfinite=2, progress=False)
+    checkpointer.close()
+
+
+class _NoMetrics:
+    def write(self, step, metrics):
+        pass
+
+
+def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_path):
+    path, _ = data
+    config = dift_config(**{"tokenizer": str(path / "tokenizer")})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    dift.train(config, straight, data=str(path), steps=6, progress=False)
+    dift.train(config, split, data=str(path), steps=3, progress=False)
+    dift.train(config, split, data=str(path), steps=6, progress=False)
+    rows = [[loop.without_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (straight, split)]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == list(range(1, 7))
+    from fourd_jax import checkpoint
+
+    _, a = checkpoint.restore_params(straight / "checkpoints")
+    _, b = checkpoint.restore_params(split / "checkpoints")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    manifest = json.loads((straight / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert all(len(h) == 64 for h in manifest["data_files"].values())
+
+    # The same checkpoint onto a (2, 2, 2) mesh: identical values, new placement.
+    other = sharding.make_mesh((2, 2, 2))
+    trainer = dift.make_trainer(dift_config(**{"tokenizer": str(path / "tokenizer")}), data[1], other)
+    batches = iter(build_dataset(path / "train", data[1], trainer.model.config, job.pipeline_config(config)))
+    restored = Checkpointer(straight / "checkpoints").restore(
+        abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, a)
+    kernel = restored.params["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert int(restored.step) == 6
+
+
+def test_a_mesh_that_does_not_fit_is_one_sentence(data, tmp_path):
+    config = dift_config(**{"mesh.shape": (3, 1, 1)})
+    with pytest.raises(InputError, match=r"mesh_shape \(3, 1, 1\) needs 3 devices but 8 are available"):
+        dift.train(config, tmp_path, data=str(data[0]), steps=1, progress=False)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def cli_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return env
+
+
+def dift_cmd(workdir, data, steps, *extra):
+    return [sys.executable, "-m", "fourd_jax.cli", "dift", "--workdir", str(workdir), "--data", str(data[0]),
+            "--steps", str(steps), f"--config={REPO / 'configs' / 'dift.py'}:tiny",
+            f"--config.tokenizer={data[0] / 'tokenizer'}", "--config.data.seq_buckets=(1024,)", *extra]
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(data, tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(dift_cmd(workdir, data, 500), env=cli_env(1), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 2 <= last < 500
+    assert Checkpointer(workdir / "checkpoints").latest_step() == last
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import jax, numpy as np
+        from test_train import dift_config, host_batches
+        from fourd_jax import sharding
+        from fourd_jax.data.pipeline import build_dataset
+        from fourd_jax.train import dift, job
+        from fourd_jax.train.checkpoints import Checkpointer
+        from transformers import AutoTokenizer
+        path = {str(data[0])!r}
+        tok = AutoTokenizer.from_pretrained(path + "/tokenizer")
+        config = dift_config()
+        trainer = dift.make_trainer(config, tok, sharding.make_mesh((1, 1, 1)))
+        it = iter(build_dataset(path + "/train", tok, trainer.model.config, job.pipeline_config(config)))
+        ckpt = Checkpointer({str(tmp_path / 'ckpt')!r})
+        state, _ = trainer.step_fn(trainer.state, next(it))
+        ckpt.save(state, it, {{}}, trainer.model.config.to_dict(), wait=True)
+        state, _ = trainer.step_fn(state, next(it))
+        ckpt.save(state, it, {{}}, trainer.model.config.to_dict())  # asynchronous: still writing
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=cli_env(1), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    assert checkpointer.latest_step() == 1
+    from fourd_jax import checkpoint
+
+    model, params = checkpoint.restore_params(tmp_path / "ckpt")
+    assert np.isfinite(np.asarray(params["language_model"]["norm"]["weight"])).all()
+
+
+def test_two_processes_give_the_loss_of_one(data, tmp_path):
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    single = subprocess.Popen(dift_cmd(tmp_path / "one", data, 2), env=cli_env(4), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cluster = [f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
+    pair = [subprocess.Popen(dift_cmd(tmp_path / "two", data, 2, *cluster, f"--config.distributed.process_id={i}"),
+                             env=cli_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for proc in [single, *pair]:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == 2  # written once (by process 0), not once per process
+    assert Checkpointer(tmp_path / "two" / "checkpoints").latest_step() == 2
+    for a, b in zip(one, two, strict=True):
+        assert a["tokens"] == b["tokens"] and a["ce_tokens"] == b["ce_tokens"]
+        np.testing.assert_allclose([b["loss"], b["ce"], b["latent_loss"]], [a["loss"], a["ce"], a["latent_loss"]],
+                                   rtol=2e-5)
