@@ -36,6 +36,10 @@ def _bench(args: argparse.Namespace) -> None:
         from fourd_jax.bench import data
 
         data.run(record=not args.no_record)
+    elif args.what == "train":
+        from fourd_jax.bench import train
+
+        train.run(repeats=args.repeats, record=not args.no_record)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_convert)
 
     bench = sub.add_parser("bench", help="benchmarks against PyTorch, recorded in docs/PERFORMANCE.md")
-    bench.add_argument("what", choices=["forward", "data"])
+    bench.add_argument("what", choices=["forward", "data", "train"])
     bench.add_argument("--size", default="small", choices=["small", "tiny"])
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--no-record", action="store_true", help="print only, do not write docs/")

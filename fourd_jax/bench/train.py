@@ -1,0 +1,196 @@
+"""`fourd-jax bench train`: one DIFT step in JAX vs the same step in PyTorch, same machine.
+
+Both sides run the same Qwen2.5-VL weights (the `small` size of `bench forward`), the same batch
+(2 rows: text, an 8-frame video, a trace with two latent blocks fed by two imagery images) and the
+same optimizer (AdamW, weight decay on matrices, clipping, vision tower and merger frozen):
+imagery targets from the frozen tower, input embeddings replaced at the latent pads,
+0.1 * CE + 1.0 * latent cosine loss, backward, update. JAX: one jitted step with donated state;
+PyTorch: `transformers` eager + `torch.optim.AdamW`. The first step's losses are checked to agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fourd_jax.bench.forward import bench_config
+
+LATENT = 4
+
+
+def dift_batch(config: Any, seed: int = 0) -> dict[str, Any]:
+    """Features of 2 examples, collated as the pipeline does."""
+    from fourd_jax.data.batching import collate
+    from fourd_jax.data.processor import process
+    from fourd_jax.model.rope import get_rope_index
+
+    rs = np.random.RandomState(seed)
+    vc = config.vision
+    examples = []
+    start, pad, end = config.latent_token_ids
+    for _ in range(2):
+        video, grid = process(rs.randint(0, 256, (8, 224, 224, 3), dtype=np.uint8), vc, 4 * 784, 256 * 784)
+        imagery = [process(rs.randint(0, 256, (1, 224, 224, 3), dtype=np.uint8), vc, 4 * 784, 256 * 784)
+                   for _ in range(2)]
+        text = lambda n: rs.randint(0, config.vision_start_token_id - 16, n).tolist()  # noqa: E731
+        prompt = (text(48) + [config.vision_start_token_id] + [config.video_token_id] * (int(np.prod(grid)) // 4)
+                  + [config.vision_end_token_id] + text(32))
+        answer = text(16) + [start] + [pad] * LATENT + [end] + text(16) + [start] + [pad] * LATENT + [end] + text(8)
+        ids = np.array(prompt + answer, np.int32)
+        loss_mask = np.zeros(len(ids), np.float32)
+        loss_mask[len(prompt) - 1:-1] = 1
+        loss_mask[:-1][ids[1:] == pad] = 0
+        positions, _ = get_rope_index(config, ids[None], video_grid_thw=np.array([grid]),
+                                      second_per_grid_ts=np.array([1.0]))
+        examples.append({
+            "input_ids": ids, "targets": np.append(ids[1:], 0).astype(np.int32), "loss_mask": loss_mask,
+            "latent_mask": ids == pad, "position_ids": positions[:, 0].astype(np.int32),
+            "prompt_length": len(prompt), "video_patches": video, "video_grid": np.array(grid),
+            "second_per_grid": 1.0, "imagery_patches": np.concatenate([p for p, _ in imagery]),
+            "imagery_grids": np.array([g for _, g in imagery]), "answer": "A", "sample_id": "bench", "family": "x",
+            "subtask": "x",
+        })
+    length = -(-max(len(e["input_ids"]) for e in examples) // 128) * 128
+    return collate(examples, 2, (length,), config, LATENT)
+
+
+def torch_step_fn(config: Any, batch: dict[str, Any], hf_dir: str, lr: float):
+    """A PyTorch DIFT step on the same batch and weights; returns (step callable, first loss)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    model.train()
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    merge = config.vision.spatial_merge_size**2
+    rows = []
+    for b in range(2):
+        n = int(batch["attention_mask"][b].sum())
+        video_rows = int(batch["video_tokens"][b]) * merge
+        imagery_grids = [(1, 16, 16), (1, 16, 16)]
+        rows.append(dict(
+            ids=torch.tensor(batch["input_ids"][b:b + 1, :n], dtype=torch.long),
+            positions=torch.tensor(batch["position_ids"][:, b:b + 1, :n], dtype=torch.long),
+            video=torch.tensor(batch["video_patches"][b, :video_rows]),
+            video_grid=torch.tensor([[4, 16, 16]]),
+            imagery=torch.tensor(batch["imagery_patches"][b, :512]), imagery_grid=torch.tensor(imagery_grids),
+            targets=torch.tensor(batch["targets"][b, :n], dtype=torch.long),
+            loss_mask=torch.tensor(batch["loss_mask"][b, :n]), latent=torch.tensor(batch["latent_mask"][b, :n])))
+    ce_count = float(batch["loss_mask"].sum())
+    lat_count = float(batch["latent_mask"].sum())
+    pad_id = config.latent_pad_token_id
+
+    def step():
+        opt.zero_grad()
+        total = 0.0
+        for r in rows:
+            with torch.no_grad():
+                tokens = model.model.visual(r["imagery"], grid_thw=r["imagery_grid"]).pooler_output
+                chunks = tokens.reshape(2, LATENT, -1, tokens.shape[-1]).mean(2).reshape(-1, tokens.shape[-1])
+            embeds = model.get_input_embeddings()(r["ids"])
+            embeds = embeds.masked_scatter((r["ids"] == pad_id)[..., None], chunks[None])
+            out = model.model(inputs_embeds=embeds, pixel_values_videos=r["video"], video_grid_thw=r["video_grid"],
+                              position_ids=r["positions"])
+            hidden = out.last_hidden_state[0]
+            logits = model.lm_head(hidden)
+            ce = torch.nn.functional.cross_entropy(logits, r["targets"], reduction="none")
+            predicts = torch.zeros_like(r["latent"])
+            predicts[:-1] = r["latent"][1:]
+            cos = torch.nn.functional.cosine_similarity(hidden[predicts], chunks, dim=-1)
+            loss = 0.1 * (ce * r["loss_mask"]).sum() / ce_count + (1 - cos).sum() / lat_count
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        return total
+
+    return step
+
+
+def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
+    import ml_collections
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from fourd_jax.bench.report import record as record_row
+    from fourd_jax.convert import hf
+    from fourd_jax.train.dift import DiftLossConfig, train_step
+    from fourd_jax.train.loop import device_batch
+    from fourd_jax.train.optim import make_optimizer, trainable_mask
+    from fourd_jax.train.state import new_state
+
+    v = bench_config("small").text.vocab_size
+    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
+                                           latent_end_token_id=v - 9)
+    batch = dift_batch(config)
+    lr = 1e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).save_pretrained(tmp)
+        model, params = hf.load(tmp)
+        torch_step = torch_step_fn(config, batch, tmp, lr)
+
+    optim = ml_collections.ConfigDict(dict(lr=lr, min_lr_ratio=1.0, warmup_steps=0, total_steps=10, weight_decay=0.01,
+                                           b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, freeze=(r"^visual/",)))
+    tx = make_optimizer(optim, params)
+    from fourd_jax import sharding
+
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable_mask(params, optim.freeze),
+                                     loss_config=DiftLossConfig()), static_argnames=("frame_lens",), donate_argnums=0)
+    state = new_state(params, tx, 0)
+    dev = device_batch(batch, mesh, sharding.DEFAULT_RULES)
+    lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
+    start = time.perf_counter()
+    state, metrics = step(state, dev, frame_lens=lens)
+    jax_first = float(metrics["loss"])
+    compile_s = time.perf_counter() - start
+    torch_first = torch_step()
+    if abs(jax_first - torch_first) > 1e-3 * max(1.0, abs(torch_first)):
+        raise RuntimeError(f"first-step losses disagree: JAX {jax_first:.6f} vs PyTorch {torch_first:.6f}")
+
+    def jax_once():
+        nonlocal state
+        state, m = step(state, dev, frame_lens=lens)
+        jax.block_until_ready(m["loss"])
+
+    def median(fn):
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    jax_s, torch_s = median(jax_once), median(torch_step)
+    tokens = int(batch["attention_mask"].sum())
+    result = {"tokens": tokens, "jax ms": round(jax_s * 1e3, 1), "torch ms": round(torch_s * 1e3, 1),
+              "speed-up (torch / jax)": round(torch_s / jax_s, 2), "jax compile s": round(compile_s, 1),
+              "first loss jax": round(jax_first, 5), "first loss torch": round(torch_first, 5),
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"DIFT step (small model, {tokens} tokens, 2 rows, fp32): jax {result['jax ms']} ms, torch "
+          f"{result['torch ms']} ms -> jax is {result['speed-up (torch / jax)']}x the speed of torch "
+          f"(median of {repeats}; first losses {jax_first:.5f} vs {torch_first:.5f})")
+    if record:
+        path = record_row(
+            "train",
+            "`fourd-jax bench train`: one DIFT step (imagery targets from the frozen tower, CE + latent cosine "
+            "loss, backward, clipped AdamW update with the vision tower frozen) in jitted JAX vs eager "
+            "`transformers` + `torch.optim.AdamW`, same weights, batch (2 rows, 8-frame 224 px video, two latent "
+            "blocks each) and machine, fp32, median wall time.",
+            result,
+        )
+        print(f"recorded in {path}")
+    return result
