@@ -55,3 +55,23 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "config.model 'huge' is not one of" in capsys.readouterr().err
     assert cli.main(["demo", "--workdir", str(tmp_path), "--config.no_such_field=1"]) == 2
     assert "the config has no field 'no_such_field'" in capsys.readouterr().err
+
+
+def test_launch_scripts_parse_and_refuse_unknown_commands():
+    launch = Path(__file__).parents[1] / "launch"
+    scripts = sorted(p for p in launch.iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert {p.name for p in scripts} == {"tpu_pod.sh", "gpu_node.sh", "slurm_gpu.sbatch"}
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run(["bash", str(launch / "tpu_pod.sh"), "frobnicate", "n", "z"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr
+
+
+def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):
+    rows = [{"step": s, "loss": 1.0 / s, "ce": 2.0 / s, "latent_loss": 0.5, "latent_targets": s % 2,
+             "grad_norm": 0.1, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 5_000
+    assert cli.main(["plot", str(tmp_path / "nope")]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err

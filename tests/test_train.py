@@ -261,3 +261,20 @@ def test_two_processes_give_the_loss_of_one(data, tmp_path):
         assert a["tokens"] == b["tokens"] and a["ce_tokens"] == b["ce_tokens"]
         np.testing.assert_allclose([b["loss"], b["ce"], b["latent_loss"]], [a["loss"], a["ce"], a["latent_loss"]],
                                    rtol=2e-5)
+
+
+def test_config_presets_describe_the_published_recipes():
+    spec = importlib.util.spec_from_file_location("dift_config", REPO / "configs" / "dift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from fourd_jax.model.config import PRESETS
+
+    for preset in ("qwen25vl_3b", "qwen25vl_7b"):
+        c = module.get_config(f"{preset},v5p-64")
+        assert c.model.preset in PRESETS and c.mesh.shape == (4, 8, 1)
+        assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps, c.data.batch_size) == (1e-5, 0.01, 10, 8)
+        assert (c.loss.ce_weight, c.loss.latent_weight, c.model.dtype) == (0.1, 1.0, "bfloat16")
+        assert c.optim.freeze == (r"^visual/",) and c.data.video_max_pixels == 256 * 28 * 28
+    assert module.get_config("tiny,8xh100").mesh.shape == (1, 8, 1)
+    with pytest.raises(ValueError, match="unknown mesh preset 'v9'"):
+        module.get_config("tiny,v9")
