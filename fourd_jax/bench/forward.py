@@ -7,7 +7,6 @@ outputs are checked to agree before anything is timed.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from typing import Any
@@ -78,20 +77,12 @@ def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.n
     )
 
 
-def _time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str, Any]:
     """Time both forwards; print and (optionally) record the ratio."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from fourd_jax.bench.report import median_time
     from fourd_jax.bench.report import record as record_row
     from fourd_jax.convert import hf
     from fourd_jax.model import rope
@@ -127,9 +118,9 @@ def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str,
     if max_diff > 1e-3:
         raise RuntimeError(f"JAX and PyTorch forwards disagree (max |diff| {max_diff:.2e}); not timing.")
 
-    jax_s = _time(lambda: forward(params, batch["input_ids"], positions, vision).block_until_ready(), repeats)
+    jax_s = median_time(lambda: forward(params, batch["input_ids"], positions, vision).block_until_ready(), repeats)
     with torch.no_grad():
-        torch_s = _time(lambda: torch_model(**torch_batch), repeats)
+        torch_s = median_time(lambda: torch_model(**torch_batch), repeats)
     result = {
         "size": size, "tokens": int(batch["input_ids"].size), "jax ms": round(jax_s * 1e3, 1),
         "torch ms": round(torch_s * 1e3, 1), "speed-up (torch / jax)": round(torch_s / jax_s, 2),

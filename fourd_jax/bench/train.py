@@ -11,7 +11,6 @@ PyTorch: `transformers` eager + `torch.optim.AdamW`. The first step's losses are
 from __future__ import annotations
 
 import functools
-import statistics
 import tempfile
 import time
 from typing import Any
@@ -124,6 +123,7 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from fourd_jax.bench.report import median_time
     from fourd_jax.bench.report import record as record_row
     from fourd_jax.convert import hf
     from fourd_jax.train.dift import DiftLossConfig, train_step
@@ -166,15 +166,7 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
         state, m = step(state, dev, frame_lens=lens)
         jax.block_until_ready(m["loss"])
 
-    def median(fn):
-        times = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-        return statistics.median(times)
-
-    jax_s, torch_s = median(jax_once), median(torch_step)
+    jax_s, torch_s = median_time(jax_once, repeats), median_time(torch_step, repeats)
     tokens = int(batch["attention_mask"].sum())
     result = {"tokens": tokens, "jax ms": round(jax_s * 1e3, 1), "torch ms": round(torch_s * 1e3, 1),
               "speed-up (torch / jax)": round(torch_s / jax_s, 2), "jax compile s": round(compile_s, 1),
