@@ -62,12 +62,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.ce_weight = 0.1
     c.loss.latent_weight = 1.0
-    c.loss.imagery_targets = "in_step"  # frozen vision tower inside the step
 
     c.train = ml_collections.ConfigDict()
-    c.train.checkpoint_every = 50
+    c.train.checkpoint_every = 50  # also when the validation loss is computed
     c.train.keep_checkpoints = 3
-    c.train.best_metric = "loss"
+    c.train.eval_batches = 4  # validation batches (from the data's val/ split); 0 = no validation
+    c.train.best_metric = "val_loss"  # the checkpoint kept besides the last ones; "" = none
     c.train.max_nonfinite = 5
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = look the device kind up
 

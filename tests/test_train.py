@@ -148,6 +148,7 @@ def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_p
     rows = [[loop.without_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (straight, split)]
     assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == list(range(1, 7))
+    assert [r["step"] for r in rows[0] if "val_loss" in r] == [3, 6]  # validated at each checkpoint
     from fourd_jax import checkpoint
 
     _, a = checkpoint.restore_params(straight / "checkpoints")
@@ -167,6 +168,22 @@ def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_p
     kernel = restored.params["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert int(restored.step) == 6
+
+
+def test_retention_keeps_the_last_and_the_best_checkpoint(tmp_path):
+    import grain
+
+    from fourd_jax.train.state import TrainState
+
+    iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+    checkpointer = Checkpointer(tmp_path, keep=2, best_metric="val_loss")
+    for step, metric in zip(range(1, 7), [5.0, 1.0, 4.0, 3.0, 6.0, 7.0], strict=True):
+        state = TrainState(step=np.int32(step), params={"w": np.full(3, step, np.float32)}, opt_state={},
+                           rng=np.zeros(2, np.uint32), nonfinite_streak=np.int32(0), nonfinite_total=np.int32(0))
+        next(iterator)
+        checkpointer.save(state, iterator, {}, {}, metric=metric, wait=True)
+    assert sorted(checkpointer.manager.all_steps()) == [2, 5, 6]  # best (1.0 at step 2) and the last two
+    checkpointer.close()
 
 
 def test_a_mesh_that_does_not_fit_is_one_sentence(data, tmp_path):

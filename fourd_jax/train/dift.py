@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +152,14 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
 
 @dataclasses.dataclass
 class Trainer:
-    """A model, its optimizer and sharded state on a mesh, and the step that updates it."""
+    """A model, its optimizer and sharded state on a mesh, and the steps that update and score it."""
 
     model: Qwen25VL
     tx: optax.GradientTransformation
     shardings: TrainState
     state: TrainState
     step_fn: Any  # (state, host batch) -> (state, metrics)
+    eval_fn: Any  # (state, host batch) -> {"ce_sum", "latent_sum", "ce_count", "latent_count"}
     schedule: optax.Schedule
 
 
@@ -175,12 +177,34 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.D
         grad_accum=config.optim.grad_accum), static_argnames=("frame_lens",), donate_argnums=0,
         out_shardings=(shardings, None))
 
-    def step_fn(state, batch):
-        lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return step(state, loop.device_batch(batch, mesh, rules), frame_lens=lens)
+    sums = jax.jit(lambda params, batch, frame_lens: {**loss_sums(params, batch, model, frame_lens), **counts(batch)},
+                   static_argnames=("frame_lens",))
 
-    return Trainer(model, tx, shardings, state, step_fn, learning_rate(optim))
+    def on_device(fn):
+        def call(state, batch):
+            lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn(state, loop.device_batch(batch, mesh, rules), frame_lens=lens)
+        return call
+
+    step_fn = on_device(step)
+    eval_fn = on_device(lambda state, batch, frame_lens: sums(state.params, batch, frame_lens))
+    return Trainer(model, tx, shardings, state, step_fn, eval_fn, learning_rate(optim))
+
+
+def validation(trainer: Trainer, batches: Any, loss_config: DiftLossConfig):
+    """evaluate(state) -> {"val_loss", "val_ce", "val_latent_loss"} over a fixed list of host batches,
+    each term averaged over all its tokens (as the training loss is over a batch)."""
+    def evaluate(state: TrainState) -> dict[str, float]:
+        total = {"ce_sum": 0.0, "latent_sum": 0.0, "ce_count": 0.0, "latent_count": 0.0}
+        for batch in batches:
+            for key, value in jax.device_get(trainer.eval_fn(state, batch)).items():
+                total[key] += float(value)
+        ce = total["ce_sum"] / max(total["ce_count"], 1.0)
+        latent = total["latent_sum"] / max(total["latent_count"], 1.0)
+        return {"val_loss": loss_config.ce_weight * ce + loss_config.latent_weight * latent, "val_ce": ce,
+                "val_latent_loss": latent}
+    return evaluate
 
 
 def train(config: Any, workdir: str | Path, data: str | None = None, steps: int | None = None,
@@ -201,6 +225,12 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
     observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
+    evaluate = None
+    if config.train.eval_batches and (data_dir / "val").is_dir():
+        val_config = dataclasses.replace(job.pipeline_config(config), shuffle=False, num_epochs=1, drop_remainder=False)
+        val_batches = list(itertools.islice(build_dataset(data_dir / "val", tokenizer, trainer.model.config,
+                                                          val_config), config.train.eval_batches))
+        evaluate = validation(trainer, val_batches, DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight))
     metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
     try:
         return loop.run(
@@ -209,7 +239,7 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
             model_config=trainer.model.config.to_dict(), schedule=trainer.schedule,
             flops_fn=job.flops_fn(trainer.model.config), checkpoint_every=config.train.checkpoint_every,
             max_nonfinite=config.train.max_nonfinite, peak_flops_per_device=config.train.peak_flops or None,
-            best_metric=config.train.best_metric or None, progress=progress)
+            best_metric=config.train.best_metric or None, evaluate=evaluate, progress=progress)
     finally:
         metrics.close()
         checkpointer.close()

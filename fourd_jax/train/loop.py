@@ -127,9 +127,14 @@ def run(
     max_nonfinite: int,
     peak_flops_per_device: float | None = None,
     best_metric: str | None = "loss",
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None,
     progress: bool = True,
 ) -> TrainState:
-    """Train from `state` to `total_steps`; returns the final state (after saving it)."""
+    """Train from `state` to `total_steps`; returns the final state (after saving it).
+
+    `evaluate(state)` (e.g. the validation loss) runs at every checkpoint step and the last step;
+    its metrics join that step's row, and `best_metric` may name one of them.
+    """
     from tqdm import tqdm
 
     start_step = int(jax.device_get(state.step))
@@ -158,11 +163,14 @@ def run(
                 mfu=(flops / elapsed / (peak * jax.device_count())) if peak else None,
                 skipped_records=float(batch.get("num_skipped", 0)), nonfinite_total=float(state.nonfinite_total),
             )
+            saving = step % checkpoint_every == 0 and step < total_steps
+            if evaluate is not None and (saving or step == total_steps):
+                step_metrics.update(evaluate(state))
             metrics.write(step, step_metrics)
             last_metric = step_metrics.get(best_metric) if best_metric else None
             bar.update(1)
             bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
-            if step % checkpoint_every == 0 and step < total_steps:
+            if saving:
                 checkpointer.save(state, batches, config, model_config, metric=last_metric)
         checkpointer.save(state, batches, config, model_config, metric=last_metric, wait=True)
     bar.close()
