@@ -62,6 +62,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.ce_weight = 0.1
     c.loss.latent_weight = 1.0
+    # "in_step": imagery images through the frozen vision tower inside each step; "precomputed": the
+    # records' imagery_targets (fourd-jax data targets, with the checkpoint of model.init_from).
+    c.loss.imagery_targets = "in_step"
 
     c.train = ml_collections.ConfigDict()
     c.train.checkpoint_every = 50  # also when the validation loss is computed

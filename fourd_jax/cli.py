@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fourd_jax.errors import InputError
 
@@ -64,6 +65,24 @@ def _data(args: argparse.Namespace) -> None:
         sheet = inspect.contact_sheet(inspect.first_sample(args.path), sheet_path)
         print(json.dumps(summary, indent=2))
         print(f"contact sheet: {sheet}")
+    elif args.action == "targets":
+        from fourd_jax.data.features import FeatureConfig
+        from fourd_jax.data.targets import write_imagery_targets
+
+        if not (args.out and args.checkpoint):
+            raise InputError("data targets needs --checkpoint (HF or Orbax directory) and --out DIR.")
+        if (Path(args.checkpoint) / "config.json").exists():
+            from fourd_jax.convert import hf
+
+            model, params = hf.load(args.checkpoint)
+        else:
+            from fourd_jax import checkpoint
+
+            model, params = checkpoint.restore_params(args.checkpoint)
+        pixels = args.imagery_max_pixels
+        count = write_imagery_targets(args.path, args.out, model, params,
+                                      FeatureConfig(latent_size=args.latent_size, imagery_max_pixels=pixels))
+        print(f"wrote {args.out} with imagery targets for {count} records")
     else:
         from fourd_jax.data import importers
 
@@ -158,14 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="inspect or import 4D record datasets")
-    data.add_argument("action", choices=["inspect", "import"])
-    data.add_argument("path", help="inspect: records (file or directory); import: the source file")
+    data.add_argument("action", choices=["inspect", "import", "targets"])
+    data.add_argument("path", help="inspect/targets: records (file or directory); import: the source file")
     data.add_argument("--sheet", default=None, help="inspect: contact sheet PNG path")
     data.add_argument("--format", choices=["4dthinker", "dsr", "dsr_bench", "vlm4d"], help="import: source format")
     data.add_argument("--out", default=None, help="import: output .array_record file")
     data.add_argument("--root", default=None, help="import: directory media paths are relative to")
     data.add_argument("--max-frames", type=int, default=None, help="import: frames kept per video")
     data.add_argument("--strict", action="store_true", help="import: stop at the first bad row instead of skipping")
+    data.add_argument("--checkpoint", default=None, help="targets: the HF or Orbax checkpoint DIFT starts from")
+    data.add_argument("--latent-size", type=int, default=4, help="targets: latent pads per imagery image")
+    data.add_argument("--imagery-max-pixels", type=int, default=256 * 28 * 28,
+                      help="targets: imagery resize bound (as data.imagery_max_pixels in the DIFT config)")
     data.set_defaults(func=_data)
 
     dift = sub.add_parser("dift", help="Dynamic-Imagery Fine-Tuning (resumes from WORKDIR)",

@@ -295,3 +295,33 @@ def test_config_presets_describe_the_published_recipes():
     assert module.get_config("tiny,8xh100").mesh.shape == (1, 8, 1)
     with pytest.raises(ValueError, match="unknown mesh preset 'v9'"):
         module.get_config("tiny,v9")
+
+
+def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsys):
+    """Targets written into the records by the starting checkpoint's frozen tower train the same."""
+    from fourd_jax import checkpoint, cli
+
+    path, tokenizer = data
+    config = dift_config(**{"optim.warmup_steps": 0})
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer = dift.make_trainer(config, tokenizer, mesh)
+    checkpoint.save_params(tmp_path / "start", trainer.model, trainer.state.params)
+    assert cli.main(["data", "targets", str(path), "--checkpoint", str(tmp_path / "start"), "--out",
+                     str(tmp_path / "with_targets"), "--imagery-max-pixels", str(config.data.imagery_max_pixels)]) == 0
+    assert "imagery targets for" in capsys.readouterr().out
+
+    in_step = host_batches(config, data, 1)[0]
+    config_pre = dift_config(**{"optim.warmup_steps": 0, "loss.imagery_targets": "precomputed",
+                                "model.init_from": str(tmp_path / "start")})
+    pre = dift.make_trainer(config_pre, tokenizer, mesh)
+    pipeline = job.pipeline_config(config_pre)
+    batches = build_dataset(tmp_path / "with_targets" / "train", tokenizer, pre.model.config, pipeline)
+    wanted = list(in_step["sample_id"])
+    batch = next(b for b in batches if list(b["sample_id"]) == wanted)
+    assert "latent_targets" in batch and not batch["imagery_valid"].any()  # no imagery pixels in the batch
+    _, a = trainer.step_fn(trainer.state, in_step)
+    _, b = pre.step_fn(pre.state, batch)
+    np.testing.assert_allclose([float(b["loss"]), float(b["latent_loss"])], [float(a["loss"]), float(a["latent_loss"])],
+                               rtol=1e-5)
+    with pytest.raises(InputError, match="loss.imagery_targets must be 'in_step' or 'precomputed'"):
+        job.pipeline_config(dift_config(**{"loss.imagery_targets": "cached"}))

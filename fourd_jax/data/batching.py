@@ -148,6 +148,13 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
     batch["imagery_segment"] = np.full((batch_size, units), -1, np.int32)
     for row, e in enumerate(good):
         batch["imagery_segment"][row] = imagery_segments(e["imagery_grids"], merge, latent_size, units)
+    if any("latent_targets" in e for e in good):
+        hidden = model_config.text.hidden_size
+        k = bucket(max([latent_size, *(len(e.get("latent_targets", ())) for e in good)]), latent_size)
+        batch["latent_targets"] = np.zeros((batch_size, k, hidden), np.float32)
+        for row, e in enumerate(good):
+            targets = e.get("latent_targets", np.zeros((0, hidden), np.float32))
+            batch["latent_targets"][row, : len(targets)] = targets
     batch["num_skipped"] = np.int32(len(skipped))
     batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
     for key in ("answer", "sample_id", "family", "subtask"):

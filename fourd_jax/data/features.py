@@ -39,6 +39,9 @@ class FeatureConfig:
     imagery_max_pixels: int = 256 * 28 * 28
     max_length: int = 4096  # longer samples are dropped (and counted), never cut
     supervised: bool = True  # False: the prompt only (generation, RL rollouts, evaluation)
+    # "pixels": imagery images become patches (targets computed in the training step);
+    # "precomputed": the record's `imagery_targets` are used directly.
+    imagery_source: str = "pixels"
     instruction: str = INSTRUCTION
 
 
@@ -67,6 +70,13 @@ def select_frames(sample: dict[str, Any], max_frames: int) -> tuple[np.ndarray, 
     return np.asarray(sample["frames"])[keep], step
 
 
+def imagery_patches(images: list[np.ndarray], vision_config, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Imagery images as patch rows and grids (one image each)."""
+    parts = [process(np.asarray(img)[None], vision_config, config.imagery_min_pixels, config.imagery_max_pixels)
+             for img in images]
+    return np.concatenate([p for p, _ in parts]), np.array([g for _, g in parts], np.int64)
+
+
 def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig, config: FeatureConfig
               ) -> dict[str, Any]:
     """Features of one decoded record. Raises InputError when the record cannot be used."""
@@ -82,22 +92,32 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
                            add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids)
     imagery, imagery_grids = np.zeros((0, vc.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    latent_targets = None
     if config.supervised:
         answer = assistant_text(sample, config.latent_size) + "<|im_end|>"
         ids += tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if sample["imagery"]:
-            parts = [process(np.asarray(img)[None], vc, config.imagery_min_pixels, config.imagery_max_pixels)
-                     for img in sample["imagery"]]
-            imagery = np.concatenate([p for p, _ in parts])
-            imagery_grids = np.array([g for _, g in parts], np.int64)
+        if sample["imagery"] and config.imagery_source == "precomputed":
+            if "imagery_targets" not in sample:
+                raise InputError("the record has no imagery_targets (write them with fourd-jax data targets)")
+            targets = np.asarray(sample["imagery_targets"], np.float32)
+            if targets.shape[1:] != (config.latent_size, model_config.text.hidden_size):
+                raise InputError(f"imagery_targets have shape {targets.shape[1:]} per image, but the model needs "
+                                 f"({config.latent_size}, {model_config.text.hidden_size})")
+            latent_targets = targets.reshape(-1, targets.shape[-1])
+            imagery_grids = np.zeros((len(targets), 3), np.int64)  # counted, never encoded
+        elif sample["imagery"]:
+            imagery, imagery_grids = imagery_patches(sample["imagery"], vc, config)
     ids = np.asarray(ids, np.int32)
     if ids.size > config.max_length:
         raise InputError(f"the sample has {ids.size} tokens, more than max_length {config.max_length}")
 
     _, pad, _ = latent_token_ids(tokenizer)
     latent_mask = ids == pad
-    if config.supervised and latent_mask.sum() != config.latent_size * len(imagery_grids):
-        raise InputError(f"the trace has {int(latent_mask.sum())} latent pads for {len(imagery_grids)} imagery "
+    if config.imagery_source not in ("pixels", "precomputed"):
+        raise InputError(f"imagery_source must be 'pixels' or 'precomputed', not {config.imagery_source!r}")
+    n_images = len(imagery_grids)
+    if config.supervised and latent_mask.sum() != config.latent_size * n_images:
+        raise InputError(f"the trace has {int(latent_mask.sum())} latent pads for {n_images} imagery "
                          f"images of latent_size {config.latent_size}")
     targets = np.append(ids[1:], 0).astype(np.int32)
     loss_mask = np.zeros(ids.size, np.float32)
@@ -111,7 +131,9 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
         "position_ids": positions[:, 0].astype(np.int32), "prompt_length": len(prompt_ids),
         "video_patches": video.astype(np.float32), "video_grid": np.array(grid, np.int64),
         "second_per_grid": seconds_per_grid,
-        "imagery_patches": imagery.astype(np.float32), "imagery_grids": imagery_grids,
+        "imagery_patches": imagery.astype(np.float32),
+        "imagery_grids": imagery_grids if latent_targets is None else np.zeros((0, 3), np.int64),
+        **({} if latent_targets is None else {"latent_targets": latent_targets}),
         "answer": sample["answer"], "sample_id": sample["sample_id"], "family": sample["family"],
         "subtask": sample["subtask"],
     }

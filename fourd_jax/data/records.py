@@ -54,6 +54,9 @@ FIELDS: dict[str, tuple[str, bool]] = {
     "scene_seed": ("int", False),
     "camera_moves": ("json", False),  # [[move, magnitude], ...]
     "meta": ("json", False),  # anything else a generator or importer wants to keep
+    # DIFT targets precomputed by one model's frozen vision tower (`fourd-jax data targets`):
+    # [num imagery images, latent_size, hidden]
+    "imagery_targets": ("array:float32:3", False),
 }
 
 
@@ -93,6 +96,9 @@ def _check(sample: dict[str, Any]) -> None:
             f"field 'trace' has {sample['trace'].count('<output_image>')} <output_image> markers but "
             f"'imagery' holds {len(sample['imagery'])} images"
         )
+    if "imagery_targets" in sample and len(sample["imagery_targets"]) != len(sample["imagery"]):
+        raise RecordError(f"field 'imagery_targets' holds {len(sample['imagery_targets'])} targets for "
+                          f"{len(sample['imagery'])} imagery images")
     n_frames = len(sample["frames"])
     if any(not 0 <= i < n_frames for i in sample["shown_frames"]):
         raise RecordError(f"field 'shown_frames' indexes outside the {n_frames} frames")

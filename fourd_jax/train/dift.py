@@ -70,9 +70,12 @@ def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: t
               ) -> dict[str, jax.Array]:
     """Summed CE and latent losses over a (micro-)batch. frame_lens: the static (video, imagery)
     frame lengths of the batch's media layouts."""
-    imagery = vision_inputs({**batch, "imagery_frame_len": frame_lens[1]}, "imagery")
-    tokens = jax.lax.stop_gradient(model.apply({"params": params}, imagery, method=Qwen25VL.encode_vision))
-    targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
+    if "latent_targets" in batch:  # precomputed in the records by the same frozen tower
+        targets = batch["latent_targets"]
+    else:
+        imagery = vision_inputs({**batch, "imagery_frame_len": frame_lens[1]}, "imagery")
+        tokens = jax.lax.stop_gradient(model.apply({"params": params}, imagery, method=Qwen25VL.encode_vision))
+        targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"],
                       vision=vision_inputs({**batch, "video_frame_len": frame_lens[0]}, "video"),

@@ -91,9 +91,14 @@ def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen
 
 def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
     d = config.data
+    sources = {"in_step": "pixels", "precomputed": "precomputed"}
+    if config.loss.imagery_targets not in sources:
+        raise InputError(f"loss.imagery_targets must be 'in_step' or 'precomputed', not "
+                         f"{config.loss.imagery_targets!r}.")
     features = FeatureConfig(latent_size=int(d.latent_size), max_frames=int(d.max_frames),
                              video_max_pixels=int(d.video_max_pixels), imagery_max_pixels=int(d.imagery_max_pixels),
-                             max_length=max(d.seq_buckets), supervised=supervised)
+                             max_length=max(d.seq_buckets), supervised=supervised,
+                             imagery_source=sources[config.loss.imagery_targets])
     return PipelineConfig(batch_size=int(d.batch_size) // jax.process_count(), seq_buckets=tuple(d.seq_buckets),
                           seed=int(config.seed), num_epochs=None, num_workers=int(d.num_workers),
                           skip_bad_records=bool(d.skip_bad_records), features=features)
