@@ -41,6 +41,14 @@ def _bench(args: argparse.Namespace) -> None:
         from fourd_jax.bench import train
 
         train.run(repeats=args.repeats, record=not args.no_record)
+    elif args.what == "sample":
+        from fourd_jax.bench import sample
+
+        sample.run(size=args.size, repeats=args.repeats, record=not args.no_record)
+    elif args.what == "rl":
+        from fourd_jax.bench import rl
+
+        rl.run(size=args.size, repeats=args.repeats, record=not args.no_record)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -104,6 +112,28 @@ def _dift(args: argparse.Namespace) -> None:
     print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
 
 
+def _rl(args: argparse.Namespace) -> None:
+    config = parse_config("fourd-jax rl", args.config_args, "configs/rl.py")
+    from fourd_jax import distributed
+
+    distributed.initialize(config.distributed)
+    from fourd_jax.train import rl
+
+    state = rl.train(config, args.workdir, init=args.init, data=args.data, steps=args.steps)
+    print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from fourd_jax.eval import evaluate, report
+
+    config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 max_frames=args.max_frames, video_max_pixels=args.max_pixels,
+                                 max_samples=args.max_samples)
+    table = evaluate.evaluate(args.checkpoint, args.data, args.out, config, tokenizer_dir=args.tokenizer)
+    print(report.compare_table({"accuracy": table}))
+    print(f"wrote {args.out}/results.json, results.csv, predictions.jsonl, accuracy.png")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from fourd_jax.train import plot
 
@@ -158,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_convert)
 
     bench = sub.add_parser("bench", help="benchmarks against PyTorch, recorded in docs/PERFORMANCE.md")
-    bench.add_argument("what", choices=["forward", "data", "train"])
+    bench.add_argument("what", choices=["forward", "data", "train", "sample", "rl"])
     bench.add_argument("--size", default="small", choices=["small", "tiny"])
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--no-record", action="store_true", help="print only, do not write docs/")
@@ -176,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--scenes-per-shard", type=int, default=25)
     synth.set_defaults(func=_synth)
 
-    data = sub.add_parser("data", help="inspect or import 4D record datasets")
+    data = sub.add_parser("data", help="inspect or import 4D records, or precompute their DIFT imagery targets")
     data.add_argument("action", choices=["inspect", "import", "targets"])
     data.add_argument("path", help="inspect/targets: records (file or directory); import: the source file")
     data.add_argument("--sheet", default=None, help="inspect: contact sheet PNG path")
@@ -198,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     dift.add_argument("--data", default=None, help="records from fourd-jax synth (default: config.data.path)")
     dift.add_argument("--steps", type=int, default=None, help="train until this global step")
     dift.set_defaults(func=_dift, takes_config=True)
+
+    rl = sub.add_parser("rl", help="4DRL: GRPO on text tokens from a DIFT run (resumes from WORKDIR)",
+                        description="Flags after the named ones: --config configs/rl.py[:PRESET[,MESH]], "
+                                    "--config.KEY=VALUE.")
+    rl.add_argument("--workdir", required=True)
+    rl.add_argument("--init", default=None, help="the DIFT workdir, or a checkpoint / HF directory "
+                                                 "(default: config.model.init_from)")
+    rl.add_argument("--data", default=None, help="records with a train/ split (default: the DIFT run's data)")
+    rl.add_argument("--steps", type=int, default=None, help="train until this global step")
+    rl.set_defaults(func=_rl, takes_config=True)
+
+    ev = sub.add_parser("eval", help="accuracy per sub-task of a checkpoint on a records split")
+    ev.add_argument("--checkpoint", required=True, help="a training workdir, Orbax checkpoint or HF directory")
+    ev.add_argument("--data", required=True, help="records (DIR/test is used when DIR holds splits)")
+    ev.add_argument("--out", required=True, help="where results.json, results.csv and accuracy.png go")
+    ev.add_argument("--tokenizer", default=None, help="default: the one saved with the checkpoint")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-frames", type=int, default=16)
+    ev.add_argument("--max-pixels", type=int, default=448 * 448, help="per frame, after smart_resize")
+    ev.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    ev.set_defaults(func=_eval)
 
     plot = sub.add_parser("plot", help="training curves of a WORKDIR as PNG")
     plot.add_argument("workdir")

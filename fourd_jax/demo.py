@@ -1,11 +1,10 @@
-"""`fourd-jax demo`: the most complete end-to-end job the project can run so far, on CPU.
+"""`fourd-jax demo`: the whole method end to end on a tiny model, on CPU.
 
-Today: synthesise a small set of procedural 4D scenes with their questions, train the offline
-tokenizer on them (with the latent tokens), initialise a tiny Qwen2.5-VL, read training batches
-through the Grain pipeline and run the model on one with the imagery targets fed as latent
-inputs, decode a test prompt greedily with the KV cache (checked against the full forward), and
-round-trip the weights through Hugging Face safetensors and an Orbax checkpoint (checked bit
-for bit). Later stages (DIFT, 4DRL, evaluation) extend it.
+Synthesise procedural 4D scenes with their questions, train the offline tokenizer on them (with
+the latent tokens), DIFT a tiny Qwen2.5-VL from scratch (`fourd-jax dift`), 4DRL it from the DIFT
+checkpoint (`fourd-jax rl`), evaluate both on the held-out test scenes (`fourd-jax eval`), and
+export the final policy to Hugging Face safetensors (checked to reload bit for bit). Prints a
+table per sub-task (chance, after DIFT, after 4DRL, n) and writes WORKDIR/results.json.
 """
 
 from __future__ import annotations
@@ -16,103 +15,103 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fourd_jax import checkpoint
 from fourd_jax.convert import hf
-from fourd_jax.data import records
-from fourd_jax.data.batching import vision_inputs
-from fourd_jax.data.features import FeatureConfig, featurize
-from fourd_jax.data.pipeline import PipelineConfig, build_dataset
 from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
-from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
+from fourd_jax.data.tokenizer import build_tokenizer, record_texts
 from fourd_jax.errors import InputError
-from fourd_jax.model import Qwen25VL, encode_vision, forward, init_params
+from fourd_jax.eval import evaluate, report
 from fourd_jax.model.config import PRESETS
-from fourd_jax.model.imagery import segment_means
-from fourd_jax.sample import greedy_generate, prepare_prompt
+from fourd_jax.train import dift, plot, rl
 
 
-def feature_config(config: Any, supervised: bool = True) -> FeatureConfig:
-    pixels = config.max_pixels
-    return FeatureConfig(latent_size=config.latent_size, max_frames=config.frames, video_max_pixels=pixels,
-                         imagery_max_pixels=pixels, supervised=supervised)
+def stage_settings(stage: Any, config: Any, workdir: Path) -> None:
+    """Point a training stage's config at the demo's model preset, tokenizer, seed and frames."""
+    with stage.unlocked():
+        stage.model.preset = config.model
+        stage.tokenizer = str(workdir / "tokenizer")
+        stage.seed = config.seed
+        stage.data.max_frames = config.frames
+        # The batch is split over every device (mesh (1, -1, 1)): round it up to a multiple.
+        devices = jax.device_count()
+        stage.data.batch_size = -(-stage.data.batch_size // devices) * devices
+        stage.data.video_max_pixels = stage.data.imagery_max_pixels = config.image_size ** 2
 
 
-def batch_forward(model: Qwen25VL, params: Any, batch: dict[str, Any]):
-    """The model on a pipeline batch, with the imagery targets fed at the latent pads (as in DIFT)."""
-    imagery = vision_inputs(batch, "imagery")
-    tokens = jax.lax.stop_gradient(encode_vision(model, params, imagery))
-    targets = segment_means(tokens, jnp.asarray(batch["imagery_segment"]), tokens.shape[1])
-    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      position_ids=batch["position_ids"], vision=vision_inputs(batch, "video"),
-                      latent_embeds=targets)
-    return out, targets
+def first_vs_last(log: list[dict], key: str) -> tuple[float, float]:
+    """Mean of a metric over the first and the last quarter of a run's rows that have it."""
+    values = [row[key] for row in log if key in row and (key != "latent_loss" or row.get("latent_targets"))]
+    quarter = max(len(values) // 4, 1)
+    return float(np.mean(values[:quarter])), float(np.mean(values[-quarter:]))
 
 
 def run(workdir: str | Path, config: Any) -> dict:
-    """Run the demo with the settings of `configs/demo.py`; write `workdir/demo.json`."""
+    """Run the demo with the settings of `configs/demo.py`; write `workdir/results.json`."""
     if config.model not in PRESETS:
         raise InputError(f"config.model {config.model!r} is not one of {sorted(PRESETS)}.")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str]] = []
     start = time.perf_counter()
+    lines: list[str] = []
+
+    def say(step: str, result: str) -> None:
+        lines.append(f"  {step:<34} {result}  [{time.perf_counter() - start:.0f} s]")
+        print(lines[-1], flush=True)
 
     data = workdir / "data"
     scene = SceneConfig(num_frames=config.frames, image_size=(config.image_size, config.image_size))
-    manifest = synthesize(data, config.num_scenes, seed=config.seed, config=SynthConfig(scene=scene), progress=False)
-    split_records = {k: v["records"] for k, v in manifest["splits"].items()}
-    rows.append(("synthesised 4D scenes -> records", f"{config.num_scenes} scenes, records {split_records}"))
+    manifest = synthesize(data, config.num_scenes, seed=config.seed,
+                          config=SynthConfig(scene=scene, families=tuple(config.families)), progress=False)
+    say("synthesise 4D scenes -> records", f"{config.num_scenes} scenes, records per split "
+        f"{ {k: v['records'] for k, v in manifest['splits'].items()} }")
 
     tokenizer = build_tokenizer(record_texts(data / "train"), vocab_size=config.tokenizer_vocab_size)
     tokenizer.save_pretrained(workdir / "tokenizer")
-    rows.append(("tokenizer (byte BPE + Qwen + latent tokens)", f"{len(tokenizer)} tokens -> {workdir / 'tokenizer'}"))
+    say("tokenizer (byte BPE + latent tokens)", f"{len(tokenizer)} tokens")
 
-    model = Qwen25VL(config_for_tokenizer(tokenizer, PRESETS[config.model]()))
-    params = init_params(model, jax.random.key(config.seed))
-    n_params = sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
-    rows.append((f"{config.model} Qwen2.5-VL initialised", f"{n_params:,} parameters"))
+    stage_settings(config.dift, config, workdir)
+    dift.train(config.dift, workdir / "dift", data=str(data), progress=False)
+    log = [json.loads(line) for line in (workdir / "dift" / "metrics.jsonl").read_text().splitlines()]
+    (ce0, ce1), (lat0, lat1) = first_vs_last(log, "ce"), first_vs_last(log, "latent_loss")
+    say(f"DIFT from scratch, {len(log)} steps", f"CE {ce0:.2f} -> {ce1:.2f}, latent 1-cos {lat0:.3f} -> {lat1:.3f}")
 
-    pipeline = PipelineConfig(batch_size=config.batch_size, seed=config.seed, features=feature_config(config))
-    batches = iter(build_dataset(data / "train", tokenizer, model.config, pipeline))
-    batch = next(b for b in batches if b["latent_mask"].any())  # one that exercises the imagery inputs
-    out, _ = batch_forward(model, params, batch)
-    rows.append(("pipeline batch -> forward with imagery latents",
-                 f"{int(batch['example_mask'].sum())} samples, {int(batch['latent_mask'].sum())} latent inputs, "
-                 f"logits {tuple(out.logits.shape)}"))
+    eval_config = evaluate.EvalConfig(batch_size=config.eval_batch_size, max_new_tokens=config.eval_max_new_tokens,
+                                      seq_buckets=tuple(config.dift.data.seq_buckets), max_frames=config.frames,
+                                      video_max_pixels=config.image_size ** 2,
+                                      latent_size=int(config.dift.data.latent_size))
+    tables = {"dift": evaluate.evaluate(workdir / "dift", data, workdir / "eval_dift", eval_config, progress=False)}
+    say("eval after DIFT (test split)", f"micro {tables['dift']['micro']['accuracy']:.1%} "
+        f"(chance {tables['dift']['micro']['chance']:.1%})")
 
-    sample = next(records.read(data / "test"))
-    prompt = featurize(sample, tokenizer, model.config, feature_config(config, supervised=False))
-    video = {"pixel_values_videos": prompt["video_patches"], "video_grid_thw": prompt["video_grid"][None],
-             "second_per_grid_ts": np.array([prompt["second_per_grid"]])}
-    ids = prompt["input_ids"][None]
-    tokens = np.asarray(greedy_generate(params, prepare_prompt(model, ids, **video), model=model,
-                                        max_new_tokens=config.max_new_tokens))
-    full = forward(model, params, np.concatenate([ids, tokens], axis=1), **video).logits
-    if not np.array_equal(np.argmax(np.asarray(full[0, ids.shape[1] - 1:-1]), -1), tokens[0]):
-        raise RuntimeError("KV-cache decoding diverged from the full forward.")
-    rows.append((f"greedy decode, {config.max_new_tokens} tokens, KV cache",
-                 "equals the full forward at every step (untrained text)"))
+    stage_settings(config.rl, config, workdir)
+    rl.train(config.rl, workdir / "rl", init=str(workdir / "dift"), data=str(data), progress=False)
+    log = [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    r0, r1 = first_vs_last(log, "reward")
+    say(f"4DRL (GRPO), {len(log)} steps", f"reward {r0:.3f} -> {r1:.3f}, max log-prob drift "
+        f"{max(row['logprob_drift'] for row in log):.1e}")
+    tables["rl"] = evaluate.evaluate(workdir / "rl", data, workdir / "eval_rl", eval_config, progress=False)
+    say("eval after 4DRL (test split)", f"micro {tables['rl']['micro']['accuracy']:.1%}")
 
+    model, params = checkpoint.restore_params(workdir / "rl" / "checkpoints")
     hf.save(model, params, workdir / "hf", tokenizer=tokenizer)
-    _, params_hf = hf.load(workdir / "hf")
-    checkpoint.save_params(workdir / "checkpoint", model, params_hf)
-    _, params_ckpt = checkpoint.restore_params(workdir / "checkpoint")
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
-                                                   jax.tree_util.tree_leaves(params_ckpt), strict=True))
-    if not same:
-        raise RuntimeError("The HF/Orbax round trip changed the parameters.")
-    rows.append(("JAX -> HF safetensors -> JAX -> Orbax -> JAX", "parameters identical bit for bit"))
+    _, reloaded = hf.load(workdir / "hf")
+    if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                   jax.tree_util.tree_leaves(reloaded), strict=True)):
+        raise RuntimeError("The Hugging Face export changed the parameters.")
+    say("4DRL policy -> HF safetensors", "reloads bit for bit")
 
-    elapsed = time.perf_counter() - start
-    width = max(len(name) for name, _ in rows)
-    print(f"\nfourd-jax demo ({elapsed:.0f} s on {jax.devices()[0].device_kind})")
-    for name, result in rows:
-        print(f"  {name:<{width}}  {result}")
-    summary = {"steps": dict(rows), "seconds": round(elapsed, 1), "workdir": str(workdir),
-               "config": config.to_dict()}
-    (workdir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    for stage in ("dift", "rl"):
+        plot.plot_metrics(workdir / stage)
+    report.plot_stages(tables, workdir / "accuracy.png")
+    results = report.merge_stage_results(tables)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["config"] = config.to_dict()
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nfourd-jax demo: {results['seconds']:.0f} s on {jax.devices()[0].device_kind}; accuracy on held-out "
+          f"synthetic scenes\n")
+    print(report.compare_table(tables))
+    print(f"\nwrote {workdir}/results.json, accuracy.png, */metrics.jsonl and curves, hf/")
+    return results

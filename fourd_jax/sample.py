@@ -1,22 +1,61 @@
-"""Jitted KV-cache decoding: one prefill, then one token per step inside `lax.while_loop`.
+"""Jitted KV-cache sampling: one prefill, then one token per step inside `lax.while_loop`.
 
 The cache is preallocated to prompt + max_new_tokens slots, so every step has the same shapes
 and the whole generation is a single compiled program with no host round-trip per token.
+
+Imagery decoding (SPEC §3.4): when a row emits `<|latent_start|>`, the next `latent_size` steps
+write `<|latent_pad|>` and feed the previous step's final hidden state as the input embedding
+(a continuous thought), then `<|latent_end|>` is forced. The fed hidden states come back with
+the tokens (`Rollout.latent_inputs`) so a later forward can score exactly the sampled sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
+import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
-from fourd_jax.model.text import init_kv_cache
+from fourd_jax.model.text import KVCache, init_kv_cache
 from fourd_jax.model.vlm import PreparedInputs, Qwen25VL, prepare_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to continue a prompt. Hashable: it is a static argument of the jitted sampler."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    eos_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a row (incl.)
+    pad_token_id: int = 0
+    imagery: bool = True  # latent blocks after <|latent_start|> (when the model has latent tokens)
+    latent_size: int = 4
+    max_latent_blocks: int = 8  # <|latent_start|> is masked once a row has used this many
+    # Never sample the image/video placeholders: a forward over the sampled sequence would put
+    # visual features there, so it would not score the sequence that was sampled.
+    block_media_tokens: bool = True
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Sampled continuations of a batch of prompts (rows are prompt-major: prompt i, sample j at
+    row i * num_samples + j)."""
+
+    tokens: jax.Array  # [B, N] int32; pad_token_id after a row ends
+    logprobs: jax.Array  # [B, N] float32 log-prob of each sampled token (0 where forced or padding)
+    completion_mask: jax.Array  # [B, N] bool: tokens up to and including the one that ended the row
+    forced_mask: jax.Array  # [B, N] bool: tokens written by the imagery rule, not sampled
+    latent_inputs: jax.Array  # [B, K, hidden]: hidden states fed at the row's <|latent_pad|> slots, in order
 
 
 def prepare_prompt(model: Qwen25VL, *processor_outputs: Any, **processor_kwargs: Any) -> PreparedInputs:
@@ -25,12 +64,174 @@ def prepare_prompt(model: Qwen25VL, *processor_outputs: Any, **processor_kwargs:
     Prompts must be left-padded: generation appends at the right edge of every row.
     """
     prompt = prepare_inputs(model.config, *processor_outputs, **processor_kwargs)
-    if np.any(np.asarray(prompt.attention_mask)[:, -1] == 0):
-        raise InputError("Prompts must be left-padded: attention_mask is 0 in the last column.")
+    check_left_padded(prompt.attention_mask)
     return prompt
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def tokenizer_stops(tokenizer: Any, stop_strings: Any = ()) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """(EOS ids, stop sequences) for a tokenizer: its EOS and `<|im_end|>` (the chat turn's end),
+    and each stop string as the token ids it encodes to."""
+    eos = tuple(sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                        if isinstance(i, int) and i >= 0}))
+    return eos, tuple(tuple(tokenizer.encode(text, add_special_tokens=False)) for text in stop_strings)
+
+
+def check_left_padded(attention_mask: Any) -> None:
+    if np.any(np.asarray(attention_mask)[:, -1] == 0):
+        raise InputError("Prompts must be left-padded: attention_mask is 0 in the last column.")
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
+    """log p(token) under the sampling temperature (1 for greedy), in fp32: the policy whose
+    probabilities the sampler reports and GRPO scores."""
+    scaled = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+    return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[..., None], axis=-1)[..., 0]
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature-scaled fp32 logits with everything outside top-k / the top-p nucleus at -inf."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        kept = (cumulative - jax.nn.softmax(ordered, axis=-1)) < top_p
+        threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Next token per row: argmax when greedy, else a draw from the filtered distribution."""
+    if config.temperature == 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def _repeat_rows(tree: Any, times: int) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, times, axis=0), tree)
+
+
+def _repeat_cache(cache: KVCache, times: int) -> KVCache:
+    return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_samples"))
+def generate(
+    params: Any,
+    prompt: PreparedInputs,
+    key: jax.Array,
+    *,
+    model: Qwen25VL,
+    config: SamplingConfig,
+    num_samples: int = 1,
+) -> Rollout:
+    """Continue every left-padded prompt `num_samples` times (the prompt is prefilled once).
+
+    Returns a Rollout with B = prompts x num_samples rows of `config.max_new_tokens` tokens.
+    """
+    c = model.config
+    n_new = config.max_new_tokens
+    imagery = config.imagery and c.latent_start_token_id is not None
+    latent_size = config.latent_size if imagery else 0
+    slots = config.max_latent_blocks * latent_size if imagery else 1
+    prompts, prompt_len = prompt.input_ids.shape
+    variables = {"params": params}
+
+    cache = init_kv_cache(c, prompts, prompt_len + n_new)
+    mask = jnp.concatenate([prompt.attention_mask.astype(jnp.int32), jnp.zeros((prompts, n_new), jnp.int32)], axis=1)
+    out = model.apply(variables, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
+                      vision=prompt.vision, kv_cache=cache, cache_index=0, compute_logits=False)
+    hidden = out.hidden_states[:, -1]
+    cache, mask, hidden = _repeat_cache(out.kv_cache, num_samples), _repeat_rows(mask, num_samples), \
+        _repeat_rows(hidden, num_samples)
+    rope_deltas = jnp.repeat(prompt.rope_deltas, num_samples)
+    batch = prompts * num_samples
+    chex.assert_shape(hidden, (batch, c.text.hidden_size))
+
+    def next_token(hidden, blocks, step_key):
+        logits = model.apply(variables, hidden, method=Qwen25VL.logits).astype(jnp.float32)
+        allowed = logits
+        if config.block_media_tokens:
+            allowed = allowed.at[:, jnp.array([c.image_token_id, c.video_token_id])].set(-jnp.inf)
+        if imagery:  # pads are only ever forced; a row out of blocks may not open another
+            allowed = allowed.at[:, c.latent_pad_token_id].set(-jnp.inf)
+            allowed = allowed.at[:, c.latent_start_token_id].set(
+                jnp.where(blocks >= config.max_latent_blocks, -jnp.inf, logits[:, c.latent_start_token_id]))
+        token = choose_tokens(allowed, step_key, config)
+        # The model's own log-prob (what a scoring forward computes), not the constrained one.
+        return token, token_logprobs(logits, token, config.temperature)
+
+    def stops(tokens, step, token):
+        ended = jnp.zeros(batch, bool)
+        for eos in config.eos_token_ids:
+            ended |= token == eos
+        for seq in config.stop_sequences:
+            n = len(seq)
+            if n > n_new:  # cannot fit in the completion
+                continue
+            window = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(step - n + 1, 0), n, axis=1)
+            ended |= (step + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
+        return ended
+
+    def cond(state):
+        return (state["step"] < n_new) & ~jnp.all(state["done"])
+
+    def body(state):
+        step, remaining, done = state["step"], state["remaining"], state["done"]
+        forced_pad, forced_end = remaining > 1, remaining == 1
+        token = state["token"]
+        if imagery:
+            token = jnp.where(forced_pad, c.latent_pad_token_id, jnp.where(forced_end, c.latent_end_token_id, token))
+        live = ~done
+        token = jnp.where(live, token, config.pad_token_id)
+        forced = (forced_pad | forced_end) & live
+        tokens = state["tokens"].at[:, step].set(token)
+        logprobs = state["logprobs"].at[:, step].set(jnp.where(forced | done, 0.0, state["logprob"]))
+        feed = forced_pad & live
+        count = state["latent_count"]
+        at_slot = (jnp.arange(slots)[None, :] == count[:, None]) & feed[:, None]
+        latent_inputs = jnp.where(at_slot[..., None], state["hidden"][:, None, :].astype(state["latent_inputs"].dtype),
+                                  state["latent_inputs"])
+        opens = live & (remaining == 0) & (token == c.latent_start_token_id) if imagery else jnp.zeros(batch, bool)
+        ended = live & stops(tokens, step, token)
+
+        slot = prompt_len + step
+        mask = jax.lax.dynamic_update_slice(state["mask"], live[:, None].astype(jnp.int32), (0, slot))
+        positions = rope.text_position_ids(jnp.full((batch, 1), slot), rope_deltas)
+        out = model.apply(variables, token[:, None], attention_mask=mask, position_ids=positions,
+                          latent_embeds=state["hidden"][:, None, :] if imagery else None,
+                          kv_cache=state["cache"], cache_index=slot, compute_logits=False)
+        hidden = out.hidden_states[:, -1]
+        blocks = state["blocks"] + opens
+        new_token, new_logprob = next_token(hidden, blocks, jax.random.fold_in(key, step + 1))
+        return dict(
+            step=step + 1, token=new_token, logprob=new_logprob, hidden=hidden,
+            remaining=jnp.where(remaining > 0, remaining - 1, jnp.where(opens, latent_size + 1, 0)),
+            blocks=blocks, done=done | ended, cache=out.kv_cache, mask=mask, tokens=tokens, logprobs=logprobs,
+            completion=state["completion"].at[:, step].set(live), forced=state["forced"].at[:, step].set(forced),
+            latent_inputs=latent_inputs, latent_count=count + feed,
+        )
+
+    blocks = jnp.zeros(batch, jnp.int32)
+    first, first_logprob = next_token(hidden, blocks, jax.random.fold_in(key, 0))
+    state = dict(
+        step=jnp.int32(0), token=first, logprob=first_logprob, hidden=hidden, remaining=jnp.zeros(batch, jnp.int32),
+        blocks=blocks, done=jnp.zeros(batch, bool), cache=cache, mask=mask,
+        tokens=jnp.full((batch, n_new), config.pad_token_id, jnp.int32), logprobs=jnp.zeros((batch, n_new)),
+        completion=jnp.zeros((batch, n_new), bool), forced=jnp.zeros((batch, n_new), bool),
+        latent_inputs=jnp.zeros((batch, slots, c.text.hidden_size), hidden.dtype),
+        latent_count=jnp.zeros(batch, jnp.int32),
+    )
+    state = jax.lax.while_loop(cond, body, state)
+    return Rollout(tokens=state["tokens"], logprobs=state["logprobs"], completion_mask=state["completion"],
+                   forced_mask=state["forced"], latent_inputs=state["latent_inputs"])
+
+
 def greedy_generate(
     params: Any,
     prompt: PreparedInputs,
@@ -40,34 +241,8 @@ def greedy_generate(
     eos_token_id: int = -1,
     pad_token_id: int = 0,
 ) -> jax.Array:
-    """Greedy continuation [B, max_new_tokens]; after EOS a row is filled with `pad_token_id`."""
-    batch, prompt_len = prompt.input_ids.shape
-    variables = {"params": params}
-    cache = init_kv_cache(model.config, batch, prompt_len + max_new_tokens)
-    mask = jnp.concatenate(
-        [prompt.attention_mask, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1
-    )
-    out = model.apply(variables, prompt.input_ids, attention_mask=mask,
-                      position_ids=prompt.position_ids, vision=prompt.vision, kv_cache=cache,
-                      cache_index=0, compute_logits=False)
-    first = jnp.argmax(model.apply(variables, out.hidden_states[:, -1], method=Qwen25VL.logits), -1)
-
-    def cond(state):
-        step, _, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, token, cache, mask, done, tokens = state
-        token = jnp.where(done, pad_token_id, token)
-        tokens = tokens.at[:, step].set(token)
-        done = done | (token == eos_token_id)
-        slot = prompt_len + step
-        mask = jax.lax.dynamic_update_slice(mask, jnp.ones((batch, 1), jnp.int32), (0, slot))
-        positions = rope.text_position_ids(jnp.full((batch, 1), slot), prompt.rope_deltas)
-        out = model.apply(variables, token[:, None], attention_mask=mask, position_ids=positions,
-                          kv_cache=cache, cache_index=slot)
-        return step + 1, jnp.argmax(out.logits[:, -1], -1), out.kv_cache, mask, done, tokens
-
-    tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
-    state = (0, first.astype(jnp.int32), out.kv_cache, mask, jnp.zeros(batch, bool), tokens)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    """Greedy continuation [B, max_new_tokens] of plain text, unconstrained like `transformers`
+    `generate(do_sample=False)` (no imagery blocks); after EOS a row is filled with `pad_token_id`."""
+    config = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=(eos_token_id,) if eos_token_id >= 0 else (),
+                            pad_token_id=pad_token_id, imagery=False, block_media_tokens=False)
+    return generate(params, prompt, jax.random.key(0), model=model, config=config).tokens

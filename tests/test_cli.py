@@ -40,17 +40,46 @@ def test_bad_input_is_one_sentence_on_stderr(tmp_path, capsys):
 def test_console_script_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "fourd_jax.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for command in ("convert", "bench", "demo"):
+    for command in ("convert", "bench", "synth", "data", "dift", "rl", "eval", "plot", "demo"):
         assert command in out
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).parents[1])  # configs/ is resolved from the repository root
-    assert cli.main(["demo", "--workdir", str(tmp_path), "--config.max_new_tokens=5"]) == 0
-    result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["config"]["max_new_tokens"] == 5
-    assert result["steps"]["JAX -> HF safetensors -> JAX -> Orbax -> JAX"] == "parameters identical bit for bit"
-    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    small = ["--config.num_scenes=10", "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
+             "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",
+             "--config.rl.optim.total_steps=1", "--config.rl.sample.max_new_tokens=12",
+             "--config.rl.data.seq_buckets=(1024,)"]
+    assert cli.main(["demo", "--workdir", str(tmp_path), *small]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result) >= {"subtasks", "micro", "macro"}
+    n = 0
+    for name, row in result["subtasks"].items():
+        assert set(row) >= {"n", "chance", "dift", "rl"} and row["chance"] == 0.25, name
+        assert 0.0 <= row["dift"] <= 1.0 and 0.0 <= row["rl"] <= 1.0
+        n += row["n"]
+    assert n == result["micro"]["n"] > 0
+    predictions = (tmp_path / "eval_rl" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == n  # every held-out question answered
+    assert json.loads((tmp_path / "dift" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])["logprob_drift"] <= 1e-4
+    out = capsys.readouterr().out
+    assert "dift" in out and "rl" in out and "micro" in out
+    for path in ("accuracy.png", "dift/curves.png", "rl/curves.png", "hf/config.json", "tokenizer/tokenizer.json"):
+        assert (tmp_path / path).exists(), path
+
+    # The eval command on the same run, and its one-sentence refusals.
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "dift"), "--data", str(tmp_path / "data"), "--out",
+                     str(tmp_path / "ev"), "--max-new-tokens", "4", "--max-frames", "8",
+                     "--max-pixels", str(112 * 112), "--max-samples", "1"]) == 0
+    again = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert again["micro"]["n"] == 1 and (tmp_path / "ev" / "results.csv").exists()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "ev")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "dift"), "--data", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "ev"), "--tokenizer", str(tmp_path / "ev")]) == 2
+
     assert cli.main(["demo", "--workdir", str(tmp_path), "--config.model=huge"]) == 2
     assert "config.model 'huge' is not one of" in capsys.readouterr().err
     assert cli.main(["demo", "--workdir", str(tmp_path), "--config.no_such_field=1"]) == 2

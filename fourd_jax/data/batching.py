@@ -112,8 +112,12 @@ def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int
 
 
 def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, seq_buckets: Sequence[int],
-            model_config: ModelConfig, latent_size: int) -> dict[str, Any]:
-    """A fixed-shape batch of `batch_size` rows from the good examples (bad ones counted)."""
+            model_config: ModelConfig, latent_size: int, left_pad: bool = False) -> dict[str, Any]:
+    """A fixed-shape batch of `batch_size` rows from the good examples (bad ones counted).
+
+    left_pad puts each row's tokens at the right edge (prompts for generation) and adds
+    `rope_deltas` [B]: a token decoded into cache slot s sits at M-RoPE position s + delta.
+    """
     good = [e for e in examples if not isinstance(e, BadExample)]
     skipped = [e.reason for e in examples if isinstance(e, BadExample)]
     longest = max((len(e["input_ids"]) for e in good), default=1)
@@ -130,15 +134,20 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         "position_ids": np.zeros((3, batch_size, length), np.int32),
         "example_mask": np.zeros(batch_size, bool),
     }
+    if left_pad:
+        batch["rope_deltas"] = np.zeros(batch_size, np.int32)
     for row, e in enumerate(good):
         n = len(e["input_ids"])
-        batch["input_ids"][row, :n] = e["input_ids"]
-        batch["targets"][row, :n] = e["targets"]
-        batch["attention_mask"][row, :n] = 1
-        batch["loss_mask"][row, :n] = e["loss_mask"]
-        batch["latent_mask"][row, :n] = e["latent_mask"]
-        batch["position_ids"][:, row, :n] = e["position_ids"]
+        cols = slice(length - n, length) if left_pad else slice(0, n)
+        batch["input_ids"][row, cols] = e["input_ids"]
+        batch["targets"][row, cols] = e["targets"]
+        batch["attention_mask"][row, cols] = 1
+        batch["loss_mask"][row, cols] = e["loss_mask"]
+        batch["latent_mask"][row, cols] = e["latent_mask"]
+        batch["position_ids"][:, row, cols] = e["position_ids"]
         batch["example_mask"][row] = True
+        if left_pad:
+            batch["rope_deltas"][row] = int(np.max(e["position_ids"])) + 1 - length
     batch.update(media_arrays([e["video_patches"] for e in good], [e["video_grid"] for e in good], batch_size,
                               model_config, "video"))
     batch.update(media_arrays([e["imagery_patches"] for e in good], [e["imagery_grids"] for e in good], batch_size,
@@ -157,8 +166,10 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
             batch["latent_targets"][row, : len(targets)] = targets
     batch["num_skipped"] = np.int32(len(skipped))
     batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
-    for key in ("answer", "sample_id", "family", "subtask"):
-        batch[key] = np.array([e[key] for e in good] + [""] * (batch_size - len(good)), dtype=object)
+    for key in ("answer", "sample_id", "family", "subtask", "trace"):
+        batch[key] = np.array([e.get(key, "") for e in good] + [""] * (batch_size - len(good)), dtype=object)
+    batch["num_options"] = np.array([e.get("num_options", 4) for e in good] + [4] * (batch_size - len(good)),
+                                    np.int32)
     return batch
 
 

@@ -135,5 +135,5 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
         "imagery_grids": imagery_grids if latent_targets is None else np.zeros((0, 3), np.int64),
         **({} if latent_targets is None else {"latent_targets": latent_targets}),
         "answer": sample["answer"], "sample_id": sample["sample_id"], "family": sample["family"],
-        "subtask": sample["subtask"],
+        "subtask": sample["subtask"], "num_options": len(sample["options"]), "trace": sample.get("trace", ""),
     }

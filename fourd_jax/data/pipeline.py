@@ -38,6 +38,7 @@ class PipelineConfig:
     num_workers: int = 0
     skip_bad_records: bool = True
     drop_remainder: bool = True
+    left_pad: bool = False  # prompts for generation are left-padded (collate adds rope_deltas)
     # Threads featurizing ahead inside each process, and how many examples they may buffer.
     # Grain's defaults (16 threads, 500 examples) hold gigabytes of video patches.
     read_threads: int = 2
@@ -105,7 +106,7 @@ class Collate:
 
     def __call__(self, examples):
         return collate(examples, self.config.batch_size, self.config.seq_buckets, self.model_config,
-                       self.config.features.latent_size)
+                       self.config.features.latent_size, left_pad=self.config.left_pad)
 
 
 def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model_config: ModelConfig,

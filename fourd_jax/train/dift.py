@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from fourd_jax import sharding
@@ -31,8 +30,8 @@ from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train import job, loop, observe
 from fourd_jax.train.checkpoints import Checkpointer
-from fourd_jax.train.optim import learning_rate, make_optimizer, trainable_mask
-from fourd_jax.train.state import TrainState, abstract_state, new_state, state_shardings
+from fourd_jax.train.optim import stop_frozen, trainable_mask
+from fourd_jax.train.state import TrainState, abstract_state, guarded_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +65,10 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.sum(logp * jax.nn.one_hot(targets, logp.shape[-1], dtype=logp.dtype), axis=-1)
 
 
-def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]
-              ) -> dict[str, jax.Array]:
-    """Summed CE and latent losses over a (micro-)batch. frame_lens: the static (video, imagery)
-    frame lengths of the batch's media layouts."""
+def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]):
+    """(model output, imagery targets [B, K, D]) of a pipeline batch with the targets fed at the
+    latent pads, as DIFT trains. frame_lens: the static (video, imagery) frame lengths of the
+    batch's media layouts."""
     if "latent_targets" in batch:  # precomputed in the records by the same frozen tower
         targets = batch["latent_targets"]
     else:
@@ -80,6 +79,13 @@ def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: t
                       position_ids=batch["position_ids"],
                       vision=vision_inputs({**batch, "video_frame_len": frame_lens[0]}, "video"),
                       latent_embeds=targets)
+    return out, targets
+
+
+def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]
+              ) -> dict[str, jax.Array]:
+    """Summed CE and latent losses over a (micro-)batch (see `teacher_forced` for frame_lens)."""
+    out, targets = teacher_forced(params, batch, model, frame_lens)
     ce = token_cross_entropy(out.logits, batch["targets"]) * batch["loss_mask"]
     latent = latent_cosine_terms(out.hidden_states, targets, batch["latent_mask"])
     return {"ce_sum": ce.sum(), "latent_sum": latent.sum()}
@@ -112,8 +118,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
                "latent_sum": loss_config.latent_weight / jnp.maximum(n["latent_count"], 1.0)}
 
     def objective(params, micro):
-        params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-        sums = loss_sums(params, micro, model, frame_lens)
+        sums = loss_sums(stop_frozen(params, trainable), micro, model, frame_lens)
         return sum(weights[k] * v for k, v in sums.items()), sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -127,20 +132,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
         zero = jnp.zeros((), jnp.float32)
         init = (zero, {"ce_sum": zero, "latent_sum": zero}, jax.tree_util.tree_map(jnp.zeros_like, state.params))
         (loss, sums, grads), _ = jax.lax.scan(accumulate, init, split_micro_batches(batch, grad_accum))
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return optax.apply_updates(state.params, updates), opt_state
-
-    # Only one branch runs: a finite step costs no extra pass over the state.
-    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-    )
+    new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
     metrics = {
         "loss": loss, "ce": sums["ce_sum"] / jnp.maximum(n["ce_count"], 1.0),
         "latent_loss": sums["latent_sum"] / jnp.maximum(n["latent_count"], 1.0),
@@ -169,11 +161,7 @@ class Trainer:
 def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.DEFAULT_RULES) -> Trainer:
     """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step."""
     model, params = job.model_and_params(config, tokenizer, mesh, rules)
-    optim = ml_collections.ConfigDict(dict(config.optim))
-    tx = make_optimizer(optim, params)
-    shardings = state_shardings(model, tx, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=shardings)(params)
+    tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
     step = jax.jit(functools.partial(
         train_step, model=model, tx=tx, trainable=trainable_mask(params, tuple(config.optim.freeze)),
         loss_config=DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight),
@@ -192,7 +180,7 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.D
 
     step_fn = on_device(step)
     eval_fn = on_device(lambda state, batch, frame_lens: sums(state.params, batch, frame_lens))
-    return Trainer(model, tx, shardings, state, step_fn, eval_fn, learning_rate(optim))
+    return Trainer(model, tx, shardings, state, step_fn, eval_fn, schedule)
 
 
 def validation(trainer: Trainer, batches: Any, loss_config: DiftLossConfig):
@@ -230,9 +218,10 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
     observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
     evaluate = None
     if config.train.eval_batches and (data_dir / "val").is_dir():
-        val_config = dataclasses.replace(job.pipeline_config(config), shuffle=False, num_epochs=1, drop_remainder=False)
+        val_config = dataclasses.replace(job.pipeline_config(config), shuffle=False, num_epochs=1)
         val_batches = list(itertools.islice(build_dataset(data_dir / "val", tokenizer, trainer.model.config,
                                                           val_config), config.train.eval_batches))
+        val_batches = loop.agree_batch_list(val_batches)
         evaluate = validation(trainer, val_batches, DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight))
     metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
     try:

@@ -42,17 +42,20 @@ def data_directory(config: Any, workdir: Path, data: str | None) -> Path:
 
 
 def tokenizer(config: Any, workdir: Path, data_dir: Path) -> Any:
-    """config.tokenizer, else WORKDIR/tokenizer (trained on the data the first time)."""
+    """config.tokenizer, else WORKDIR/tokenizer (trained on the data the first time); either way a
+    copy ends up in WORKDIR/tokenizer."""
     from transformers import AutoTokenizer
 
     from fourd_jax.data.tokenizer import build_tokenizer, record_texts
     from fourd_jax.model.imagery import add_latent_tokens
 
+    saved = workdir / "tokenizer"  # always kept with the run, so its checkpoints evaluate and export alone
     if config.tokenizer:
         tok = AutoTokenizer.from_pretrained(config.tokenizer)
         add_latent_tokens(tok)
+        if jax.process_index() == 0 and not saved.exists():
+            tok.save_pretrained(saved)
         return tok
-    saved = workdir / "tokenizer"
     if not saved.exists():
         tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=int(config.tokenizer_vocab_size))
         if jax.process_index() == 0:
@@ -87,6 +90,37 @@ def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen
         model, params = add_latent_imagery(model, params, tok)
     shardings = sharding.param_shardings(abstract_params(model), mesh, rules)
     return model, jax.device_put(params, shardings)
+
+
+def resolve_checkpoint(path: str | Path | None, what: str = "--checkpoint") -> tuple[str, str]:
+    """(params directory, tokenizer directory or "") for a training workdir (its checkpoints/ and
+    tokenizer/), an Orbax checkpoint directory, or a Hugging Face directory (its own tokenizer)."""
+    source = Path(path or "")
+    if not str(path or "") or not source.exists():
+        raise InputError(f"{what} {str(path or '') or '(empty)'} does not exist.")
+    if (source / "checkpoints").is_dir():
+        tokenizer = source / "tokenizer"
+        return str(source / "checkpoints"), str(tokenizer) if tokenizer.is_dir() else ""
+    if (source / "config.json").exists():
+        return str(source), str(source) if (source / "tokenizer_config.json").exists() else ""
+    beside = source.parent / "tokenizer"  # WORKDIR/checkpoints -> WORKDIR/tokenizer
+    return str(source), str(beside) if beside.is_dir() else ""
+
+
+def optimizer_and_state(config: Any, model: Qwen25VL, params: Any, mesh: Any, rules: Any):
+    """(optimizer, state shardings, state at step 0, lr schedule) for config.optim, created sharded."""
+    import flax.linen as nn
+    import ml_collections
+
+    from fourd_jax.train.optim import learning_rate, make_optimizer
+    from fourd_jax.train.state import new_state, state_shardings
+
+    optim = ml_collections.ConfigDict(dict(config.optim))
+    tx = make_optimizer(optim, params)
+    shardings = state_shardings(model, tx, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=shardings)(params)
+    return tx, shardings, state, learning_rate(optim)
 
 
 def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:

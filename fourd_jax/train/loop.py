@@ -83,6 +83,20 @@ def agree_shapes(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def agree_batch_list(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A fixed list of host batches (e.g. validation) that every process can step through together.
+
+    Each process keeps the number of batches the process with the fewest has, and each batch is
+    padded to the shapes every process agrees on, so the collectives in the step line up.
+    """
+    if jax.process_count() == 1:
+        return list(batches)
+    from jax.experimental import multihost_utils
+
+    count = int(np.min(multihost_utils.process_allgather(np.array([len(batches)]))))
+    return [agree_shapes(batch) for batch in batches[:count]]
+
+
 def device_batch(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """The numeric per-example arrays of a host batch as global arrays sharded over the batch axis.
 
@@ -95,13 +109,24 @@ def device_batch(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, jax.Arra
         if not isinstance(value, np.ndarray) or value.dtype == object or value.ndim == 0:
             continue
         axis = 1 if key == "position_ids" else 0
-        if value.shape[axis] != rows:
-            continue
-        spec = [None] * value.ndim
-        spec[axis] = sharding.batch_sharding(mesh, 1, rules).spec[0]
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),
-                                                          value)
+        if value.shape[axis] == rows:
+            out[key] = shard_rows(value, mesh, rules, axis)
     return out
+
+
+def shard_rows(value: np.ndarray, mesh: Mesh, rules, axis: int = 0) -> jax.Array:
+    """This process's rows of a per-example array as a global array split over the batch axes."""
+    spec = [None] * value.ndim
+    spec[axis] = sharding.batch_sharding(mesh, 1, rules).spec[0]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), value)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded over its first (batch) axis."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {shard.index[0].start or 0: np.asarray(shard.data) for shard in x.addressable_shards}
+    return np.concatenate([shards[start] for start in sorted(shards)])
 
 
 def check_batch_divides(global_batch: int, mesh: Mesh) -> None:

@@ -33,6 +33,11 @@ def trainable_mask(params: Any, freeze: Sequence[str]) -> Any:
     return path_labels(params, lambda path, _: not any(p.search(path) for p in patterns))
 
 
+def stop_frozen(params: Any, trainable: Any) -> Any:
+    """params with the gradient stopped at every frozen leaf (`trainable_mask` False)."""
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
 def decay_mask(params: Any) -> Any:
     """Weight decay on matrices (kernels, embeddings), not on norm scales or biases."""
     return path_labels(params, lambda path, _: path.rsplit("/", 1)[-1] in ("kernel", "embedding"))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from fourd_jax.errors import InputError
 
-PANELS = (("loss", "ce", "latent_loss"), ("grad_norm",), ("lr",), ("tokens_per_s",))
+PANELS = (("loss", "ce", "latent_loss"), ("reward", "reward_accuracy", "reward_format"), ("kl", "logprob_drift"),
+          ("grad_norm",), ("lr",), ("tokens_per_s",))
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

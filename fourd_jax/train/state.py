@@ -58,3 +58,27 @@ def state_bytes_per_device(state: TrainState) -> dict[int, int]:
         for shard in leaf.addressable_shards:
             held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
     return held
+
+
+def guarded_update(state: TrainState, grads: Any, loss: jax.Array, tx: optax.GradientTransformation
+                   ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """Apply one optimizer update; returns (new state, gradient global norm, finite flag).
+
+    A step whose loss or gradient norm is not finite leaves params and optimizer state as they
+    were and bumps the non-finite counters (the loop stops after too many in a row).
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    # Only one branch runs: a finite step costs no extra pass over the state.
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    new = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    return new, grad_norm, finite

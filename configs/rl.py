@@ -1,0 +1,71 @@
+"""4DRL (GRPO) runs: `fourd-jax rl --config configs/rl.py:PRESET --init DIFT_WORKDIR`.
+
+Built on the DIFT config of the same preset (model, data, mesh, distributed and checkpoint
+settings mean the same there), with the 4DThinker RL recipe (SPEC 3.5) for qwen25vl_3b / _7b:
+G = 8 rollouts at temperature 1.0, top-p 0.9, beta 0.01 with the k1 estimator, one iteration,
+lr 1e-6, at most 16 frames with the longest side <= 448.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def dift_config(arg: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("dift_config", Path(__file__).with_name("dift.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    c = dift_config(arg)
+    preset = c.model.preset
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.num_generations = 4  # G rollouts per prompt
+    c.rl.epsilon = 0.2
+    c.rl.beta = 0.01
+    c.rl.kl_estimator = "k1"  # upstream 4DThinker; "k3" also offered
+    c.rl.num_iterations = 1
+    c.rl.aggregation = "sequence-mean"  # per-sequence masked mean, then batch mean; or "token-mean"
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.temperature = 1.0
+    c.sample.top_p = 0.9
+    c.sample.top_k = 0
+    c.sample.max_new_tokens = 48
+    c.sample.stop_strings = ("</answer>",)
+    c.sample.imagery = True  # latent blocks with fed hidden states after <|latent_start|>
+    c.sample.max_latent_blocks = 8
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.accuracy = 1.0  # 4DThinker
+    c.reward.format = 0.2
+    c.reward.st_format = 0.2  # MLLM-4D ST-reward
+    c.reward.st_accuracy = 0.6
+    c.reward.st_camera = 0.1
+    c.reward.st_object = 0.1
+
+    c.data.batch_size = 2  # prompts per step (global); x G rollouts
+    c.train.eval_batches = 0
+    c.train.best_metric = ""
+    c.train.checkpoint_every = 20
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.optim.total_steps = 40
+    c.optim.weight_decay = 0.0
+
+    if preset in ("qwen25vl_3b", "qwen25vl_7b"):
+        c.rl.num_generations = 8
+        c.sample.max_new_tokens = 1024
+        c.data.batch_size = 8
+        c.data.max_frames = 16
+        c.data.video_max_pixels = 448 * 448
+        c.data.path = "data/rl"
+        c.optim.lr = 1e-6
+        c.optim.min_lr_ratio = 1.0  # constant after warmup
+        c.optim.total_steps = 500
+        c.train.checkpoint_every = 50
+    return c

@@ -1,0 +1,1 @@
+"""Evaluation: generation over records, answer extraction, per-sub-task accuracy."""

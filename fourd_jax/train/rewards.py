@@ -1,0 +1,252 @@
+"""Rule-based rewards for GRPO (4DRL) and the choice extractor used by evaluation.
+
+Everything here is plain Python (numpy for one norm) and works on the *decoded* completion with
+special tokens kept, so latent tokens and tags are visible to the rules.
+
+4DThinker (reward = accuracy_weight * accuracy + format_weight * format, weights 1.0 / 0.2):
+  - `fourdthinker_accuracy`: 1.0 iff the option letter read from the completion equals the first
+    character of the solution ("D" or "D. Pan Right" -> "D").
+  - `fourdthinker_format`: 1.0 iff `<think>...</think>` followed (after whitespace) by
+    `<answer>...</answer>` occurs anywhere.
+  - `fourdthinker_reward`: both components and the weighted total.
+  - `extract_choice`: the same letter reading for evaluation, with a restricted letter set and an
+    extra try with the latent tokens removed. The reward and the extractor share `_read_letter`.
+
+MLLM-4D ST-reward (reward = 0.2 format + 0.6 accuracy + 0.1 camera + 0.1 object, maximum 1.0):
+  - `st_format`: 0.5 for `<thinking>` and `<answer>` spans, 0.4 for object and camera centres,
+    0.1 for a thinking span longer than 20 characters (tags included).
+  - `st_accuracy`: exact string match of the answer span against the answer.
+  - `parse_centers` / `center_score`: the `Camera Center: [...]` / `Object Center: [...]` lists of
+    the completion and exp(-mean distance) to the true centres.
+  - `st_reward`: all components and the weighted total.
+
+`FourDThinkerWeights` and `STRewardWeights` hold the default weights; every reward returns a dict
+of its components plus the total under "reward".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Kept here (not imported from fourd_jax.model.imagery) so rewards load without JAX.
+LATENT_TOKENS = ("<|latent_start|>", "<|latent_pad|>", "<|latent_end|>")
+
+# Stock phrases deleted before looking for the letter, in deletion order. A phrase must come
+# before any phrase it contains ("The answer is" before "The answer"), else the shorter one would
+# leave a fragment behind; "Best answer:" must go because its "B" would be read as the choice.
+STOCK_PHRASES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is",
+    "The correct option is",
+    "Best answer:",
+    "Best option:",
+    "Answer:",
+    "Option:",
+)
+
+FOURDTHINKER_LETTERS = "ABCDEF"
+# Prose longer than this many words with no option letter yields no letter (upstream's rule).
+MAX_WORDS_WITHOUT_LETTER = 10
+
+_ANSWER_CONTENT = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL | re.IGNORECASE)
+_FOURDTHINKER_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+_ST_THINKING = re.compile(r"<thinking>.*?</thinking>", re.DOTALL)
+_ST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ST_CENTER = {label: re.compile(label + r":\s*\[.*?\]", re.DOTALL) for label in ("Object Center", "Camera Center")}
+# A thinking span (tags included) must be longer than this for the last 0.1 of the ST format score.
+ST_MIN_THINKING_CHARS = 20
+
+
+@dataclass(frozen=True)
+class FourDThinkerWeights:
+    """Weights of the 4DThinker reward (config defaults: accuracy 1.0, format 0.2)."""
+
+    accuracy: float = 1.0
+    format: float = 0.2
+
+
+@dataclass(frozen=True)
+class STRewardWeights:
+    """Weights of the MLLM-4D ST-reward; the defaults sum to 1.0, the maximum reward."""
+
+    format: float = 0.2
+    accuracy: float = 0.6
+    camera: float = 0.1
+    object: float = 0.1
+
+
+_FOURDTHINKER_DEFAULTS = FourDThinkerWeights()
+_ST_DEFAULTS = STRewardWeights()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4DThinker
+
+
+def _letter_in(text: str, letters: str) -> str | None:
+    """The first of `letters` in `text` after stock-phrase removal, under the word-count rule."""
+    for phrase in STOCK_PHRASES:
+        text = text.replace(phrase, "")
+    has_letter = any(ch in letters for ch in text)
+    # Upstream's rule, kept verbatim: long prose without a letter gives none (the search below
+    # would find none either, so it only documents intent).
+    if len(text.split()) > MAX_WORDS_WITHOUT_LETTER and not has_letter:
+        return None
+    return next((ch for ch in text if ch in letters), None)
+
+
+def _read_letter(completion: str, letters: str, strip_latents: bool) -> str | None:
+    """The option letter of a completion: answer span, then whole text, then (optionally) de-latented text."""
+    whole = completion.strip()
+    match = _ANSWER_CONTENT.search(completion)
+    tries = [match.group(1) if match else whole, whole]
+    if strip_latents:
+        # Evaluation also tries the text without latent tokens, as the upstream evaluator does.
+        bare = completion
+        for token in LATENT_TOKENS:
+            bare = bare.replace(token, "")
+        tries.append(bare.strip())
+    for text in tries:
+        letter = _letter_in(text, letters)
+        if letter is not None:
+            return letter
+    return None
+
+
+def extract_choice(completion: str, letters: str = "ABCD") -> str | None:
+    """The option letter (one of `letters`) a completion answers with, or None.
+
+    Reads the first `<answer>...</answer>` span (case-insensitive tags), else the whole completion;
+    then the whole completion; then the completion without latent tokens. Each try deletes the
+    stock phrases (`STOCK_PHRASES`) and returns the first character of `letters` in what remains.
+    """
+    return _read_letter(completion, letters, strip_latents=True)
+
+
+def solution_key(solution: str) -> str:
+    """The option letter of a solution string: its first character, upper-cased ("" if empty)."""
+    return solution.strip().upper()[:1]
+
+
+def fourdthinker_accuracy(completion: str, solution: str) -> float:
+    """1.0 iff the letter read from the completion (A-F) equals the solution's key letter, else 0.0."""
+    key = solution_key(solution)
+    predicted = _read_letter(completion, FOURDTHINKER_LETTERS, strip_latents=False)
+    return 1.0 if key and predicted == key else 0.0
+
+
+def fourdthinker_format(completion: str) -> float:
+    """1.0 iff `<think>...</think>` then (after optional whitespace) `<answer>...</answer>` occurs anywhere."""
+    return 1.0 if _FOURDTHINKER_FORMAT.search(completion) else 0.0
+
+
+def fourdthinker_reward(
+    completion: str,
+    solution: str,
+    accuracy_weight: float = _FOURDTHINKER_DEFAULTS.accuracy,
+    format_weight: float = _FOURDTHINKER_DEFAULTS.format,
+) -> dict[str, float]:
+    """The 4DThinker reward: {"accuracy", "format", "reward"} with reward the weighted sum."""
+    accuracy = fourdthinker_accuracy(completion, solution)
+    form = fourdthinker_format(completion)
+    return {"accuracy": accuracy, "format": form, "reward": accuracy_weight * accuracy + format_weight * form}
+
+
+# ---------------------------------------------------------------------------------------------
+# MLLM-4D ST-reward
+
+
+def st_format(completion: str) -> float:
+    """0.5 (thinking and answer spans) + 0.4 (object and camera centres) + 0.1 (thinking > 20 chars)."""
+    score = 0.0
+    thinking = _ST_THINKING.search(completion)
+    if thinking and _ST_ANSWER.search(completion):
+        score += 0.5
+    if all(pattern.search(completion) for pattern in _ST_CENTER.values()):
+        score += 0.4
+    # Tags included, as upstream measures it: an empty `<thinking></thinking>` is already 21 chars.
+    if thinking and len(thinking.group(0)) > ST_MIN_THINKING_CHARS:
+        score += 0.1
+    return score
+
+
+def st_accuracy(completion: str, answer: str) -> float:
+    """1.0 iff the stripped first `<answer>` span (else the stripped completion) equals `answer` exactly."""
+    match = _ST_ANSWER.search(completion)
+    predicted = match.group(1).strip() if match else completion.strip()
+    return 1.0 if predicted == answer else 0.0
+
+
+def parse_centers(completion: str, label: str) -> list[list[float]]:
+    """Every `<label>: [x, y, z]` list in the completion, in order; `null` entries are skipped.
+
+    Any list that does not parse as finite numbers empties the result (one bad entry voids all,
+    so a malformed trace cannot score on the entries that happened to parse).
+    """
+    centers = []
+    for match in re.finditer(re.escape(label) + r":\s*(\[.*?\]|null)", completion, re.DOTALL):
+        text = match.group(1)
+        if text == "null":
+            continue
+        try:
+            values = json.loads(text)
+        except ValueError:
+            return []
+        # Booleans are ints to Python and NaN/inf would make the reward non-finite: both are errors.
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            return []
+        centers.append([float(v) for v in values])
+    return centers
+
+
+def center_score(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> float:
+    """exp(-mean_i ||p_i - g_i||) over paired centres; 1.0 / 0.0 for empty truth; 0.0 on any mismatch.
+
+    Empty truth (the centres are unknown) scores 1.0 iff nothing was predicted. A different count,
+    or a predicted vector of another length than its true one, scores 0.0.
+    """
+    if len(truth) == 0:
+        return 1.0 if len(predicted) == 0 else 0.0
+    if len(predicted) != len(truth):
+        return 0.0
+    if any(len(p) != len(g) for p, g in zip(predicted, truth, strict=True)):
+        return 0.0
+    pairs = zip(predicted, truth, strict=True)
+    distances = [float(np.linalg.norm(np.subtract(p, g, dtype=np.float64))) for p, g in pairs]
+    return math.exp(-sum(distances) / len(distances))
+
+
+def st_reward(
+    completion: str,
+    answer: str,
+    camera_centers: Sequence[Sequence[float]],
+    object_centers: Sequence[Sequence[float]],
+    format_weight: float = _ST_DEFAULTS.format,
+    accuracy_weight: float = _ST_DEFAULTS.accuracy,
+    camera_weight: float = _ST_DEFAULTS.camera,
+    object_weight: float = _ST_DEFAULTS.object,
+) -> dict[str, float]:
+    """The MLLM-4D ST-reward: {"format", "accuracy", "camera", "object", "reward"}.
+
+    `camera_centers` / `object_centers` are the true (initial, final) centres as 3-vectors, or
+    empty when unknown. The reward is the weighted sum of the components (1.0 at most by default).
+    """
+    parts = {
+        "format": st_format(completion),
+        "accuracy": st_accuracy(completion, answer),
+        "camera": center_score(parse_centers(completion, "Camera Center"), camera_centers),
+        "object": center_score(parse_centers(completion, "Object Center"), object_centers),
+    }
+    weights = {"format": format_weight, "accuracy": accuracy_weight, "camera": camera_weight, "object": object_weight}
+    parts["reward"] = sum(weights[name] * value for name, value in parts.items())
+    return parts

@@ -1,0 +1,351 @@
+"""4DRL (SPEC 3.5): GRPO whose policy gradient reaches text tokens only.
+
+One step reads like the algorithm:
+
+    rollout    G samples per prompt from the jitted imagery sampler (hidden states fed in latent blocks)
+    reward     4DThinker accuracy + format, or the MLLM-4D ST-reward, on the decoded completions
+    advantage  (r - mean_group) / (std_group + 1e-4)
+    loss       PPO-clipped ratio + beta * KL to the frozen reference, over completion tokens minus
+               every latent token, for `num_iterations` updates on the same rollouts
+
+Every log-prob (policy, old policy, reference) is computed on the sequence the sampler produced:
+the prompt, the sampled tokens, and at each `<|latent_pad|>` the hidden state the sampler fed
+there (`Rollout.latent_inputs`), not the pad token's embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fourd_jax import sharding
+from fourd_jax.data import records
+from fourd_jax.data.batching import vision_inputs
+from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.errors import InputError
+from fourd_jax.model.vlm import PreparedInputs, Qwen25VL
+from fourd_jax.sample import Rollout, SamplingConfig, generate, token_logprobs, tokenizer_stops
+from fourd_jax.train import job, loop, observe, rewards
+from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.optim import stop_frozen, trainable_mask
+from fourd_jax.train.state import TrainState, abstract_state, guarded_update
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    num_generations: int = 8  # G rollouts per prompt
+    epsilon: float = 0.2  # PPO clip
+    beta: float = 0.01  # KL weight (0 = no reference forward)
+    kl_estimator: str = "k1"  # "k1": logp - ref_logp (4DThinker); "k3": exp(ref - logp) - (ref - logp) - 1
+    num_iterations: int = 1  # updates per rollout batch (old log-probs cached from the first)
+    aggregation: str = "sequence-mean"  # or "token-mean"
+    temperature: float = 1.0  # the policy's temperature: sampling and scoring use the same one
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise InputError(f"rl.kl_estimator must be 'k1' or 'k3', not {self.kl_estimator!r}.")
+        if self.aggregation not in ("sequence-mean", "token-mean"):
+            raise InputError(f"rl.aggregation must be 'sequence-mean' or 'token-mean', not {self.aggregation!r}.")
+        if self.num_iterations < 1 or self.num_generations < 2:
+            raise InputError("rl.num_iterations must be >= 1 and rl.num_generations >= 2 (a group needs a spread).")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def group_advantages(rewards_: np.ndarray, group_size: int) -> np.ndarray:
+    """(r - group mean) / (group std + 1e-4) over consecutive groups of `group_size` rows.
+
+    The std is the unbiased one (ddof 1), as torch's `std` in the upstream trainers.
+    """
+    r = np.asarray(rewards_, np.float64).reshape(-1, group_size)
+    adv = (r - r.mean(axis=1, keepdims=True)) / (r.std(axis=1, ddof=1, keepdims=True) + 1e-4)
+    return adv.reshape(-1).astype(np.float32)
+
+
+def policy_token_mask(tokens: jax.Array, completion_mask: jax.Array, latent_ids: tuple[int, ...]) -> jax.Array:
+    """Completion tokens the policy gradient acts on: up to and including the end, minus every
+    latent token (start, pad, end)."""
+    mask = completion_mask
+    for token_id in latent_ids:
+        mask = mask & (tokens != token_id)
+    return mask
+
+
+def scoring_inputs(prompt: PreparedInputs, rollout: Rollout, num_samples: int) -> PreparedInputs:
+    """The sampled sequences as one batch: each prompt repeated `num_samples` times, then its
+    completion at the cache slots and M-RoPE positions the sampler used."""
+    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    n_new = rollout.tokens.shape[1]
+    prompt_len = prompt.input_ids.shape[1]
+    deltas = repeat(prompt.rope_deltas)
+    slots = prompt_len + jnp.arange(n_new)[None, :] + deltas[:, None]
+    positions = jnp.concatenate([jnp.repeat(prompt.position_ids, num_samples, axis=1),
+                                 jnp.broadcast_to(slots[None], (3,) + slots.shape)], axis=2)
+    if prompt.vision is not None and prompt.vision.patches.ndim == 2 and num_samples > 1:
+        raise InputError("repeating prompts needs per-example media [B, P, C] (the pipeline's batches), not the "
+                         "flat processor layout.")
+    vision = None if prompt.vision is None else jax.tree_util.tree_map(repeat, prompt.vision)
+    return PreparedInputs(
+        input_ids=jnp.concatenate([repeat(prompt.input_ids), rollout.tokens], axis=1),
+        attention_mask=jnp.concatenate([repeat(prompt.attention_mask).astype(jnp.int32),
+                                        rollout.completion_mask.astype(jnp.int32)], axis=1),
+        position_ids=positions, rope_deltas=deltas, vision=vision)
+
+
+def completion_logprobs(params: Any, model: Qwen25VL, inputs: PreparedInputs, latent_inputs: jax.Array,
+                        num_new: int, temperature: float) -> jax.Array:
+    """log p of each completion token [B, num_new] given everything before it, with the fed
+    hidden states at the latent pads."""
+    out = model.apply({"params": params}, inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids,
+                      vision=inputs.vision, latent_embeds=latent_inputs, compute_logits=False)
+    length = inputs.input_ids.shape[1]
+    hidden = out.hidden_states[:, length - num_new - 1:length - 1]  # position t predicts token t + 1
+    logits = model.apply({"params": params}, hidden, method=Qwen25VL.logits)
+    return token_logprobs(logits, inputs.input_ids[:, length - num_new:], temperature)
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+    """Per-token KL(policy || reference) estimate at the sampled tokens."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_ratio = ref_logp - logp
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def grpo_objective(logp: jax.Array, *, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
+                   advantages: jax.Array, mask: jax.Array, config: GrpoConfig
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped surrogate + beta * KL from per-token log-probs [B, N], aggregated over `mask`
+    (the text completion tokens). old_logprobs None: the first iteration (ratio 1, gradient kept)."""
+    old = jax.lax.stop_gradient(logp) if old_logprobs is None else old_logprobs
+    ratio = jnp.exp(logp - old)
+    adv = advantages[:, None]
+    per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.epsilon, 1 + config.epsilon) * adv)
+    kl = jnp.zeros_like(logp) if ref_logprobs is None else kl_penalty(logp, ref_logprobs, config.kl_estimator)
+    if config.beta:
+        per_token = per_token + config.beta * kl
+    m = mask.astype(jnp.float32)
+    if config.aggregation == "sequence-mean":
+        loss = jnp.mean(jnp.sum(per_token * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+    else:
+        loss = jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    clipped = (jnp.abs(ratio - 1.0) > config.epsilon) & mask
+    return loss, {"kl": jax.lax.stop_gradient(jnp.sum(kl * m) / tokens), "clip_fraction": jnp.sum(clipped) / tokens}
+
+
+def grpo_loss(params: Any, *, model: Qwen25VL, inputs: PreparedInputs, rollout: Rollout, mask: jax.Array,
+              advantages: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
+              config: GrpoConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`grpo_objective` on the policy's log-probs of the sampled sequences."""
+    logp = completion_logprobs(params, model, inputs, rollout.latent_inputs, rollout.tokens.shape[1],
+                               config.temperature)
+    loss, aux = grpo_objective(logp, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                               mask=mask, config=config)
+    fixed = jax.lax.stop_gradient(logp)
+    # Sampler vs recomputed log-probs at the same params: 0 up to float error when the scored
+    # sequence is the sampled one.
+    aux["logprob_drift"] = jnp.max(jnp.where(mask, jnp.abs(fixed - rollout.logprobs), 0.0))
+    aux["logp"] = fixed
+    return loss, aux
+
+
+def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, advantages: jax.Array,
+                ref_logprobs: jax.Array | None, *, model: Qwen25VL, tx: optax.GradientTransformation, trainable: Any,
+                config: GrpoConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`num_iterations` guarded optimizer updates on one rollout batch (one loop step)."""
+    c = model.config
+    inputs = scoring_inputs(prompt, rollout, config.num_generations)
+    mask = policy_token_mask(rollout.tokens, rollout.completion_mask, c.latent_token_ids or ())
+
+    def objective(params, old):
+        return grpo_loss(stop_frozen(params, trainable), model=model, inputs=inputs, rollout=rollout, mask=mask,
+                         advantages=advantages, old_logprobs=old, ref_logprobs=ref_logprobs, config=config)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    start, old, first = state, None, None
+    for _ in range(config.num_iterations):
+        (loss, aux), grads = grad_fn(state.params, old)
+        if first is None:
+            first, old = aux, aux["logp"]  # log-probs of the params that sampled: the old policy
+        state, grad_norm, finite = guarded_update(state, grads, loss, tx)
+    state = state.replace(step=start.step + 1)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "kl": first["kl"],
+               "clip_fraction": aux["clip_fraction"], "logprob_drift": first["logprob_drift"],
+               "policy_tokens": jnp.sum(mask).astype(jnp.float32),
+               "completion_length": jnp.mean(jnp.sum(rollout.completion_mask, axis=1).astype(jnp.float32)),
+               "latent_blocks": jnp.mean(jnp.sum(rollout.tokens == (c.latent_start_token_id or -1), axis=1)
+                                         .astype(jnp.float32)),
+               "tokens": jnp.sum(inputs.attention_mask).astype(jnp.float32)}
+    return state, metrics
+
+
+# ----------------------------------------------------------------------------- rewards on the host
+
+
+def sample_reward(family: str, completion: str, answer: str, trace: str, config: Any) -> dict[str, float]:
+    """The configured reward of one completion. MLLM-4D samples get the ST-reward, whose centre
+    truths are read from the sample's reference trace; the rest get the 4DThinker reward."""
+    if family == "mllm4d":
+        return rewards.st_reward(completion, answer, rewards.parse_centers(trace, "Camera Center"),
+                                 rewards.parse_centers(trace, "Object Center"),
+                                 format_weight=config.st_format, accuracy_weight=config.st_accuracy,
+                                 camera_weight=config.st_camera, object_weight=config.st_object)
+    return rewards.fourdthinker_reward(completion, answer, accuracy_weight=config.accuracy,
+                                       format_weight=config.format)
+
+
+def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Completion texts with special tokens kept (what the rewards read)."""
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=False) for row, m in zip(tokens, mask, strict=True)]
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def prompt_inputs(batch: dict[str, Any], mesh: Any, rules: Any) -> PreparedInputs:
+    """A left-padded host batch of prompts as sharded device inputs for the sampler."""
+    arrays = loop.device_batch(batch, mesh, rules)
+    video = vision_inputs({**batch, **arrays}, "video")
+    return PreparedInputs(arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"],
+                          arrays["rope_deltas"], video)
+
+
+def sampling_config(config: Any, model: Qwen25VL, tokenizer: Any, temperature: float | None = None
+                    ) -> SamplingConfig:
+    """The sampler settings of config.sample (EOS from the tokenizer, stop strings tokenized)."""
+    s = config.sample
+    eos, stops = tokenizer_stops(tokenizer, s.stop_strings)
+    return SamplingConfig(max_new_tokens=int(s.max_new_tokens),
+                          temperature=float(s.temperature if temperature is None else temperature),
+                          top_p=float(s.top_p), top_k=int(s.top_k), eos_token_ids=eos, stop_sequences=stops,
+                          pad_token_id=int(model.config.pad_token_id or 0), imagery=bool(s.imagery),
+                          latent_size=int(config.data.latent_size), max_latent_blocks=int(s.max_latent_blocks))
+
+
+@dataclasses.dataclass
+class RlTrainer:
+    """A policy, its frozen reference, optimizer and sharded state, and the step that updates them."""
+
+    model: Qwen25VL
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    state: TrainState
+    reference: Any  # params of the frozen reference policy (None when beta == 0)
+    step_fn: Any  # (state, host batch of prompts) -> (state, metrics)
+    schedule: optax.Schedule
+
+
+def grpo_config(config: Any) -> GrpoConfig:
+    r = config.rl
+    return GrpoConfig(num_generations=int(r.num_generations), epsilon=float(r.epsilon), beta=float(r.beta),
+                      kl_estimator=str(r.kl_estimator), num_iterations=int(r.num_iterations),
+                      aggregation=str(r.aggregation), temperature=float(config.sample.temperature))
+
+
+def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.DEFAULT_RULES) -> RlTrainer:
+    """Policy from config.model.init_from (the DIFT checkpoint), its reference copy, and the step."""
+    grpo = grpo_config(config)
+    model, params = job.model_and_params(config, tokenizer, mesh, rules)
+    tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        reference = jax.jit(lambda p: p, out_shardings=shardings.params)(params) if grpo.beta else None
+    sampling = sampling_config(config, model, tokenizer)
+    update = jax.jit(functools.partial(update_step, model=model, tx=tx,
+                                       trainable=trainable_mask(params, tuple(config.optim.freeze)), config=grpo),
+                     donate_argnums=0, out_shardings=(shardings, None))
+    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(
+        p, model, scoring_inputs(prompt, rollout, grpo.num_generations), rollout.latent_inputs,
+        rollout.tokens.shape[1], grpo.temperature))
+
+    def step_fn(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+        g = grpo.num_generations
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            prompt = prompt_inputs(batch, mesh, rules)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            rollout = generate(state.params, prompt, key, model=model, config=sampling, num_samples=g)
+            texts = decode_completions(tokenizer, loop.local_rows(rollout.tokens),
+                                       loop.local_rows(rollout.completion_mask))
+            scored = [sample_reward(str(batch["family"][i // g]), text, str(batch["answer"][i // g]),
+                                    str(batch["trace"][i // g]), config.reward) for i, text in enumerate(texts)]
+            real = np.repeat(np.asarray(batch["example_mask"], bool), g)
+            reward = np.array([s["reward"] for s in scored], np.float32)
+            advantages = group_advantages(reward, g) * real  # padding rows of a short batch teach nothing
+            adv = loop.shard_rows(advantages, mesh, rules)
+            ref = score(reference, prompt, rollout) if grpo.beta else None
+            state, metrics = update(state, prompt, rollout, adv, ref)
+        metrics = dict(metrics)
+        metrics["reward"] = float(reward[real].mean()) if real.any() else 0.0
+        metrics["reward_std"] = float(reward[real].std()) if real.any() else 0.0
+        for part in ("accuracy", "format", "camera", "object"):
+            values = [s[part] for s, r in zip(scored, real, strict=True) if r and part in s]
+            if values:
+                metrics[f"reward_{part}"] = float(np.mean(values))
+        return state, metrics
+
+    return RlTrainer(model, tx, shardings, state, reference, step_fn, schedule)
+
+
+def flops_fn(model_config: Any, grpo: GrpoConfig, max_new_tokens: int):
+    """Approximate FLOPs of one GRPO step: the policy update (forward + backward) over the G
+    sampled sequences, plus the sampler's and the reference's forwards (a third each)."""
+    def flops(batch: dict[str, Any]) -> float:
+        seq = batch["input_ids"].shape[1] + max_new_tokens
+        tokens = (float(np.sum(batch["attention_mask"])) + max_new_tokens * batch["input_ids"].shape[0]) \
+            * grpo.num_generations * jax.process_count()
+        passes = grpo.num_iterations + (2 if grpo.beta else 1) / 3
+        return tokens * observe.decoder_flops_per_token(model_config, seq) * passes
+    return flops
+
+
+def train(config: Any, workdir: str | Path, init: str | None = None, data: str | None = None,
+          steps: int | None = None, progress: bool = True) -> TrainState:
+    """`fourd-jax rl`: GRPO from the DIFT checkpoint `init` until global step `steps` (default
+    optim.total_steps), resuming from the latest checkpoint in `workdir` if there is one."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    source, init_tokenizer = job.resolve_checkpoint(init or config.model.init_from, "--init")
+    with config.unlocked():
+        config.model.init_from = source
+        if not config.tokenizer:
+            if not init_tokenizer:
+                raise InputError(f"no tokenizer found beside {source}; pass --config.tokenizer=DIR (the one the "
+                                 "DIFT run used).")
+            config.tokenizer = init_tokenizer
+        if not data and not config.data.path and init and (Path(init) / "data" / "train").is_dir():
+            config.data.path = str(Path(init) / "data")  # the DIFT run's records
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    loop.check_batch_divides(config.data.batch_size, mesh)  # prompts are split over the batch axes
+    data_dir = job.data_directory(config, workdir, data)
+    tokenizer = job.tokenizer(config, workdir, data_dir)
+    trainer = make_rl_trainer(config, tokenizer, mesh)
+    prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
+    batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, prompts))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                best_metric=config.train.best_metric or None)
+    state = trainer.state
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
+    metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
+    try:
+        return loop.run(
+            state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
+            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
+            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule,
+            flops_fn=flops_fn(trainer.model.config, grpo_config(config), int(config.sample.max_new_tokens)),
+            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
+            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
+            progress=progress)
+    finally:
+        metrics.close()
+        checkpointer.close()

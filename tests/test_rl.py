@@ -1,0 +1,128 @@
+"""4DRL: group advantages, the text-only policy mask (zero gradient at latent positions), KL
+estimators, log-prob recomputation equal to the sampler's, the rewards wiring, exact resume."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from run_configs import load_config
+
+from fourd_jax import sharding
+from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.data.sim.scene import SceneConfig
+from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.tokenizer import build_tokenizer, record_texts
+from fourd_jax.errors import InputError
+from fourd_jax.sample import token_logprobs
+from fourd_jax.train import job, loop, rl
+
+
+def rl_config(**overrides):
+    return load_config("rl", **{"data.seq_buckets": (1024,), "sample.max_new_tokens": 16, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl_data")
+    synthesize(out, 8, seed=7, config=SynthConfig(scene=SceneConfig(num_frames=8, image_size=(112, 112))),
+               progress=False)
+    tokenizer = build_tokenizer(record_texts(out / "train"), vocab_size=600)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out, tokenizer
+
+
+def test_group_advantages_normalise_each_group():
+    adv = rl.group_advantages(np.array([1.0, 0.0, 0.2, 0.2, 3.0, 1.0, 2.0, 0.0]), 2)
+    std = np.std([1.0, 0.0], ddof=1)
+    np.testing.assert_allclose(adv[:2], [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)], rtol=1e-6)
+    np.testing.assert_allclose(adv[2:4], [0.0, 0.0])  # a group that agrees teaches nothing
+    np.testing.assert_allclose(adv[4:6], [1.0 / (np.std([3.0, 1.0], ddof=1) + 1e-4), -1.0 / (np.sqrt(2) + 1e-4)],
+                               rtol=1e-6)
+
+
+def test_kl_estimators():
+    logp, ref = jnp.array([-1.0, -2.0, -0.5]), jnp.array([-1.5, -2.0, -0.2])
+    np.testing.assert_allclose(rl.kl_penalty(logp, ref, "k1"), logp - ref)
+    k3 = np.exp(ref - logp) - (ref - logp) - 1
+    np.testing.assert_allclose(rl.kl_penalty(logp, ref, "k3"), k3, rtol=1e-6)
+    assert (np.asarray(rl.kl_penalty(logp, ref, "k3")) >= 0).all()
+    with pytest.raises(InputError, match="kl_estimator"):
+        rl.GrpoConfig(kl_estimator="k2")
+
+
+@pytest.mark.parametrize("aggregation", ["sequence-mean", "token-mean"])
+def test_policy_gradient_never_reaches_latent_positions(aggregation):
+    latent = (50, 51, 52)
+    tokens = jnp.array([[3, 50, 51, 51, 52, 7, 9, 0], [4, 5, 50, 51, 51, 52, 8, 0]])
+    completion = jnp.array([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)
+    mask = rl.policy_token_mask(tokens, completion, latent)
+    assert np.asarray(mask).tolist() == [[1, 0, 0, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 1, 1]]
+    logits = jax.random.normal(jax.random.key(0), (2, 8, 60))
+    ref = token_logprobs(jax.random.normal(jax.random.key(1), (2, 8, 60)), tokens, 1.0)
+    config = rl.GrpoConfig(num_generations=2, beta=0.04, aggregation=aggregation)
+
+    def loss(logits):
+        logp = token_logprobs(logits, tokens, 1.0)
+        return rl.grpo_objective(logp, old_logprobs=None, ref_logprobs=ref, advantages=jnp.array([1.0, -0.5]),
+                                 mask=mask, config=config)[0]
+
+    grads = np.asarray(jax.grad(loss)(logits))
+    at_latent = np.isin(np.asarray(tokens), latent)
+    assert (grads[at_latent] == 0).all()  # exactly zero, not just small
+    assert (np.abs(grads[np.asarray(mask)]).sum(-1) > 0).all()
+
+
+def test_rl_step_scores_the_sampled_sequences(data):
+    path, tokenizer = data
+    config = rl_config(**{"rl.num_iterations": 2, "rl.kl_estimator": "k3"})
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer = rl.make_rl_trainer(config, tokenizer, mesh)
+    prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
+    batch = next(iter(build_dataset(path / "train", tokenizer, trainer.model.config, prompts)))
+    assert batch["rope_deltas"].shape == (2,) and (batch["attention_mask"][:, -1] == 1).all()
+    before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    state, metrics = trainer.step_fn(trainer.state, batch)
+    assert int(state.step) == 1 and metrics["finite"]
+    assert float(metrics["logprob_drift"]) <= 1e-5  # the recomputed log-probs are the sampler's
+    assert 0.0 <= metrics["reward"] <= 1.2 and "reward_format" in metrics
+    assert metrics["policy_tokens"] > 0 and np.isfinite(float(metrics["loss"]))
+    after = jax.tree_util.tree_map(np.asarray, state.params)
+    assert np.array_equal(before["visual"]["merger"]["mlp_0"]["kernel"], after["visual"]["merger"]["mlp_0"]["kernel"])
+    changed = not np.array_equal(before["language_model"]["norm"]["weight"], after["language_model"]["norm"]["weight"])
+    assert changed or metrics["reward_std"] == 0.0  # equal rewards in every group leave only the KL term
+
+
+def test_rl_job_resumes_exactly(data, tmp_path):
+    path, tokenizer = data
+    from fourd_jax.train import dift
+
+    d = load_config("dift", **{"data.seq_buckets": (1024,), "optim.total_steps": 1,
+                               "tokenizer": str(path / "tokenizer")})
+    dift.train(d, tmp_path / "dift", data=str(path), progress=False)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # Sharded over all 8 test devices: 4 prompts over data x fsdp = 4, heads over tensor = 2.
+    sharded = {"mesh.shape": (2, 2, 2), "data.batch_size": 4, "rl.num_generations": 2}
+    rl.train(rl_config(**sharded), straight, init=str(tmp_path / "dift"), steps=2, progress=False)
+    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), steps=1, progress=False)
+    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), steps=2, progress=False)
+    rows = [[loop.without_timing(json.loads(line)) for line in (w / "metrics.jsonl").read_text().splitlines()]
+            for w in (straight, resumed)]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    assert (resumed / "tokenizer" / "tokenizer.json").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        rl.train(rl_config(), tmp_path / "x", init=str(tmp_path / "missing"), progress=False)
+
+
+def test_rl_presets_carry_the_4dthinker_recipe():
+    for preset in ("qwen25vl_3b", "qwen25vl_7b"):
+        c = load_config("rl", f"{preset},v5p-64")
+        assert (c.rl.num_generations, c.rl.epsilon, c.rl.beta, c.rl.kl_estimator, c.rl.num_iterations) == (
+            8, 0.2, 0.01, "k1", 1)
+        assert (c.sample.temperature, c.sample.top_p, c.optim.lr, c.data.max_frames) == (1.0, 0.9, 1e-6, 16)
+        assert (c.reward.accuracy, c.reward.format) == (1.0, 0.2) and c.model.preset == preset
+        assert c.mesh.shape == (4, 8, 1) and c.model.dtype == "bfloat16"
+        rl.grpo_config(c)  # a valid GrpoConfig
