@@ -47,6 +47,20 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(top_k=3, top_p=0.8) == [False, True, True, True]
 
 
+@pytest.mark.parametrize("scale", [0.1, 8.0])  # flat: the full sort; peaked: the top candidates suffice
+def test_nucleus_from_candidates_equals_the_full_sort(scale):
+    logits = scale * jax.random.normal(jax.random.key(0), (3, 5000))
+    got = np.isfinite(np.asarray(filter_logits(logits, 1.0, top_k=0, top_p=0.9)))
+    probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        want = np.zeros_like(got[row])
+        want[order[before < 0.9]] = True
+        np.testing.assert_array_equal(got[row], want)
+    assert (got.sum(1) < 64).all() if scale > 1 else (got.sum(1) > 64).all()
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(policy):
     model, params, prompt = policy
     free = SamplingConfig(max_new_tokens=12, temperature=1.0, imagery=False)

@@ -61,6 +61,9 @@ class DecoderLayer(nn.Module):
             k_all, v_all = cache_kv
             k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, cache_index, 0, 0))
+            # The cache lives split like the batch and the KV heads, so decoding never gathers it.
+            k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+            v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
             new_cache = (k, v)
         out = attention(q, k.astype(dtype), v.astype(dtype), mask, hd**-0.5)
         out = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype, std,
