@@ -97,18 +97,25 @@ def test_rl_step_scores_the_sampled_sequences(data):
 
 def test_rl_job_resumes_exactly(data, tmp_path):
     path, tokenizer = data
-    from fourd_jax.train import dift
+    from fourd_jax import checkpoint
+    from fourd_jax.data.tokenizer import config_for_tokenizer
+    from fourd_jax.model import Qwen25VL, init_params
+    from fourd_jax.model.config import PRESETS
 
-    d = load_config("dift", **{"data.seq_buckets": (1024,), "optim.total_steps": 1,
-                               "tokenizer": str(path / "tokenizer")})
-    dift.train(d, tmp_path / "dift", data=str(path), progress=False)
+    # A workdir laid out as DIFT leaves it (checkpoints/, tokenizer/); the demo test runs the real DIFT -> RL.
+    model = Qwen25VL(config_for_tokenizer(tokenizer, PRESETS["tiny"]()))
+    checkpoint.save_params(tmp_path / "dift" / "checkpoints", model, init_params(model, jax.random.key(0)))
+    tokenizer.save_pretrained(tmp_path / "dift" / "tokenizer")
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Sharded over all 8 test devices: 4 prompts over data x fsdp = 4, heads over tensor = 2.
     sharded = {"mesh.shape": (2, 2, 2), "data.batch_size": 4, "rl.num_generations": 2}
-    rl.train(rl_config(**sharded), straight, init=str(tmp_path / "dift"), steps=2, progress=False)
-    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), steps=1, progress=False)
-    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), steps=2, progress=False)
+    rl.train(rl_config(**sharded), straight, init=str(tmp_path / "dift"), data=str(path), steps=2,
+             progress=False)
+    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), data=str(path), steps=1,
+             progress=False)
+    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), data=str(path), steps=2,
+             progress=False)
     rows = [[loop.without_timing(json.loads(line)) for line in (w / "metrics.jsonl").read_text().splitlines()]
             for w in (straight, resumed)]
     assert len(rows[0]) == 2 and rows[0] == rows[1]
