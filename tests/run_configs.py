@@ -1,4 +1,5 @@
-"""The repository's run configs (configs/*.py) for tests, with dotted-key overrides."""
+"""What the training tests share: the repository's run configs (configs/*.py) with dotted-key
+overrides, and a small synthetic record set with its tokenizer."""
 
 import importlib.util
 from pathlib import Path
@@ -19,3 +20,17 @@ def load_config(name: str, preset: str = "tiny", **overrides):
             target = target[part]
         target[last] = value
     return config
+
+
+def tiny_records(out: Path, seed: int):
+    """8 synthetic scenes (8 frames, 112 px) under `out` and a 600-token tokenizer trained on them,
+    saved to out/tokenizer; returns (out, tokenizer)."""
+    from fourd_jax.data.sim.scene import SceneConfig
+    from fourd_jax.data.synth import SynthConfig, synthesize
+    from fourd_jax.data.tokenizer import build_tokenizer, record_texts
+
+    synthesize(out, 8, seed=seed, config=SynthConfig(scene=SceneConfig(num_frames=8, image_size=(112, 112))),
+               progress=False)
+    tokenizer = build_tokenizer(record_texts(out / "train"), vocab_size=600)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out, tokenizer

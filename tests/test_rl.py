@@ -8,13 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from run_configs import load_config
+from run_configs import load_config, tiny_records
 
 from fourd_jax import sharding
 from fourd_jax.data.pipeline import build_dataset
-from fourd_jax.data.sim.scene import SceneConfig
-from fourd_jax.data.synth import SynthConfig, synthesize
-from fourd_jax.data.tokenizer import build_tokenizer, record_texts
 from fourd_jax.errors import InputError
 from fourd_jax.sample import token_logprobs
 from fourd_jax.train import job, loop, rl
@@ -26,12 +23,7 @@ def rl_config(**overrides):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rl_data")
-    synthesize(out, 8, seed=7, config=SynthConfig(scene=SceneConfig(num_frames=8, image_size=(112, 112))),
-               progress=False)
-    tokenizer = build_tokenizer(record_texts(out / "train"), vocab_size=600)
-    tokenizer.save_pretrained(out / "tokenizer")
-    return out, tokenizer
+    return tiny_records(tmp_path_factory.mktemp("rl_data"), seed=7)
 
 
 def test_group_advantages_normalise_each_group():

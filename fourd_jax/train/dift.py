@@ -23,15 +23,13 @@ import jax.numpy as jnp
 import optax
 
 from fourd_jax import sharding
-from fourd_jax.data import records
 from fourd_jax.data.batching import vision_inputs
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.train import job, loop, observe
-from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train import job, loop
 from fourd_jax.train.optim import stop_frozen, trainable_mask
-from fourd_jax.train.state import TrainState, abstract_state, guarded_update
+from fourd_jax.train.state import TrainState, guarded_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,12 +208,7 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
     tokenizer = job.tokenizer(config, workdir, data_dir)
     trainer = make_trainer(config, tokenizer, mesh)
     batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, job.pipeline_config(config)))
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                best_metric=config.train.best_metric or None)
-    state = trainer.state
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
-    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
+    checkpointer, state = job.checkpointed_state(config, workdir, trainer, batches, data_dir, mesh)
     evaluate = None
     if config.train.eval_batches and (data_dir / "val").is_dir():
         val_config = dataclasses.replace(job.pipeline_config(config), shuffle=False, num_epochs=1)
@@ -223,15 +216,5 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
                                                           val_config), config.train.eval_batches))
         val_batches = loop.agree_batch_list(val_batches)
         evaluate = validation(trainer, val_batches, DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight))
-    metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
-    try:
-        return loop.run(
-            state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
-            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
-            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule,
-            flops_fn=job.flops_fn(trainer.model.config), checkpoint_every=config.train.checkpoint_every,
-            max_nonfinite=config.train.max_nonfinite, peak_flops_per_device=config.train.peak_flops or None,
-            best_metric=config.train.best_metric or None, evaluate=evaluate, progress=progress)
-    finally:
-        metrics.close()
-        checkpointer.close()
+    return job.train_loop(config, workdir, trainer, batches, checkpointer, state, job.flops_fn(trainer.model.config),
+                          steps, progress, evaluate=evaluate)

@@ -123,6 +123,43 @@ def optimizer_and_state(config: Any, model: Qwen25VL, params: Any, mesh: Any, ru
     return tx, shardings, state, learning_rate(optim)
 
 
+def checkpointed_state(config: Any, workdir: Path, trainer: Any, batches: Any, data_dir: Path, mesh: Any):
+    """(Checkpointer of WORKDIR/checkpoints, the state to start from): the latest checkpoint
+    restored onto this mesh (with the data iterator's position) if there is one, else the
+    trainer's fresh state. Also writes WORKDIR/manifest.json."""
+    from fourd_jax.data import records
+    from fourd_jax.train.checkpoints import Checkpointer
+    from fourd_jax.train.state import abstract_state
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                best_metric=config.train.best_metric or None)
+    state = trainer.state
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
+    return checkpointer, state
+
+
+def train_loop(config: Any, workdir: Path, trainer: Any, batches: Any, checkpointer: Any, state: Any,
+               flops: Any, steps: int | None, progress: bool, evaluate: Any = None) -> Any:
+    """`loop.run` with the run's config (steps, checkpoints, non-finite limit, best metric) and its
+    metrics writer; closes the writer and the checkpointer however the loop ends."""
+    from fourd_jax.train import loop
+
+    metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
+    try:
+        return loop.run(
+            state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
+            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
+            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule, flops_fn=flops,
+            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
+            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
+            evaluate=evaluate, progress=progress)
+    finally:
+        metrics.close()
+        checkpointer.close()
+
+
 def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
     d = config.data
     sources = {"in_step": "pixels", "precomputed": "precomputed"}

@@ -27,16 +27,14 @@ import numpy as np
 import optax
 
 from fourd_jax import sharding
-from fourd_jax.data import records
 from fourd_jax.data.batching import vision_inputs
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.errors import InputError
 from fourd_jax.model.vlm import PreparedInputs, Qwen25VL
 from fourd_jax.sample import Rollout, SamplingConfig, generate, token_logprobs, tokenizer_stops
 from fourd_jax.train import job, loop, observe, rewards
-from fourd_jax.train.checkpoints import Checkpointer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
-from fourd_jax.train.state import TrainState, abstract_state, guarded_update
+from fourd_jax.train.state import TrainState, guarded_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,22 +328,6 @@ def train(config: Any, workdir: str | Path, init: str | None = None, data: str |
     trainer = make_rl_trainer(config, tokenizer, mesh)
     prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
     batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, prompts))
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                best_metric=config.train.best_metric or None)
-    state = trainer.state
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
-    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
-    metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
-    try:
-        return loop.run(
-            state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
-            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
-            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule,
-            flops_fn=flops_fn(trainer.model.config, grpo_config(config), int(config.sample.max_new_tokens)),
-            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
-            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
-            progress=progress)
-    finally:
-        metrics.close()
-        checkpointer.close()
+    checkpointer, state = job.checkpointed_state(config, workdir, trainer, batches, data_dir, mesh)
+    flops = flops_fn(trainer.model.config, grpo_config(config), int(config.sample.max_new_tokens))
+    return job.train_loop(config, workdir, trainer, batches, checkpointer, state, flops, steps, progress)
