@@ -114,6 +114,9 @@ def test_rl_job_resumes_exactly(data, tmp_path):
     assert (resumed / "tokenizer" / "tokenizer.json").exists()
     with pytest.raises(InputError, match="does not exist"):
         rl.train(rl_config(), tmp_path / "x", init=str(tmp_path / "missing"), progress=False)
+    (tmp_path / "bare").mkdir()  # a checkpoint directory with no tokenizer beside it
+    with pytest.raises(InputError, match="no tokenizer found beside .*bare; pass --config.tokenizer"):
+        rl.train(rl_config(), tmp_path / "y", init=str(tmp_path / "bare"), progress=False)
 
 
 def test_rl_presets_carry_the_4dthinker_recipe():
