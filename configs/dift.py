@@ -76,6 +76,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor)
+    # (logical name, mesh axes) pairs replacing entries of fourd_jax.sharding.DEFAULT_RULES, e.g.
+    # (("mlp", ("fsdp", "tensor")),); () = the default table.
+    c.mesh.rules = ()
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # "host:port" for an explicit cluster (e.g. CPU processes)

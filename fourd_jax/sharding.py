@@ -49,6 +49,26 @@ class ShardingError(InputError):
     """A mesh or rules table that cannot place the model."""
 
 
+def resolve_rules(overrides: Sequence[Sequence[Any]] = ()) -> Rules:
+    """The rules table of a run: DEFAULT_RULES with the (logical name, mesh axes) pairs of a
+    config's `mesh.rules` replacing their defaults (mesh axes: None, one axis or a tuple of axes)."""
+    table = dict(DEFAULT_RULES)
+    for entry in overrides:
+        if len(entry) != 2:
+            raise ShardingError(f"mesh.rules entry {tuple(entry)!r} must be a (logical name, mesh axes) pair.")
+        name, axes = entry
+        if name not in table:
+            raise ShardingError(f"mesh.rules names logical axis {name!r}, which the model does not use; "
+                                f"known names: {', '.join(table)}.")
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
+        if unknown:
+            raise ShardingError(f"mesh.rules maps {name!r} to {unknown[0]!r}, which is not a mesh axis "
+                                f"({', '.join(MESH_AXES)}).")
+        table[name] = axes
+    return tuple(table.items())
+
+
 def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes (Linen logical sharding rejects Explicit ones).
 

@@ -1,5 +1,6 @@
 """HF <-> JAX conversion: lossless both ways, sharded files, published sizes, clear errors."""
 
+import dataclasses
 import json
 import shutil
 
@@ -40,13 +41,70 @@ def test_hf_to_jax_to_hf_gives_identical_logits(reference, tmp_path):
     np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(torch_model, batch))
 
 
+def random_params(model, seed):
+    """Every leaf random (init_params makes biases 0 and norms 1, which a swap would not show)."""
+    leaves, tree = jax.tree_util.tree_flatten(init_params(model, jax.random.key(seed)))
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return tree.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+
+
 def test_jax_to_hf_to_jax_gives_identical_params(tmp_path):
-    model = Qwen25VL(config_b())
-    params = init_params(model, jax.random.key(3))
+    model = Qwen25VL(dataclasses.replace(config_b(), mrope_text_start="spatial_extent"))
+    params = random_params(model, 3)
     hf.save(model, params, tmp_path)
+    model2, params2 = hf.load(tmp_path)
+    assert model2.config == model.config  # the M-RoPE mode included
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_save_writes_the_tokenizer_and_a_latent_model_transformers_loads(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
+    from fourd_jax.model.imagery import LATENT_TOKENS, latent_token_ids
+
+    tok = build_tokenizer(["the camera pans left, then the red ball moves toward the camera"] * 10,
+                          vocab_size=300)
+    model = Qwen25VL(config_for_tokenizer(tok, config_b()))
+    params = random_params(model, 5)
+    hf.save(model, params, tmp_path, tokenizer=tok)
+    reloaded_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert latent_token_ids(reloaded_tok) == latent_token_ids(tok) == model.config.latent_token_ids
+    assert reloaded_tok.convert_ids_to_tokens(list(model.config.latent_token_ids)) == list(LATENT_TOKENS)
+    text = "<|im_start|>user the camera<|latent_start|><|latent_pad|><|latent_end|><|im_end|>"
+    assert reloaded_tok(text)["input_ids"] == tok(text)["input_ids"]
+    load_in_transformers(tmp_path)
     model2, params2 = hf.load(tmp_path)
     assert model2.config == model.config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_load_and_save_hold_at_most_one_host_copy(tmp_path):
+    """hf.load reads tensor by tensor into one preallocated copy; hf.save materialises one shard
+    at a time. tracemalloc sees numpy's host buffers (not XLA's device buffers)."""
+    import gc
+    import tracemalloc
+
+    small = config_b()  # widened so that the fixed overhead of tracing is small beside the tensors
+    model = Qwen25VL(dataclasses.replace(
+        small, text=dataclasses.replace(small.text, hidden_size=512, intermediate_size=1024, num_heads=8,
+                                        mrope_section=(16, 8, 8)),
+        vision=dataclasses.replace(small.vision, out_hidden_size=512)))
+    params = random_params(model, 7)
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    hf.save(model, params, tmp_path / "one")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        _, loaded = hf.load(tmp_path / "one")
+        _, load_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        hf.save(model, loaded, tmp_path / "sharded", max_shard_size=f"{total // 8}B")
+        _, save_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert load_peak < 1.5 * total, (load_peak, total)  # two full copies would be >= 2x
+    assert save_peak < 0.6 * total, (save_peak, total)  # one 1/8 shard, its HF layout and encoding
 
 
 def test_bfloat16_round_trip_and_sharded_files(reference, tmp_path):
@@ -77,6 +135,11 @@ def test_published_sizes_match_transformers_on_meta_device(preset):
             traverse_util.flatten_dict(nn.meta.unbox(abstract_params(Qwen25VL(config)))).items()}
     slots = tensor_slots(config)
     assert set(slots) == set(ref_shapes)
+    # Each parameter (each layer of a stacked one) is exactly one HF tensor, none left over.
+    places = [(slot.path, slot.layer) for slot in slots.values()]
+    assert len(set(places)) == len(places)
+    assert set(places) == {(path, layer) for path, shape in flat.items()
+                           for layer in (range(shape[0]) if path.startswith("language_model/layers/") else [None])}
     for name, slot in slots.items():
         shape = flat[slot.path] if slot.layer is None else flat[slot.path][1:]
         assert hf_shape(slot.rule, shape, config) == ref_shapes[name], name

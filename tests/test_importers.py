@@ -250,7 +250,7 @@ def test_bad_rows_raise_one_sentence_naming_file_and_row(tmp_path, line, expecte
     with pytest.raises(InputError) as error:
         importers.import_to_records("4dthinker", path, out, skip_bad_records=False)
     assert_one_sentence(str(error.value), f"{path} row {line}:", expected)
-    assert not out.exists()
+    assert not out.exists() and list(tmp_path.glob("*.tmp")) == list(tmp_path.glob(".*.tmp")) == []
 
 
 def test_unknown_format_and_unreadable_data_file(tmp_path):

@@ -39,6 +39,10 @@ def rows_for(case: str, name: str) -> list[Row]:
     ]
 
 
+# Fixed per case: str hashes change from one process to the next.
+CASE_SEEDS = {"text": 11, "image": 12, "video": 13, "mixed": 14}
+
+
 def jax_logits(model, params, batch, public_api=False):
     """Logits through `model.apply` (the documented API, eager) or the jitted `forward`."""
     if public_api:
@@ -50,7 +54,7 @@ def jax_logits(model, params, batch, public_api=False):
 def test_logits_match_transformers(reference, case):
     """transformers 5.x places text after a video at start + max(h, w) / merge: compare in that mode."""
     name, torch_model, _, model, params = reference
-    batch = make_batch(model.config, rows_for(case, name), seed=hash(case) % 1000)
+    batch = make_batch(model.config, rows_for(case, name), seed=CASE_SEEDS[case])
     hf_mode = Qwen25VL(dataclasses.replace(model.config, mrope_text_start="spatial_extent"))
     ours = jax_logits(hf_mode, params, batch, public_api=case in ("text", "mixed"))
     ref = hf_logits(torch_model, batch)
@@ -138,6 +142,44 @@ def test_bfloat16_compute_stays_close_to_float32(reference):
         assert out.logits.dtype == jnp.bfloat16 and out.hidden_states.dtype == jnp.bfloat16
         diff = masked_max_diff(out.logits, ref, batch["attention_mask"])
         assert 0 < diff < 0.1 * np.abs(ref).max()
+
+
+def primitive_dtypes(jaxpr, names):
+    """{(primitive, input dtype)} of every equation named in `names`, through nested jaxprs."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            found.update((eqn.primitive.name, str(v.aval.dtype)) for v in eqn.invars if hasattr(v.aval, "dtype"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= primitive_dtypes(inner, names)
+    return found
+
+
+def test_bfloat16_compute_keeps_softmax_norms_and_losses_in_float32(reference):
+    """The dtype policy, read off the traced programs: with bf16 weights and compute, every
+    exponential, logarithm, max-reduction (softmax) and rsqrt (RMSNorm) runs in float32."""
+    from fourd_jax.train.dift import latent_cosine_terms, token_cross_entropy
+
+    name, _, _, model, params = reference
+    low = Qwen25VL(model.config.replace(dtype="bfloat16", param_dtype="bfloat16"))
+    cast = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+    batch = make_batch(model.config, rows_for("mixed", name), seed=4)
+    jaxpr = jax.make_jaxpr(lambda p: low.apply({"params": p}, **batch).logits)(cast).jaxpr
+    reductions = {"exp", "log", "rsqrt", "reduce_max"}
+    in_model = primitive_dtypes(jaxpr, reductions)
+    assert {op for op, _ in in_model} >= {"exp", "rsqrt", "reduce_max"}
+    assert {dtype for _, dtype in in_model} == {"float32"}, in_model
+    logits = jnp.zeros((2, 5, 16), jnp.bfloat16)
+    hidden = jnp.zeros((2, 5, 8), jnp.bfloat16)
+    losses = [jax.make_jaxpr(token_cross_entropy)(logits, jnp.zeros((2, 5), jnp.int32)).jaxpr,
+              jax.make_jaxpr(latent_cosine_terms)(hidden, jnp.zeros((2, 3, 8), jnp.bfloat16),
+                                                  jnp.zeros((2, 5), bool)).jaxpr]
+    for loss in losses:
+        ops = primitive_dtypes(loss, reductions | {"sqrt", "div", "reduce_sum", "mul"})
+        assert ops and {dtype for _, dtype in ops} <= {"float32", "int32", "bool"}, ops
 
 
 def test_vision_tower_matches_transformers(reference):

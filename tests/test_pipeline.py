@@ -1,5 +1,8 @@
 """Grain pipeline: features and labels, fixed batch shapes, resume, bad records, model inputs."""
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -81,6 +84,25 @@ def test_batches_have_fixed_shapes_and_model_ready_media(data):
             b["imagery_segment"][row].max() + 1)
 
 
+def test_an_epoch_compiles_to_a_few_bucketed_shapes(data):
+    """Sequence length = the smallest bucket that holds the batch's longest row; media rows are
+    padded to powers of two, so a whole epoch needs only a handful of distinct batch shapes."""
+    path, tok, config = data
+    buckets = (128, 256, 512, 1024)
+    pipeline = PipelineConfig(batch_size=2, seq_buckets=buckets, num_epochs=1, features=FEATURES,
+                              drop_remainder=False)
+    signatures, count = set(), 0
+    for b in build_dataset(path / "train", tok, config, pipeline):
+        count += 1
+        longest = int(b["attention_mask"].sum(axis=1).max())
+        assert b["input_ids"].shape == (2, min(n for n in buckets if n >= longest))
+        for key in ("video_patches", "imagery_patches"):
+            rows = b[key].shape[1]
+            assert rows & (rows - 1) == 0, (key, rows)  # a power of two
+        signatures.add(tuple((k, np.shape(v)) for k, v in sorted(b.items())))
+    assert count > 20 and len(signatures) <= 6, (count, len(signatures))
+
+
 def test_batched_forward_equals_each_example_alone(data):
     """Per-example media in a padded batch give each row exactly its own example's logits."""
     import jax
@@ -122,7 +144,7 @@ def test_imagery_segments_are_chunk_means():
     np.testing.assert_allclose(means[4:8], chunk_means(tokens[6:22], 4), atol=1e-6)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_restored_iterator_gives_the_same_next_batches(data, workers):
     it, _ = batches(data, 3, num_workers=workers)
     state = it.get_state()
@@ -139,44 +161,80 @@ def test_restored_iterator_gives_the_same_next_batches(data, workers):
         assert list(got["sample_id"]) == list(want["sample_id"])
 
 
-def corrupt_copy(path, target):
-    """Records of `path` with, among them, a truncated record, one lacking 'question' and one whose
-    frame is not a decodable image."""
-    raw = [data for _, _, data in records.read_raw(path)][:6]
+def _edited(data, edit):
     import msgpack
 
-    missing = msgpack.unpackb(raw[1], raw=False)
-    del missing["question"]
-    broken_frame = msgpack.unpackb(raw[5], raw=False)
-    broken_frame["frames"][2] = b"\x89PNG not really"
-    bad = [raw[0], raw[2][: len(raw[2]) // 2], msgpack.packb(missing, use_bin_type=True), raw[3],
-           msgpack.packb(broken_frame, use_bin_type=True), raw[4]]
+    packed = msgpack.unpackb(data, raw=False)
+    edit(packed)
+    return msgpack.packb(packed, use_bin_type=True)
+
+
+def _short_array(packed, key, shape):
+    """Field `key` stored as a float32 array of `shape` (its own bytes cut to fit)."""
+    packed[key] = {"shape": list(shape), "data": packed[key]["data"][:4 * int(np.prod(shape))]}
+
+
+# Each kind of bad record (an edit of a good one) and the reason the strict pipeline gives.
+BAD_RECORDS = {
+    "truncated": (lambda d: d[: len(d) // 2], "not a msgpack record"),
+    "missing field": (lambda d: _edited(d, lambda r: r.pop("question")), "missing field 'question'"),
+    "undecodable frame": (lambda d: _edited(d, lambda r: r["frames"].__setitem__(2, b"\x89PNG not really")),
+                          "field 'frames' cannot be decoded"),
+    "wrong type": (lambda d: _edited(d, lambda r: r.__setitem__("answer", 3)),
+                   "field 'answer' holds int 3, not a str value"),
+    "frame sizes differ": (lambda d: _edited(d, lambda r: r["frames"].__setitem__(
+        1, records.encode_image(np.zeros((8, 8, 3), np.uint8)))), "field 'frames' mixes frame sizes"),
+    "short timestamps": (lambda d: _edited(d, lambda r: _short_array(r, "timestamps", [3])),
+                         r"field 'timestamps' has shape \(3,\), expected \(8,\)"),
+    "mis-shaped poses": (lambda d: _edited(d, lambda r: _short_array(r, "cam_to_world", [8, 3, 4])),
+                         r"field 'cam_to_world' has shape \(8, 3, 4\)"),
+}
+
+
+def write_raw(target, items):
     writer = ArrayRecordWriter(str(target), "group_size:1")
-    for item in bad:
+    for item in items:
         writer.write(item)
     writer.close()
 
 
-def test_bad_records_are_skipped_and_counted_or_named(data, tmp_path):
+def test_bad_records_are_skipped_and_counted(data, tmp_path):
     path, tok, config = data
+    good = [data for _, _, data in records.read_raw(path / "train")][:3]
+    bad = [edit(good[0]) for edit, _ in BAD_RECORDS.values()]
     target = tmp_path / "bad.array_record"
-    corrupt_copy(path / "train", target)
-    pipeline = PipelineConfig(batch_size=6, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
+    write_raw(target, [good[0], *bad[:4], good[1], *bad[4:], good[2]])
+    pipeline = PipelineConfig(batch_size=10, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
     (batch,) = list(build_dataset(target, tok, config, pipeline))
-    assert int(batch["num_skipped"]) == 3 and batch["example_mask"].sum() == 3
+    assert int(batch["num_skipped"]) == len(BAD_RECORDS) and batch["example_mask"].sum() == 3
     assert batch["attention_mask"][3:].sum() == 0 and batch["loss_mask"][3:].sum() == 0
-    strict = PipelineConfig(batch_size=6, seq_buckets=(512, 1024), shuffle=False, skip_bad_records=False,
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_strict_pipeline_names_the_file_record_and_fault(data, tmp_path, kind):
+    path, tok, config = data
+    good = next(data for _, _, data in records.read_raw(path / "train"))
+    edit, reason = BAD_RECORDS[kind]
+    target = tmp_path / "bad.array_record"
+    write_raw(target, [good, edit(good)])
+    strict = PipelineConfig(batch_size=1, seq_buckets=(512, 1024), shuffle=False, skip_bad_records=False,
                             features=FEATURES)
-    with pytest.raises(records.RecordError, match=rf"{target} record 1: not a msgpack record"):
+    with pytest.raises(records.RecordError, match=rf"^{target} record 1: {reason}"):
         list(build_dataset(target, tok, config, strict))
-    with pytest.raises(records.RecordError, match="missing field 'question'"):
-        records.decode(msgpack_record(target, 2))
-    with pytest.raises(records.RecordError, match="field 'frames' cannot be decoded"):
-        records.decode(msgpack_record(target, 4))
+    with pytest.raises(records.RecordError, match=rf"^{target} record 1: {reason}"):
+        list(records.read(target))
 
 
-def msgpack_record(path, index):
-    return [data for _, _, data in records.read_raw(path)][index]
+def test_a_truncated_record_file_is_named_not_read_as_empty(data, tmp_path):
+    path, tok, config = data
+    whole = records.files(path / "train")[0]
+    cut = tmp_path / "cut.array_record"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    message = rf"{cut} is not a readable ArrayRecord file \(truncated or corrupt\)"
+    with pytest.raises(records.RecordError, match=message):
+        list(records.read(cut))
+    with pytest.raises(records.RecordError, match=message):
+        build_dataset(cut, tok, config)
 
 
 def test_tokenizer_without_latent_tokens_is_refused(data, tmp_path):
@@ -187,3 +245,69 @@ def test_tokenizer_without_latent_tokens_is_refused(data, tmp_path):
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     with pytest.raises(ValueError, match="no <\\|latent_start\\|>"):
         build_dataset(path / "train", plain, config)
+
+
+# The layout of Qwen2.5-VL-Instruct's own chat template: numbered media when add_vision_id is set.
+QWEN_STYLE_TEMPLATE = (
+    "{% set images = namespace(n=0) %}{% set videos = namespace(n=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{% set images.n = images.n + 1 %}"
+    "{% if add_vision_id %}Picture {{ images.n }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}{% set videos.n = videos.n + 1 %}"
+    "{% if add_vision_id %}Video {{ videos.n }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_style_tokenizer_dir(path, texts):
+    """A directory laid out like a released Qwen2.5-VL tokenizer (class Qwen2Tokenizer with Qwen's
+    pre-tokenizer, its special tokens right after the BPE vocabulary, a chat template), without the
+    latent tokens, built offline from a small BPE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    from fourd_jax.data.tokenizer import QWEN_SPECIAL_TOKENS
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+              for m in json.loads(core.to_str())["model"]["merges"]]
+    tok = Qwen2Tokenizer(vocab=core.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)
+    tok.chat_template = QWEN_STYLE_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_qwen_tokenizer_directory_is_accepted(data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fourd_jax.train import job
+
+    path, _, _ = data
+    source = qwen_style_tokenizer_dir(tmp_path / "qwen_tokenizer", list(record_texts(path)))
+    before = AutoTokenizer.from_pretrained(source)
+    assert type(before).__name__ == "Qwen2Tokenizer" and LATENT_TOKENS[0] not in before.get_vocab()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    tok = job.tokenizer(SimpleNamespace(tokenizer=str(source), tokenizer_vocab_size=0), workdir, path)
+    ids = [tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS]
+    assert ids == list(range(len(before), len(before) + 3))  # appended after Qwen's own tokens
+    assert [AutoTokenizer.from_pretrained(workdir / "tokenizer").convert_tokens_to_ids(t)
+            for t in LATENT_TOKENS] == ids  # the run keeps its copy
+    config = config_for_tokenizer(tok, tiny())
+    pipeline = PipelineConfig(batch_size=2, seq_buckets=(512, 1024), shuffle=False, features=FEATURES)
+    batch = next(b for b in build_dataset(path / "train", tok, config, pipeline) if b["latent_mask"].any())
+    row = int(np.argmax(batch["latent_mask"].any(axis=1)))
+    text = tok.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|><|video_pad|>")
+    assert "<|latent_start|>" + "<|latent_pad|>" * 4 + "<|latent_end|>" in text
+    assert batch["latent_mask"][row].sum() % 4 == 0

@@ -78,3 +78,19 @@ def test_resized_video_equals_transformers_per_temporal_patch(size):
     ref = proc(images=list(stills), return_tensors="np")
     assert grid[0] == 3 and tuple(ref["image_grid_thw"][0][1:]) == grid[1:]
     np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(56, 84), (112, 112)])
+def test_distinct_frames_of_a_temporal_patch_take_their_time_slot(size):
+    """Rows are [channel, time, 14, 14] in the reference's layout: frame 2t fills time slot 0 and
+    frame 2t + 1 time slot 1, each equal to the image processor's output for that frame alone."""
+    rs = np.random.RandomState(size[0])
+    frames = rs.randint(0, 256, (4, *size, 3)).astype(np.uint8)
+    ours, grid = patchify(frames, VisionConfig())
+    rows = ours.reshape(grid[0], grid[1] * grid[2], 3, 2, 14, 14)
+    proc = Qwen2VLImageProcessorPil()
+    for t in range(grid[0]):
+        for slot in (0, 1):
+            ref = proc(images=[frames[2 * t + slot]], return_tensors="np")["pixel_values"]
+            ref = ref.reshape(grid[1] * grid[2], 3, 2, 14, 14)
+            np.testing.assert_allclose(rows[t, :, :, slot], ref[:, :, slot], atol=1e-6)

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from independent_keys import SPEED_OF_MOTION, distance_key_holds, independent_direction, moves_from_poses
 
 from fourd_jax.data.qa import fourdthinker as ft
 from fourd_jax.data.qa.dsr import dsr_questions
@@ -12,14 +13,6 @@ from fourd_jax.data.qa.mllm4d import mllm4d_questions
 from fourd_jax.data.sim.scene import SceneConfig, camera_path, project, sample_scene
 
 SEEDS = range(150)
-SPEED_OF_MOTION = {
-    "constant": "Maintaining a Constant Speed", "turning": "Maintaining a Constant Speed",
-    "flying": "Maintaining a Constant Speed", "accelerating": "Speeding Up", "decelerating": "Slowing Down",
-    "accel_decel": "First Speeding Up, Then Slowing Down", "decel_accel": "First Slowing Down, Then Speeding Up",
-    "varying": "Moving at Varying Speeds",
-}
-
-
 def projected_boxes(scene):
     """Small boxes around projected centres (NaN when behind the camera or off the image)."""
     n, t = scene.centers.shape[:2]
@@ -36,33 +29,6 @@ def projected_boxes(scene):
 @pytest.fixture(scope="module")
 def scenes():
     return [(s, projected_boxes(s)) for s in (sample_scene(seed) for seed in SEEDS)]
-
-
-def moves_from_poses(poses: np.ndarray) -> set[str]:
-    """Camera moves recovered from the first and last pose only (not from the scene's labels)."""
-    (r0, _, f0), (r1, _, f1) = (poses[0, :3, :3].T, poses[-1, :3, :3].T)
-    found = set()
-    yaw = np.degrees(np.arctan2(f1[1], f1[0]) - np.arctan2(f0[1], f0[0]))
-    yaw = (yaw + 180) % 360 - 180
-    pitch = np.degrees(np.arcsin(f1[2]) - np.arcsin(f0[2]))
-
-    def roll(r, f):
-        level_right = np.array([f[1], -f[0], 0.0]) / np.hypot(f[0], f[1])
-        level_down = np.cross(f, level_right)
-        return np.degrees(np.arctan2(r @ level_down, r @ level_right))
-
-    turn = roll(r1, f1) - roll(r0, f0)
-    delta = poses[-1, :3, 3] - poses[0, :3, 3]
-    ahead = np.array([f0[0], f0[1], 0.0]) / np.hypot(f0[0], f0[1])
-    side = np.array([ahead[1], -ahead[0], 0.0])
-    for value, threshold, positive, negative in (
-        (yaw, 5, "Pan Left", "Pan Right"), (pitch, 5, "Tilt Up", "Tilt Down"),
-        (turn, 5, "Roll Clockwise", "Roll Counter-Clockwise"), (delta @ ahead, 0.3, "Dolly In", "Dolly Out"),
-        (delta @ side, 0.3, "Truck Right", "Truck Left"), (delta[2], 0.3, "Pedestal Up", "Pedestal Down"),
-    ):
-        if abs(value) > threshold:
-            found.add(positive if value > 0 else negative)
-    return found
 
 
 def test_camera_moves_follow_their_definitions():
@@ -87,23 +53,29 @@ def test_camera_question_key_equals_the_motion_in_the_poses(scenes):
         anchor = qa.imagery[0][1]
         assert scene.objects[anchor].motion == "static"
         assert all(not np.isnan(boxes[anchor, t, 0]) for t, _ in qa.imagery)
+        # Distractors: every move flipped first, then each single flip, then random combinations.
+        moves = qa.key.replace(" and ", ", ").split(", ")
+        flipped = [ft.join_moves([ft.OPPOSITE_MOVE[m] for m in moves])]
+        if len(moves) > 1:
+            flipped += [ft.join_moves([ft.OPPOSITE_MOVE[m] if i == j else m for j, m in enumerate(moves)])
+                        for i in range(len(moves))]
+        distractors = [o for o in qa.options if o != qa.key]
+        assert distractors[:min(3, len(flipped))] == flipped[:3]
     assert asked > 80
 
 
-def independent_direction(scene, obj):
-    pose = scene.cam_to_world[0]
-    right, down, forward = pose[:3, 0], pose[:3, 1], pose[:3, 2]
-    d = scene.centers[obj, -1] - scene.centers[obj, 0]
-    x, up, z = d @ right, -(d @ down), d @ forward
-    if np.linalg.norm(d) < 0.05:
-        return "Stationary"
-    if abs(z) > 1.2 * max(abs(x), abs(up)):
-        return "Moving Away from Camera" if z > 0 else "Moving Toward Camera"
-    words = []
-    if min(abs(x), abs(up)) >= 0.6 * max(abs(x), abs(up)):
-        words = ["Left" if x < 0 else "Right", "Up" if up > 0 else "Down"]
-        return "Moving " + "-".join(words)
-    return "Moving " + (("Left" if x < 0 else "Right") if abs(x) > abs(up) else ("Up" if up > 0 else "Down"))
+def test_object_question_forms_follow_their_weights(scenes):
+    forms = Counter()
+    for k, (scene, boxes) in enumerate(scenes):
+        questions = ft.fourdthinker_questions(scene, boxes, np.random.default_rng(k))
+        object_questions = [q for q in questions if q.subtask != "camera_motion"]
+        assert len(object_questions) <= ft.OBJECT_QUESTIONS
+        assert len({(q.meta["form"], q.target_objects) for q in object_questions}) == len(object_questions)
+        forms.update(q.meta["form"] for q in object_questions)
+    total = sum(forms.values())
+    assert total > 1.8 * len(scenes)  # almost every scene gets both object questions
+    for form, weight in ft.FORMS.items():
+        assert abs(forms[form] / total - weight) < 0.06, (form, forms)
 
 
 def test_object_question_keys_match_the_trajectories(scenes):
@@ -118,17 +90,7 @@ def test_object_question_keys_match_the_trajectories(scenes):
                 if qa.subtask == "object_direction":
                     assert qa.key == independent_direction(scene, obj)
                 elif qa.subtask == "object_distance":
-                    d = [np.linalg.norm(scene.centers[obj, t] - scene.cam_to_world[t, :3, 3])
-                         for t in range(scene.num_frames)]
-                    if qa.key == "Getting Closer to Camera":
-                        assert d[-1] < d[0]
-                    elif qa.key == "Getting Farther from Camera":
-                        assert d[-1] > d[0]
-                    elif qa.key == "Maintaining Roughly the Same Distance":
-                        assert max(d) - min(d) <= 0.05 * np.mean(d)
-                    else:
-                        extreme = int(np.argmin(d) if "Closer, Then" in qa.key else np.argmax(d))
-                        assert 0 < extreme < len(d) - 1
+                    assert distance_key_holds(scene, obj, qa.key)
                 else:  # the speed class must match how the simulator generated the motion
                     assert qa.key == SPEED_OF_MOTION[scene.objects[obj].motion]
                 assert qa.options.count(qa.key) == 1 and len(set(qa.options)) == 4

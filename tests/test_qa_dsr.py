@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from independent_keys import expected_key
 
 from fourd_jax.data.qa import dsr
 from fourd_jax.data.qa.dsr import (
@@ -136,87 +137,6 @@ def generated():
     return out
 
 
-# ----------------------------------------------------------------------------- independent key
-
-
-def _object_index(scene, ref):
-    return [o.object_id for o in scene.objects].index(ref)
-
-
-def _position(scene, ref, t):
-    return scene.cam_to_world[t, :3, 3] if ref == "camera" else scene.centers[_object_index(scene, ref), t]
-
-
-def _facing(scene, ref, t):
-    """Camera: the optical axis; object: its heading laid flat, unit length."""
-    if ref == "camera":
-        return scene.cam_to_world[t, :3, 2]
-    heading = scene.headings[_object_index(scene, ref), t]
-    flat = np.array([heading[0], heading[1], 0.0])
-    return flat / np.linalg.norm(flat)
-
-
-def _agent_rows(scene, ref, t):
-    """Rows forward, left, up of the agent at frame t (world coordinates), and its origin."""
-    if ref == "camera":
-        pose = scene.cam_to_world[t]
-        right, down, optical = pose[:3, 0], pose[:3, 1], pose[:3, 2]
-        return np.array([optical, -right, -down]), pose[:3, 3]
-    forward = _facing(scene, ref, t)
-    left = np.array([-forward[1], forward[0], 0.0])  # up x forward with up = +z
-    return np.array([forward, left, [0.0, 0.0, 1.0]]), _position(scene, ref, t)
-
-
-def _seen(scene, agent, pose_frame, ref, t):
-    """Where the agent, posed as at `pose_frame`, sees the entity `ref` at frame t."""
-    rows, origin = _agent_rows(scene, agent, pose_frame)
-    return rows @ (_position(scene, ref, t) - origin)
-
-
-def _speeds(scene, meta, ref):
-    frames = meta["frames"]
-    if meta["agent_mode"] == "absolute":  # a fixed pose keeps lengths: world speeds
-        points = [_position(scene, ref, f) for f in frames]
-    else:
-        points = [_seen(scene, meta["agent"], f, ref, f) for f in frames]
-    return [float(np.linalg.norm(q - p)) for p, q in zip(points[:-1], points[1:], strict=True)]
-
-
-def expected_key(scene, qa):
-    meta = qa.meta
-    measure = qa.subtask.removeprefix("abs_").removeprefix("rel_")
-    agent, frames, slots = meta["agent"], meta["frames"], meta["slots"]
-    absolute = qa.subtask.startswith("abs_") or qa.subtask == "non_temp"
-    assert (meta["agent_mode"] == "absolute") == absolute
-
-    def pose(f):
-        return meta["agent_frame"] if absolute else f
-
-    def rotate(vector, f):
-        return _agent_rows(scene, agent, pose(f))[0] @ vector
-
-    if measure == "dis":
-        return describe_magnitudes([np.linalg.norm(_position(scene, slots[0], f) - _position(scene, slots[1], f))
-                                    for f in frames])
-    if measure in ("dir", "non_temp"):
-        return describe_directions(np.array([
-            rotate(_position(scene, slots[0], f) - _position(scene, slots[1], f), f) for f in frames]))
-    if measure == "ori":
-        return describe_directions(np.array([rotate(_facing(scene, slots[0], f), f) for f in frames]))
-    if measure == "spd":
-        return describe_magnitudes(_speeds(scene, meta, slots[0]))
-    if measure == "spd_comp":
-        return describe_speed_comparison(_speeds(scene, meta, slots[0]), _speeds(scene, meta, slots[1]))
-    assert measure == "dir_pred"
-    t_count = scene.num_frames
-    if absolute:
-        step = rotate(_position(scene, slots[0], t_count - 1) - _position(scene, slots[0], t_count - 3), None)
-    else:
-        step = (_seen(scene, agent, t_count - 1, slots[0], t_count - 1)
-                - _seen(scene, agent, t_count - 3, slots[0], t_count - 3))
-    return describe_directions(step[None])
-
-
 def _box_text(box):
     return "[" + ", ".join(str(int(round(float(v)))) for v in box) + "]"
 
@@ -230,7 +150,10 @@ def test_every_key_rederived_and_options_distinct(generated):
             assert qa.options["ABCD".index(qa.answer)] == key, (scene.seed, qa)
             assert len(qa.options) == 4 and len(set(qa.options)) == 4
             assert sum(option == key for option in qa.options) == 1
-            assert len(re.findall(r"\(\d+\)", key)) <= dsr.MAX_SEGMENTS
+            count = len(re.findall(r"\(\d+\)", key))
+            assert count <= dsr.MAX_SEGMENTS
+            for option in qa.options:  # distractors: within +-3 segments of the key, never over the limit
+                assert max(1, count - 3) <= len(re.findall(r"\(\d+\)", option)) <= min(count + 3, dsr.MAX_SEGMENTS)
     assert set(counts) == set(ALL_SUBTASKS)
     assert min(counts.values()) >= 50, counts
 

@@ -239,3 +239,66 @@ def test_bad_inputs_are_rejected():
         render.render_frame(scene, scene.num_frames)
     with pytest.raises(InputError):
         render.overlay_mask(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), bool))
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def test_sampled_scenes_follow_their_config_and_motions():
+    from fourd_jax.data.sim.scene import CATEGORIES, MOTIONS, SceneConfig
+
+    config = SceneConfig(num_frames=12)
+    fronts = motions = 0
+    seen_motions = set()
+    for seed in range(200):
+        scene = sample_scene(seed, config)
+        n = len(scene.objects)
+        assert config.min_objects <= n <= config.max_objects
+        assert len({o.color_name for o in scene.objects}) == n and len({o.name for o in scene.objects}) == n
+        assert scene.centers.shape == scene.headings.shape == (n, 12, 3) and scene.cam_to_world.shape == (12, 4, 4)
+        fronts += any(o.has_front for o in scene.objects)
+        for k, obj in enumerate(scene.objects):
+            assert obj.category in CATEGORIES and min(obj.size) > 0
+            seen_motions.add(obj.motion)
+            steps = np.diff(scene.centers[k], axis=0)
+            lengths = np.linalg.norm(steps, axis=1)
+            np.testing.assert_allclose(np.linalg.norm(scene.headings[k], axis=1), 1.0, atol=1e-6)
+            if obj.motion == "static":
+                assert lengths.max() == 0.0
+                continue
+            motions += 1
+            if obj.motion != "flying":  # ground movers stay on the ground
+                np.testing.assert_allclose(scene.centers[k, :, 2], scene.centers[k, 0, 2])
+            # The heading follows the motion: it points along each step (a turning step's chord is
+            # off the heading by half the step's turn).
+            moving = lengths > 1e-6
+            along = np.sum(steps[moving] / lengths[moving, None] * scene.headings[k, :-1][moving], axis=1)
+            assert along.min() > 0.98, (seed, obj.motion, along.min())
+            if obj.motion == "decelerating":  # decelerates to a stop before the end
+                assert lengths[-1] < 1e-6 < lengths[0]
+            if obj.motion == "accelerating":
+                assert np.all(np.diff(lengths) > 0)
+    assert seen_motions == {"static", "flying", *MOTIONS}
+    assert fronts > 100 and motions > 300
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_frames", 1, "num_frames 1 must be at least 2"),
+    ("fps", 0.0, "fps 0.0 must be positive"),
+    ("max_objects", 40, r"objects per scene \[2, 40\] must lie within"),
+    ("static_probability", 1.5, "static_probability 1.5 must be within"),
+])
+def test_bad_scene_configs_fail_in_one_sentence(field, value, message):
+    from fourd_jax.data.sim.scene import SceneConfig
+
+    with pytest.raises(InputError, match=message):
+        SceneConfig(**{field: value})
+
+
+def test_synth_refuses_dsr_questions_on_short_clips():
+    from fourd_jax.data.sim.scene import SceneConfig
+    from fourd_jax.data.synth import SynthConfig
+
+    with pytest.raises(InputError, match="DSR questions need at least 8 frames per scene, not 6"):
+        SynthConfig(scene=SceneConfig(num_frames=6))
+    SynthConfig(scene=SceneConfig(num_frames=6), families=("4dthinker",))

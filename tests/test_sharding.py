@@ -42,6 +42,27 @@ def test_uneven_split_and_unmapped_names_fail_clearly():
         init_params(model, jax.random.key(0), mesh=sharding.make_mesh((2, 2, 2)), rules=rules)
 
 
+def test_a_config_can_remap_logical_names_and_bad_rules_fail_clearly():
+    from jax.sharding import PartitionSpec as P
+    from run_configs import load_config
+
+    from fourd_jax.train import job
+
+    config = load_config("dift", **{"mesh.rules": (("mlp", ("fsdp", "tensor")), ("embed", None))})
+    rules = job.sharding_rules(config)
+    assert dict(rules)["mlp"] == ("fsdp", "tensor") and dict(rules)["embed"] is None
+    assert len(rules) == len(sharding.DEFAULT_RULES)
+    model = Qwen25VL(tiny())
+    shardings = sharding.param_shardings(abstract_params(model), sharding.make_mesh((1, 4, 2)), rules)
+    up = shardings["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.spec == P(None, None, ("fsdp", "tensor"))  # [layers, embed, mlp]
+    assert job.sharding_rules(load_config("dift")) == sharding.DEFAULT_RULES
+    with pytest.raises(sharding.ShardingError, match="names logical axis 'hidden', which the model does not use"):
+        sharding.resolve_rules([("hidden", "fsdp")])
+    with pytest.raises(sharding.ShardingError, match="maps 'mlp' to 'model', which is not a mesh axis"):
+        sharding.resolve_rules([("mlp", ("fsdp", "model"))])
+
+
 def test_sharded_init_and_forward_equal_one_device():
     model = Qwen25VL(tiny())
     mesh = sharding.make_mesh((2, 2, 2))

@@ -47,13 +47,13 @@ def host_batches(config, data, n):
     return [batch] * n
 
 
-def run_steps(config, data, mesh, batches):
+def run_steps(config, data, mesh, batches, metric="loss"):
     trainer = dift.make_trainer(config, data[1], mesh)
-    state, losses = trainer.state, []
+    state, values = trainer.state, []
     for batch in batches:
         state, metrics = trainer.step_fn(state, batch)
-        losses.append(float(metrics["loss"]))
-    return state, losses, trainer
+        values.append(float(metrics[metric]))
+    return state, values, trainer
 
 
 def test_meshes_give_the_losses_and_params_of_one_device(data):
@@ -84,13 +84,16 @@ def test_gradient_accumulation_equals_the_full_batch(data):
     config = dift_config()
     batches = host_batches(config, data, 2)
     mesh = sharding.make_mesh((1, 2, 1), jax.devices()[:2])
-    full, full_losses, _ = run_steps(config, data, mesh, batches)
+    full, full_norms, _ = run_steps(config, data, mesh, batches, metric="grad_norm")
     config.optim.grad_accum = 2
-    accumulated, acc_losses, _ = run_steps(config, data, mesh, batches)
-    np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
+    accumulated, acc_norms, _ = run_steps(config, data, mesh, batches, metric="grad_norm")
+    # Adam is blind to the gradient's scale, so the gradient norm is what shows a wrong mean.
+    np.testing.assert_allclose(acc_norms, full_norms, rtol=1e-5)
+    # As on other meshes: a near-zero gradient whose last bits differ with the summation order can
+    # move its parameter by a fraction of lr, so parameters agree to a fraction of lr, not to ulps.
     for a, b in zip(jax.tree_util.tree_leaves(accumulated.params), jax.tree_util.tree_leaves(full.params),
                     strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * config.optim.lr)
 
 
 def test_non_finite_steps_leave_the_state_and_stop_training(data, tmp_path):

@@ -135,7 +135,9 @@ def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str,
             "forward",
             "`fourd-jax bench forward`: one jitted JAX forward vs one eager `transformers` forward "
             "(`torch.no_grad`, default SDPA attention) on the same weights and batch (2 rows of "
-            "text, a 224 px image and an 8-frame 224 px video), fp32, median wall time.",
+            "text, an image and a video: "
+            + "; ".join(f"{name}: {s['image']} px, {s['frames']} frames" for name, s in SIZES.items())
+            + "), fp32, median wall time.",
             result,
         )
         print(f"recorded in {path}")

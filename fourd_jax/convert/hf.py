@@ -187,6 +187,8 @@ def config_from_hf(hf_config: dict[str, Any], source: str = "config.json", **ove
     vision_rope = dict(v.rope_parameters or {})
     latent = {k: hf_config.get(k) for k in
               ("latent_start_token_id", "latent_pad_token_id", "latent_end_token_id")}
+    if "mrope_text_start" in hf_config:  # written by `save` for a non-default mode
+        latent["mrope_text_start"] = hf_config["mrope_text_start"]
     fields = dict(
         text=TextConfig(
             vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -229,6 +231,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     extra = {k: getattr(config, k) for k in
              ("latent_start_token_id", "latent_pad_token_id", "latent_end_token_id")
              if getattr(config, k) is not None}
+    if config.mrope_text_start != ModelConfig.mrope_text_start:  # keep a non-default mode on reload
+        extra["mrope_text_start"] = config.mrope_text_start
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,

@@ -52,14 +52,12 @@ class RecordSource:
     def __init__(self, path: str | Path | Sequence[str | Path]):
         paths = [path] if isinstance(path, (str, Path)) else list(path)
         self.files = [f for p in paths for f in records.files(p)]
-        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
-        from array_record.python.array_record_module import ArrayRecordReader
-
         counts = []
-        for f in self.files:
-            reader = ArrayRecordReader(str(f))
+        for f in self.files:  # each file checked whole first: Grain's error would not name it
+            reader = records.open_reader(f)
             counts.append(reader.num_records())
             reader.close()
+        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
 
     def __len__(self) -> int:

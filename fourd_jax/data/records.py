@@ -11,6 +11,7 @@ and the coordinate conventions.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterable, Iterator
@@ -79,6 +80,40 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float)}
+
+
+def _check_kind(key: str, kind: str, value: Any) -> None:
+    """The field holds a value of its schema kind (list items included; arrays by rank)."""
+    if kind in _SCALARS:
+        ok = isinstance(value, _SCALARS[kind]) and not isinstance(value, bool)
+    elif kind == "images" and isinstance(value, np.ndarray):  # decoded frames, uint8 [T, H, W, 3]
+        ok = value.ndim == 4
+    elif kind in ("strs", "ints", "images"):
+        item = {"strs": (str,), "ints": (int, np.integer), "images": (bytes, np.ndarray)}[kind]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool)
+                                                      for v in value)
+    elif kind.startswith("array:"):
+        ok = np.ndim(value) == int(kind.split(":")[2])
+    else:
+        return
+    if not ok:
+        raise RecordError(f"field '{key}' holds {type(value).__name__} {_preview(value)}, not a {kind} value")
+
+
+def _preview(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"of shape {value.shape}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_shape(key: str, shape: tuple[int, ...], allowed: list[tuple[int, ...]]) -> None:
+    if tuple(shape) not in allowed:
+        raise RecordError(f"field '{key}' has shape {tuple(shape)}, expected "
+                          + " or ".join(str(a) for a in allowed))
+
+
 def _check(sample: dict[str, Any]) -> None:
     missing = [k for k, (_, required) in FIELDS.items() if required and k not in sample]
     if missing:
@@ -87,6 +122,17 @@ def _check(sample: dict[str, Any]) -> None:
     extra = sorted(set(sample) - set(FIELDS))
     if extra:
         raise RecordError(f"unknown field '{extra[0]}'")
+    for key, value in sample.items():
+        _check_kind(key, FIELDS[key][0], value)
+    n_frames, n_objects = len(sample["frames"]), len(sample["object_ids"])
+    _check_shape("timestamps", np.shape(sample["timestamps"]), [(n_frames,)])
+    _check_shape("intrinsics", np.shape(sample["intrinsics"]), [(3, 3), (0, 0)])
+    _check_shape("cam_to_world", np.shape(sample["cam_to_world"]), [(n_frames, 4, 4), (0, 4, 4)])
+    for key in ("object_centers", "object_headings"):
+        _check_shape(key, np.shape(sample[key]), [(n_objects, n_frames, 3), (0, 0, 3)])
+    for key in ("object_categories", "object_names"):
+        if len(sample[key]) != n_objects:
+            raise RecordError(f"field '{key}' names {len(sample[key])} objects, 'object_ids' has {n_objects}")
     if len(sample["options"]) != 4:
         raise RecordError(f"field 'options' must hold 4 options, not {len(sample['options'])}")
     if sample["answer"] not in "ABCD" or len(sample["answer"]) != 1:
@@ -99,7 +145,6 @@ def _check(sample: dict[str, Any]) -> None:
     if "imagery_targets" in sample and len(sample["imagery_targets"]) != len(sample["imagery"]):
         raise RecordError(f"field 'imagery_targets' holds {len(sample['imagery_targets'])} targets for "
                           f"{len(sample['imagery'])} imagery images")
-    n_frames = len(sample["frames"])
     if any(not 0 <= i < n_frames for i in sample["shown_frames"]):
         raise RecordError(f"field 'shown_frames' indexes outside the {n_frames} frames")
 
@@ -157,6 +202,9 @@ def decode(data: bytes, decode_images: bool = True) -> dict[str, Any]:
         sample[key] = value
     _check(sample)
     if decode_images:
+        sizes = sorted({frame.shape for frame in sample["frames"]})
+        if len(sizes) > 1:
+            raise RecordError(f"field 'frames' mixes frame sizes {sizes[0]} and {sizes[1]}")
         sample["frames"] = np.stack(sample["frames"]) if sample["frames"] else np.zeros((0, 0, 0, 3), np.uint8)
     return sample
 
@@ -174,8 +222,11 @@ def write(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
         for sample in samples:
             writer.write(encode(sample))
             count += 1
-    finally:
+    except BaseException:  # nothing half-written is left behind
         writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     os.replace(tmp, path)
     return count
 
@@ -193,15 +244,37 @@ def files(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def read_raw(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, index, bytes) for every record under `path`."""
+def open_reader(file: str | os.PathLike) -> Any:
+    """An ArrayRecordReader for `file`, or RecordError when the file is not a whole ArrayRecord file
+    (the reader would otherwise report a truncated file as holding no records)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    for file in files(path):
+    try:
         reader = ArrayRecordReader(str(file))
+    except Exception as e:  # noqa: BLE001 - the bindings raise RuntimeError / ValueError variants
+        raise RecordError(f"{file} cannot be opened as an ArrayRecord file ({e}).") from None
+    try:  # a cut file may still open: its last record is where the cut shows
+        whole = reader.ok() and (reader.num_records() == 0 or len(reader.read([reader.num_records() - 1])) == 1)
+    except Exception:  # noqa: BLE001 - Riegeli reports damage as RuntimeError with its own detail
+        whole = False
+    if not whole:
+        with contextlib.suppress(Exception):  # closing a damaged reader re-raises its damage
+            reader.close()
+        raise RecordError(f"{file} is not a readable ArrayRecord file (truncated or corrupt).")
+    return reader
+
+
+def read_raw(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, index, bytes) for every record under `path`."""
+    for file in files(path):
+        reader = open_reader(file)
         try:
             for index in range(reader.num_records()):
-                yield file, index, reader.read([index])[0]
+                try:
+                    data = reader.read([index])[0]
+                except Exception as e:  # noqa: BLE001 - damage inside the file
+                    raise RecordError(f"{file} record {index} cannot be read ({e}).") from None
+                yield file, index, data
         finally:
             reader.close()
 

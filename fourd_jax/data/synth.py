@@ -21,7 +21,7 @@ import numpy as np
 
 from fourd_jax.data import records
 from fourd_jax.data.qa.common import QA
-from fourd_jax.data.qa.dsr import dsr_questions
+from fourd_jax.data.qa.dsr import MIN_SCENE_FRAMES, dsr_questions
 from fourd_jax.data.qa.fourdthinker import fourdthinker_questions
 from fourd_jax.data.qa.mllm4d import mllm4d_questions
 from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
@@ -45,6 +45,9 @@ class SynthConfig:
             raise InputError(f"unknown question families {unknown}; choose from {sorted(FAMILIES)}.")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise InputError(f"split_fractions {self.split_fractions} must be non-negative and sum to 1.")
+        if "dsr" in self.families and self.scene.num_frames < MIN_SCENE_FRAMES:
+            raise InputError(f"DSR questions need at least {MIN_SCENE_FRAMES} frames per scene, not "
+                             f"{self.scene.num_frames} (raise --frames or leave out the dsr family).")
 
 
 def scene_seed(seed: int, index: int) -> int:
@@ -90,7 +93,8 @@ def scene_records(index: int, seed: int, config: SynthConfig, split: str) -> Ite
             "family": qa.family, "subtask": qa.subtask, "question": qa.question, "options": list(qa.options),
             "answer": qa.answer, "trace": qa.trace, "imagery": imagery, "shown_frames": list(qa.shown_frames),
             "target_objects": list(qa.target_objects),
-            "meta": {"split": split, "scene_index": index, "motions": [o.motion for o in scene.objects], **qa.meta},
+            "meta": {"split": split, "scene_index": index, "motions": [o.motion for o in scene.objects],
+                     "imagery_sources": [[int(t), int(obj)] for t, obj in qa.imagery], **qa.meta},
         }
 
 

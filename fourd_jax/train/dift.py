@@ -156,8 +156,10 @@ class Trainer:
     schedule: optax.Schedule
 
 
-def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.DEFAULT_RULES) -> Trainer:
-    """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step."""
+def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> Trainer:
+    """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step.
+    `rules`: the logical-axis rules (default: the config's, `job.sharding_rules`)."""
+    rules = job.sharding_rules(config) if rules is None else rules
     model, params = job.model_and_params(config, tokenizer, mesh, rules)
     tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
     step = jax.jit(functools.partial(

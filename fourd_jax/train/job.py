@@ -64,6 +64,13 @@ def tokenizer(config: Any, workdir: Path, data_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(saved)
 
 
+def sharding_rules(config: Any) -> Any:
+    """The run's logical-axis rules: the default table with the config's `mesh.rules` overrides."""
+    from fourd_jax import sharding
+
+    return sharding.resolve_rules(tuple(config.mesh.get("rules", ())))
+
+
 def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen25VL, Any]:
     """The model for this tokenizer and its parameters, created or loaded already sharded."""
     from fourd_jax import sharding

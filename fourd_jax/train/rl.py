@@ -250,8 +250,10 @@ def grpo_config(config: Any) -> GrpoConfig:
                       aggregation=str(r.aggregation), temperature=float(config.sample.temperature))
 
 
-def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = sharding.DEFAULT_RULES) -> RlTrainer:
-    """Policy from config.model.init_from (the DIFT checkpoint), its reference copy, and the step."""
+def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> RlTrainer:
+    """Policy from config.model.init_from (the DIFT checkpoint), its reference copy, and the step.
+    `rules`: the logical-axis rules (default: the config's, `job.sharding_rules`)."""
+    rules = job.sharding_rules(config) if rules is None else rules
     grpo = grpo_config(config)
     model, params = job.model_and_params(config, tokenizer, mesh, rules)
     tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)

@@ -63,12 +63,13 @@ def pick_distractors(key: str, pool: Sequence[str], rng: np.random.Generator,
     return chosen
 
 
-def redraw_distinct(key: str, draw: Callable[[], str], attempts: int = 200) -> list[str] | None:
-    """Three distinct draws that differ from the key, or None if `draw` cannot supply them."""
+def redraw_distinct(key: str, draw: Callable[[], str | None], attempts: int = 200) -> list[str] | None:
+    """Three distinct draws that differ from the key, or None if `draw` cannot supply them
+    (a draw of None is a rejected one)."""
     out: list[str] = []
     for _ in range(attempts):
         candidate = draw()
-        if candidate != key and candidate not in out:
+        if candidate is not None and candidate != key and candidate not in out:
             out.append(candidate)
             if len(out) == 3:
                 return out

@@ -398,14 +398,17 @@ def _question_text(scene: Scene, boxes: np.ndarray, subtask: str, setup: _Setup)
 
 def _distractors(rng: np.random.Generator, kind: str, data: Any, key_segments: list[str]) -> list[str] | None:
     """Three distinct wrong options: random data like `data` through the same describer, cut to a
-    segment count within +-3 of the key's."""
+    segment count within +-3 of the key's (and at most MAX_SEGMENTS, like any key); a draw with
+    too few segments is drawn again."""
     describer = _DESCRIBERS[kind]
     count = len(key_segments)
+    low, high = max(1, count - 3), min(count + 3, MAX_SEGMENTS)
 
-    def draw() -> str:
+    def draw() -> str | None:
         segments = describer.segments(describer.random_like(rng, data))
-        keep = int(rng.integers(max(1, count - 3), count + 4))
-        return describer.render(segments[:keep])
+        if len(segments) < low:
+            return None
+        return describer.render(segments[:int(rng.integers(low, high + 1))])
 
     return redraw_distinct(describer.render(key_segments), draw)
 

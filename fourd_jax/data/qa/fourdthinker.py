@@ -37,6 +37,8 @@ DISTANCES = (
     "First Getting Closer, Then Farther", "First Getting Farther, Then Closer",
 )
 FORMS = {"direct": 0.32, "bbox": 0.45, "distance": 0.20, "speed": 0.03}
+OBJECT_QUESTIONS = 2  # per video (SPEC 3.6: two forms drawn)
+FORM_DRAWS = 6
 STATIONARY_METRES = 0.05
 
 
@@ -271,20 +273,29 @@ def _size_word(box: np.ndarray, size: tuple[int, int]) -> str:
 
 
 def fourdthinker_questions(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -> list[QA]:
-    """The camera question and two object-question forms drawn with SPEC's weights."""
+    """The camera question and OBJECT_QUESTIONS object questions.
+
+    Each object question's form is drawn on its own with SPEC's weights (FORMS), so the forms'
+    shares follow the weights; a form that no object of the scene can answer is drawn again (up
+    to FORM_DRAWS draws in all), and no object is asked about twice in the same form.
+    """
     out = []
     camera = camera_question(scene, boxes, rng)
     if camera is not None:
         out.append(camera)
     forms = list(FORMS)
     weights = np.array([FORMS[f] for f in forms])
-    chosen = rng.choice(forms, size=2, replace=False, p=weights / weights.sum())
     movers = [o.object_id for o in scene.objects if o.motion != "static"]
-    for form in chosen:
-        candidates = movers if movers else [o.object_id for o in scene.objects]
+    candidates = movers if movers else [o.object_id for o in scene.objects]
+    asked: set[tuple[str, int]] = set()
+    for _ in range(FORM_DRAWS):
+        if len(asked) == OBJECT_QUESTIONS:
+            break
+        form = str(rng.choice(forms, p=weights / weights.sum()))
         for obj in rng.permutation(candidates):
-            qa = object_question(scene, boxes, int(obj), str(form), rng)
-            if qa is not None:
+            qa = object_question(scene, boxes, int(obj), form, rng)
+            if qa is not None and (form, int(obj)) not in asked:
+                asked.add((form, int(obj)))
                 out.append(qa)
                 break
     return out

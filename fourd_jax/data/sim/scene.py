@@ -21,6 +21,8 @@ import dataclasses
 
 import numpy as np
 
+from fourd_jax.errors import InputError
+
 CAMERA_MOVES = (
     "Pan Right", "Pan Left", "Dolly In", "Dolly Out", "Roll Clockwise", "Roll Counter-Clockwise",
     "Tilt Up", "Tilt Down", "Pedestal Up", "Pedestal Down", "Truck Left", "Truck Right",
@@ -105,6 +107,23 @@ class SceneConfig:
     rotation_range_deg: tuple[float, float] = (15.0, 35.0)
     translation_range: tuple[float, float] = (0.8, 2.0)  # metres
     arena_half_size: float = 2.5  # objects start within [-a, a]^2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_frames < 2:
+            problems.append(f"num_frames {self.num_frames} must be at least 2 (a video shows motion)")
+        if self.fps <= 0:
+            problems.append(f"fps {self.fps} must be positive")
+        if min(self.image_size) < 1:
+            problems.append(f"image_size {self.image_size} must be positive")
+        if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
+            problems.append(f"objects per scene [{self.min_objects}, {self.max_objects}] must lie within "
+                            f"[1, {len(COLORS)}] (each object has its own colour)")
+        for name in ("static_probability", "flying_probability", "camera_moving_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} {getattr(self, name)} must be within [0, 1]")
+        if problems:
+            raise InputError("Invalid scene config: " + "; ".join(problems) + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,11 +303,17 @@ def sample_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     floor = _floor_colors(rng)
     return Scene(
         seed=seed, fps=config.fps, image_size=config.image_size,
-        intrinsics=intrinsics_for(config.image_size, config.horizontal_fov_deg),
-        cam_to_world=camera_path(moves, position, cam_yaw, pitch, config.num_frames),
-        camera_moves=moves, objects=tuple(objects), centers=np.stack(centers), headings=np.stack(headings),
-        floor_colors=floor, tile_size=float(rng.choice([0.5, 1.0])),
+        intrinsics=_float32_exact(intrinsics_for(config.image_size, config.horizontal_fov_deg)),
+        cam_to_world=_float32_exact(camera_path(moves, position, cam_yaw, pitch, config.num_frames)),
+        camera_moves=moves, objects=tuple(objects), centers=_float32_exact(np.stack(centers)),
+        headings=_float32_exact(np.stack(headings)), floor_colors=floor, tile_size=float(rng.choice([0.5, 1.0])),
     )
+
+
+def _float32_exact(values: np.ndarray) -> np.ndarray:
+    """float64 values that float32 holds exactly. Records store the geometry as float32; rendering
+    and every answer use these same values, so the stored geometry reproduces each key exactly."""
+    return np.asarray(values, np.float32).astype(np.float64)
 
 
 def _separated_starts(rng: np.random.Generator, n: int, half: float, min_gap: float) -> np.ndarray:
