@@ -38,8 +38,9 @@ def test_bad_input_is_one_sentence_on_stderr(tmp_path, capsys):
 
 
 def test_console_script_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "fourd_jax.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    script = Path(sys.executable).with_name("fourd-jax")  # the entry point pip installed beside python
+    assert script.exists(), f"{script} is missing: install the package (pip install -e .)"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("convert", "bench", "synth", "data", "dift", "rl", "eval", "plot", "demo"):
         assert command in out
 

@@ -168,6 +168,31 @@ def test_4dthinker_sft_and_rl_rows(tmp_path):
     assert_round_trip([sft, rl], tmp_path / "out.array_record")
 
 
+def test_4dthinker_sft_rows_with_a_video_or_as_conversations(tmp_path):
+    write_video(tmp_path / "clip.mp4")
+    base = sft_row(tmp_path)
+    with_video = {k: v for k, v in base.items() if k != "image_input"} | {"video": "clip.mp4"}
+    conversation = {"id": "conv_1", "video": "clip.mp4", "image_output": base["image_output"],
+                    "conversations": [{"from": "human", "value": "<video>\n" + base["text_input"]},
+                                      {"from": "gpt", "value": SFT_TRACE}]}
+    no_media = {k: v for k, v in base.items() if k != "image_input"}
+    no_answer_turn = {**conversation, "conversations": conversation["conversations"][:1]}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [with_video, conversation, no_media, no_answer_turn])
+    stats = importers.ImportStats()
+    video_row, conv = importers.import_4dthinker(path, skip_bad_records=True, stats=stats)
+    for sample in (video_row, conv):
+        assert sample["question"] == "How does the camera move?" and sample["answer"] == "D"
+        assert sample["trace"] == SFT_TRACE and len(sample["imagery"]) == 2
+        assert frame_indices(sample["frames"]) == [0, 8, 16, 24]  # 1 fps from the 8 fps clip
+    assert video_row["meta"]["format"] == "sft" and conv["meta"]["format"] == "conversations"
+    assert conv["sample_id"] == "4dthinker:mixed:conv_1"
+    assert stats.read == 4 and stats.num_skipped == 2
+    messages = list(stats.first_problem.values())
+    assert any("row 3: field 'image_input' (or 'video') is missing" in m for m in messages)
+    assert any("row 4: field 'conversations' has no human turn followed by a gpt turn" in m for m in messages)
+    assert_round_trip([video_row, conv], tmp_path / "out.array_record")
+
+
 def test_4dthinker_frame_lists_are_cut_to_max_frames(tmp_path):
     frames = [str(write_png(tmp_path / "f" / f"{i}.png", 10 * i)) for i in range(5)]
     path = write_jsonl(tmp_path / "rl.jsonl", [rl_row(video_path=None, frame_paths=frames)])

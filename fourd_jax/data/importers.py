@@ -529,14 +529,43 @@ def _4dthinker_sft(src: _Source, row: dict[str, Any], number: int) -> dict[str, 
     if isinstance(image_output, list) and len(image_output) != markers:
         raise _BadRow(IMAGERY_COUNT, f"field 'text_output' has {markers} <output_image> markers but "
                                      f"'image_output' lists {len(image_output)} images")
-    frames, timestamps, fps = src.media.frame_list(_required(row, "image_input"), "image_input")
+    if row.get("image_input") is not None:  # the released layout: paths of the 1 fps frames
+        frames, timestamps, fps = src.media.frame_list(row["image_input"], "image_input")
+    elif any(row.get(k) is not None for k in ("video", "video_path", "frame_paths")):  # a video, as RL rows
+        frames, timestamps, fps, _ = src.media.row_media(row)
+    else:
+        raise _BadRow(MISSING_FIELD, "field 'image_input' (or 'video') is missing")
     imagery = src.media.images(image_output, "image_output")
-    meta = src.meta(row, "id", number, format="sft")
+    meta = src.meta(row, "id", number, format=row.get("_format", "sft"))
     if suffix:
         meta["text_after_options"] = suffix
     return _sample(sample_id=src.sample_id("4dthinker", row, "id", number), source="4dthinker",
                    subtask=infer_subtask(question, options), question=question, options=options, answer=answer,
                    frames=frames, timestamps=timestamps, fps=fps, trace=trace, imagery=imagery, meta=meta)
+
+
+_PLACEHOLDER = re.compile(r"<(?:video|image)>\s*")
+
+
+def _conversation_as_sft(row: dict[str, Any]) -> dict[str, Any]:
+    """A `conversations` row ([{"from": "human", "value": "<video>..."}, {"from": "gpt", ...}]) in
+    the SFT fields: the first human turn (media placeholders removed) is `text_input`, the first
+    model turn after it `text_output`; media and imagery keys are kept."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise _BadRow(BAD_FIELD, "field 'conversations' must be a list of {\"from\", \"value\"} turns")
+    speakers = [str(t.get("from", t.get("role", ""))).lower() for t in turns]
+    try:
+        asked = next(i for i, who in enumerate(speakers) if who in ("human", "user"))
+        answered = next(i for i in range(asked + 1, len(turns)) if speakers[i] in ("gpt", "assistant"))
+    except StopIteration:
+        raise _BadRow(BAD_FIELD, "field 'conversations' has no human turn followed by a gpt turn") from None
+    text = lambda turn: turn.get("value", turn.get("content"))  # noqa: E731
+    if not isinstance(text(turns[asked]), str) or not isinstance(text(turns[answered]), str):
+        raise _BadRow(BAD_FIELD, "field 'conversations' has a turn whose value is not a string")
+    return {**{k: v for k, v in row.items() if k != "conversations"},
+            "text_input": _PLACEHOLDER.sub("", text(turns[asked])), "text_output": text(turns[answered]),
+            "_format": "conversations"}
 
 
 def _qa_row(src: _Source, row: dict[str, Any], number: int, source: str, subtask: str | None) -> dict[str, Any]:
@@ -555,14 +584,18 @@ def _qa_row(src: _Source, row: dict[str, Any], number: int, source: str, subtask
 def import_4dthinker(jsonl_path: str | Path, root: str | Path | None = None,
                      max_frames: int | None = DEFAULT_MAX_FRAMES["4dthinker"], *, fps: float = 1.0,
                      skip_bad_records: bool = False, stats: ImportStats | None = None) -> Iterator[dict[str, Any]]:
-    """Samples from a 4DThinker JSON lines file of SFT rows (`text_input`, ...) and/or RL rows
-    (`Question`, ...). SFT rows keep `text_output` as the trace and `image_output` as imagery.
+    """Samples from a 4DThinker JSON lines file of SFT rows (`text_input`, `text_output`, frames in
+    `image_input` or a video in `video` / `video_path`, `image_output`), the same rows as
+    `conversations` (human turn with `<video>`, gpt turn with the trace), and/or RL rows
+    (`Question`, ...). SFT rows keep the trace and `image_output` as imagery.
 
     Bad rows raise InputError, or with `skip_bad_records` are skipped and counted in `stats`.
     """
     src = _start(jsonl_path, root, fps, max_frames)
 
     def build(row: dict[str, Any], number: int) -> dict[str, Any]:
+        if "conversations" in row:
+            return _4dthinker_sft(src, _conversation_as_sft(row), number)
         if "text_input" in row:
             return _4dthinker_sft(src, row, number)
         if "Question" in row:
