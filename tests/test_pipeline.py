@@ -110,7 +110,7 @@ def test_batched_forward_equals_each_example_alone(data):
     from fourd_jax.data.batching import collate
     from fourd_jax.model import Qwen25VL, forward, init_params
     from fourd_jax.model.imagery import imagery_targets
-    from fourd_jax.train.dift import teacher_forced
+    from fourd_jax.train.dift import StaticSizes, teacher_forced
 
     path, tok, config = data
     model = Qwen25VL(config)
@@ -119,7 +119,7 @@ def test_batched_forward_equals_each_example_alone(data):
     picked = [next(s for s in samples if s["imagery"]), next(s for s in samples if not s["imagery"])]
     feats = [featurize(s, tok, config, FEATURES) for s in picked]
     batch = collate(feats, 3, (512, 1024), config, FEATURES.latent_size)
-    out, _ = teacher_forced(params, batch, model, (int(batch["video_frame_len"]), int(batch["imagery_frame_len"])))
+    out, _ = teacher_forced(params, batch, model, StaticSizes.of(batch))
     for row, f in enumerate(feats):
         latents = None
         if len(f["imagery_grids"]):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from run_configs import load_config, tiny_records
@@ -69,6 +70,35 @@ def test_meshes_give_the_losses_and_params_of_one_device(data):
         for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params),
                         strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * config.optim.lr, err_msg=str(shape))
+
+
+def test_logits_in_the_loss_window_give_the_full_cross_entropy(data):
+    import functools
+
+    from fourd_jax.data.tokenizer import config_for_tokenizer
+    from fourd_jax.model import Qwen25VL, init_params
+    from fourd_jax.model.config import PRESETS
+
+    config = dift_config()
+    (batch,) = host_batches(config, data, 1)
+    model = Qwen25VL(config_for_tokenizer(data[1], PRESETS[config.model.preset]()))
+    params = init_params(model, jax.random.key(0))
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object and v.ndim}
+    sizes = dift.StaticSizes.of(batch)
+    length = batch["input_ids"].shape[1]
+    assert sizes.loss_window < length / 2  # the window is the assistant turn, not the whole sequence
+
+    @functools.partial(jax.jit, static_argnames="sizes")
+    def sums(arrays, sizes):
+        out, _ = dift.teacher_forced(params, arrays, model, sizes)
+        full = jnp.sum(dift.token_cross_entropy(out.logits, arrays["targets"]) * arrays["loss_mask"])
+        return dift.loss_sums(params, arrays, model, sizes)["ce_sum"], full
+
+    windowed, full = sums(arrays, sizes)
+    # A window as long as the row moves every start back to 0: still every supervised position.
+    whole, _ = sums(arrays, sizes._replace(loss_window=length))
+    assert float(full) > 0
+    np.testing.assert_allclose([float(windowed), float(whole)], float(full), rtol=1e-6)
 
 
 def test_fsdp_8_holds_an_eighth_of_the_state_per_device(data):

@@ -126,7 +126,7 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
     from fourd_jax.bench.report import median_time
     from fourd_jax.bench.report import record as record_row
     from fourd_jax.convert import hf
-    from fourd_jax.train.dift import DiftLossConfig, train_step
+    from fourd_jax.train.dift import DiftLossConfig, StaticSizes, train_step
     from fourd_jax.train.loop import device_batch
     from fourd_jax.train.optim import make_optimizer, trainable_mask
     from fourd_jax.train.state import new_state
@@ -149,12 +149,12 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
 
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable_mask(params, optim.freeze),
-                                     loss_config=DiftLossConfig()), static_argnames=("frame_lens",), donate_argnums=0)
+                                     loss_config=DiftLossConfig()), static_argnames=("sizes",), donate_argnums=0)
     state = new_state(params, tx, 0)
     dev = device_batch(batch, mesh, sharding.DEFAULT_RULES)
-    lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
+    sizes = StaticSizes.of(batch)
     start = time.perf_counter()
-    state, metrics = step(state, dev, frame_lens=lens)
+    state, metrics = step(state, dev, sizes=sizes)
     jax_first = float(metrics["loss"])
     compile_s = time.perf_counter() - start
     torch_first = torch_step()
@@ -163,7 +163,7 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
 
     def jax_once():
         nonlocal state
-        state, m = step(state, dev, frame_lens=lens)
+        state, m = step(state, dev, sizes=sizes)
         jax.block_until_ready(m["loss"])
 
     jax_s, torch_s = median_time(jax_once, repeats), median_time(torch_step, repeats)

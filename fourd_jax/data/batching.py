@@ -164,6 +164,7 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         for row, e in enumerate(good):
             targets = e.get("latent_targets", np.zeros((0, hidden), np.float32))
             batch["latent_targets"][row, : len(targets)] = targets
+    batch["loss_start"], batch["loss_window"] = loss_window(batch["loss_mask"], length)
     batch["num_skipped"] = np.int32(len(skipped))
     batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
     for key in ("answer", "sample_id", "family", "subtask", "trace"):
@@ -171,6 +172,23 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
     batch["num_options"] = np.array([e.get("num_options", 4) for e in good] + [4] * (batch_size - len(good)),
                                     np.int32)
     return batch
+
+
+MIN_LOSS_WINDOW = 16
+
+
+def loss_window(loss_mask: np.ndarray, length: int) -> tuple[np.ndarray, np.int32]:
+    """(first supervised position per row [B], window) with every row's supervised positions in
+    [start, start + window): the positions whose logits the loss needs. The window is a power of
+    two (at least MIN_LOSS_WINDOW, at most the row length), so it takes few distinct values."""
+    starts = np.zeros(len(loss_mask), np.int32)
+    span = 1
+    for row, mask in enumerate(loss_mask):
+        supervised = np.flatnonzero(mask)
+        if supervised.size:
+            starts[row] = supervised[0]
+            span = max(span, int(supervised[-1] - supervised[0]) + 1)
+    return starts, np.int32(min(length, max(MIN_LOSS_WINDOW, 1 << (span - 1).bit_length())))
 
 
 def vision_inputs(batch: dict[str, Any], prefix: str):

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,28 +63,53 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.sum(logp * jax.nn.one_hot(targets, logp.shape[-1], dtype=logp.dtype), axis=-1)
 
 
-def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]):
+class StaticSizes(NamedTuple):
+    """The sizes of a pipeline batch that shape the compiled step (static arguments of the jit)."""
+
+    video_frame_len: int
+    imagery_frame_len: int
+    loss_window: int  # positions whose logits the CE needs, from each row's `loss_start`
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> StaticSizes:
+        return cls(int(batch["video_frame_len"]), int(batch["imagery_frame_len"]), int(batch["loss_window"]))
+
+
+def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes,
+                   compute_logits: bool = True):
     """(model output, imagery targets [B, K, D]) of a pipeline batch with the targets fed at the
-    latent pads, as DIFT trains. frame_lens: the static (video, imagery) frame lengths of the
-    batch's media layouts."""
+    latent pads, as DIFT trains."""
     if "latent_targets" in batch:  # precomputed in the records by the same frozen tower
         targets = batch["latent_targets"]
     else:
-        imagery = vision_inputs({**batch, "imagery_frame_len": frame_lens[1]}, "imagery")
+        imagery = vision_inputs({**batch, "imagery_frame_len": sizes.imagery_frame_len}, "imagery")
         tokens = jax.lax.stop_gradient(model.apply({"params": params}, imagery, method=Qwen25VL.encode_vision))
         targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"],
-                      vision=vision_inputs({**batch, "video_frame_len": frame_lens[0]}, "video"),
-                      latent_embeds=targets)
+                      vision=vision_inputs({**batch, "video_frame_len": sizes.video_frame_len}, "video"),
+                      latent_embeds=targets, compute_logits=compute_logits)
     return out, targets
 
 
-def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, frame_lens: tuple[int, int]
-              ) -> dict[str, jax.Array]:
-    """Summed CE and latent losses over a (micro-)batch (see `teacher_forced` for frame_lens)."""
-    out, targets = teacher_forced(params, batch, model, frame_lens)
-    ce = token_cross_entropy(out.logits, batch["targets"]) * batch["loss_mask"]
+def row_windows(x: jax.Array, starts: jax.Array, window: int) -> jax.Array:
+    """x[b, starts[b] : starts[b] + window] for every row b of x [B, L, ...] (a start too close to
+    the end is moved back so the window fits, which keeps every supervised position inside)."""
+    return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, window, axis=0))(x, starts)
+
+
+def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes) -> dict[str, jax.Array]:
+    """Summed CE and latent losses over a (micro-)batch.
+
+    Logits are computed only in each row's loss window (the assistant turn), not over the prompt
+    and its video tokens: the LM head and its softmax are a large share of a step's FLOPs and the
+    largest activation ([B, L, vocab]) when most of a sequence is video.
+    """
+    out, targets = teacher_forced(params, batch, model, sizes, compute_logits=False)
+    starts, window = batch["loss_start"], sizes.loss_window
+    logits = model.apply({"params": params}, row_windows(out.hidden_states, starts, window), method=Qwen25VL.logits)
+    ce = (token_cross_entropy(logits, row_windows(batch["targets"], starts, window))
+          * row_windows(batch["loss_mask"], starts, window))
     latent = latent_cosine_terms(out.hidden_states, targets, batch["latent_mask"])
     return {"ce_sum": ce.sum(), "latent_sum": latent.sum()}
 
@@ -104,7 +129,7 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 
 def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx: optax.GradientTransformation,
-               trainable: Any, loss_config: DiftLossConfig, frame_lens: tuple[int, int], grad_accum: int = 1,
+               trainable: Any, loss_config: DiftLossConfig, sizes: StaticSizes, grad_accum: int = 1,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a batch (split into `grad_accum` micro-batches).
 
@@ -116,7 +141,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
                "latent_sum": loss_config.latent_weight / jnp.maximum(n["latent_count"], 1.0)}
 
     def objective(params, micro):
-        sums = loss_sums(stop_frozen(params, trainable), micro, model, frame_lens)
+        sums = loss_sums(stop_frozen(params, trainable), micro, model, sizes)
         return sum(weights[k] * v for k, v in sums.items()), sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -165,21 +190,20 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> T
     step = jax.jit(functools.partial(
         train_step, model=model, tx=tx, trainable=trainable_mask(params, tuple(config.optim.freeze)),
         loss_config=DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight),
-        grad_accum=config.optim.grad_accum), static_argnames=("frame_lens",), donate_argnums=0,
+        grad_accum=config.optim.grad_accum), static_argnames=("sizes",), donate_argnums=0,
         out_shardings=(shardings, None))
 
-    sums = jax.jit(lambda params, batch, frame_lens: {**loss_sums(params, batch, model, frame_lens), **counts(batch)},
-                   static_argnames=("frame_lens",))
+    sums = jax.jit(lambda params, batch, sizes: {**loss_sums(params, batch, model, sizes), **counts(batch)},
+                   static_argnames=("sizes",))
 
     def on_device(fn):
         def call(state, batch):
-            lens = (int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                return fn(state, loop.device_batch(batch, mesh, rules), frame_lens=lens)
+                return fn(state, loop.device_batch(batch, mesh, rules), sizes=StaticSizes.of(batch))
         return call
 
     step_fn = on_device(step)
-    eval_fn = on_device(lambda state, batch, frame_lens: sums(state.params, batch, frame_lens))
+    eval_fn = on_device(lambda state, batch, sizes: sums(state.params, batch, sizes))
     return Trainer(model, tx, shardings, state, step_fn, eval_fn, schedule)
 
 

@@ -76,6 +76,9 @@ def agree_shapes(batch: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"processes hold {prefix} frames of different sizes {sorted(sizes)}; use one frame "
                                "size per run")
         out[f"{prefix}_frame_len"] = np.int32(sizes.pop() if sizes else 0)
+    if "loss_window" in batch:  # a wider window still holds every row's supervised positions
+        windows = multihost_utils.process_allgather(np.array([int(batch["loss_window"])]))
+        out["loss_window"] = np.int32(np.max(windows))
     for key, want in zip(keys, largest, strict=True):
         value = batch[key]
         pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
