@@ -28,6 +28,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"
+    c.model.attention_block = 0  # decoder queries per attention block; 0 = all at once
 
     c.tokenizer = ""  # "" = train the offline BPE on the data (saved to WORKDIR/tokenizer)
     c.tokenizer_vocab_size = 800
@@ -88,6 +89,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset in ("qwen25vl_3b", "qwen25vl_7b"):  # the 4DThinker DIFT recipe
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "nothing_saveable"
+        c.model.attention_block = 512  # 16K-token buckets: scores of 512 queries at a time
         c.data.path = "data/dift"
         c.data.batch_size = 8
         c.data.seq_buckets = (2048, 4096, 8192, 16384)

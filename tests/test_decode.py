@@ -22,10 +22,12 @@ def mixed_rows():
     ]
 
 
-def test_cached_decoding_equals_full_forward(reference):
-    _, _, _, model, params = reference
+@pytest.mark.parametrize("attention_block", [0, 8])  # 8: a prefill of several query blocks over the cache
+def test_cached_decoding_equals_full_forward(reference, attention_block):
+    _, _, _, dense_model, params = reference
+    model = Qwen25VL(dataclasses.replace(dense_model.config, attention_block=attention_block))
     batch = make_batch(model.config, mixed_rows(), seed=11)
-    full = forward(model, params, **batch)
+    full = forward(dense_model, params, **batch)
     # Prefill the first P tokens, then feed the remaining ones one by one through the cache.
     length = batch["input_ids"].shape[1]
     prefill = length - 4

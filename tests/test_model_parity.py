@@ -62,6 +62,15 @@ def test_logits_match_transformers(reference, case):
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero logits
 
 
+def test_blockwise_attention_matches_transformers(reference):
+    name, torch_model, _, model, params = reference
+    batch = make_batch(model.config, rows_for("mixed", name), seed=CASE_SEEDS["mixed"])
+    blocks = Qwen25VL(dataclasses.replace(model.config, mrope_text_start="spatial_extent", attention_block=16))
+    assert batch["input_ids"].shape[1] > 16
+    ours = jax_logits(blocks, params, batch)
+    assert masked_max_diff(ours, hf_logits(torch_model, batch), batch["attention_mask"]) <= TOL
+
+
 @pytest.mark.parametrize("case", ["video", "mixed"])
 def test_reference_positions_match_transformers_given_the_same_positions(reference, case):
     """Default mode (Qwen's reference positions): same network as transformers fed those positions."""

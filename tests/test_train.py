@@ -344,13 +344,18 @@ def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsy
         job.pipeline_config(dift_config(**{"loss.imagery_targets": "cached"}))
 
 
-def test_remat_and_bfloat16_compute_train_the_same_model(data):
-    """Rematerialisation changes memory, not numbers; bf16 compute keeps fp32 master weights."""
+def test_remat_blockwise_attention_and_bfloat16_compute_train_the_same_model(data):
+    """Rematerialisation and attention blocks change memory, not numbers; bf16 compute keeps fp32
+    master weights."""
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     batch = host_batches(dift_config(), data, 1)
     _, base, _ = run_steps(dift_config(), data, mesh, batch * 2)
     _, remat, _ = run_steps(dift_config(**{"model.remat_policy": "nothing_saveable"}), data, mesh, batch * 2)
     np.testing.assert_allclose(remat, base, rtol=1e-6)
+    trainer = dift.make_trainer(dift_config(**{"model.attention_block": 128}), data[1], mesh)
+    assert trainer.model.config.attention_block == 128 < batch[0]["input_ids"].shape[1]
+    _, blocks, _ = run_steps(dift_config(**{"model.attention_block": 128}), data, mesh, batch * 2)
+    np.testing.assert_allclose(blocks, base, rtol=1e-5)
     state, low, _ = run_steps(dift_config(**{"model.dtype": "bfloat16"}), data, mesh, batch * 2)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(state.params))
     np.testing.assert_allclose(low, base, rtol=0.05)

@@ -114,6 +114,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
+    # Decoder queries attended per block (layers.attention); 0 = all at once. Blocks bound the
+    # attention memory by L x block instead of L^2: set it for sequences of thousands of tokens.
+    attention_block: int = 0
     mrope_text_start: MropeTextStart = "max_position"
 
     def __post_init__(self) -> None:
@@ -147,6 +150,8 @@ class ModelConfig:
                 problems.append(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy must be one of {REMAT_POLICIES}, not {self.remat_policy!r}")
+        if self.attention_block < 0:
+            problems.append(f"attention_block must be 0 (off) or a positive block size, not {self.attention_block}")
         if self.mrope_text_start not in ("max_position", "spatial_extent"):
             problems.append(
                 f"mrope_text_start must be 'max_position' or 'spatial_extent', not {self.mrope_text_start!r}"

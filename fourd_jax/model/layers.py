@@ -153,15 +153,72 @@ def _attention_bwd(residuals, d_out):
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
+@jax.custom_vjp
+def _blockwise_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`_attention_core` one query block at a time: q [nb, N, Q, D] (N = batch x KV heads, Q = G x
+    block), k/v [N, S, D], mask [nb, B, block, S] (shared by the N / B heads of a batch row).
+    Only one block's [N, Q, S] scores exist at once; the backward recomputes them from the saved
+    row max and sum instead of keeping every probability (memory O(L x block), not O(L^2))."""
+    return _blockwise_fwd(q, k, v, mask)[0]
+
+
+def _block_scores(q_blk, k, mask_blk):
+    """Masked float32 scores [N, G x block, S] of one query block."""
+    n, rows, s = q_blk.shape[0], q_blk.shape[1], k.shape[1]
+    b, block = mask_blk.shape[0], mask_blk.shape[1]
+    mask = jnp.broadcast_to(mask_blk[:, None, None], (b, n // b, rows // block, block, s)).reshape(n, rows, s)
+    return jnp.where(mask, _batched_dot(q_blk, k, 2, 2), jnp.finfo(jnp.float32).min)
+
+
+def _blockwise_fwd(q, k, v, mask):
+    def one_block(_, xs):
+        q_blk, mask_blk = xs
+        scores = _block_scores(q_blk, k, mask_blk)
+        # Row max and sum kept apart (not max + log sum): a row that may attend to nothing has
+        # max = finfo.min, where adding log(sum) is lost, and must stay uniform as in the dense path.
+        peak = jnp.max(scores, axis=-1)
+        unnormalised = jnp.exp(scores - peak[..., None])
+        total = jnp.sum(unnormalised, axis=-1)
+        probs = unnormalised / total[..., None]
+        return None, (_batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), (peak, total))
+
+    _, (out, stats) = jax.lax.scan(one_block, None, (q, mask))
+    return out, (q, k, v, mask, out, stats)
+
+
+def _blockwise_bwd(residuals, d_out):
+    q, k, v, mask, out, (peak, total) = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # = sum(dP * P) per row
+
+    def one_block(carry, xs):
+        d_k, d_v = carry
+        q_blk, mask_blk, d_out_blk, peak_blk, total_blk, delta_blk = xs
+        probs = jnp.exp(_block_scores(q_blk, k, mask_blk) - peak_blk[..., None]) / total_blk[..., None]
+        d_v = d_v + _batched_dot(probs.astype(d_out_blk.dtype), d_out_blk, 1, 1)
+        d_scores = probs * (_batched_dot(d_out_blk, v, 2, 2) - delta_blk[..., None])
+        d_q = _batched_dot(d_scores.astype(q_blk.dtype), k, 2, 1)
+        d_k = d_k + _batched_dot(d_scores.astype(q_blk.dtype), q_blk, 1, 1)
+        return (d_k, d_v), d_q.astype(q_blk.dtype)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), (q, mask, d_out, peak, total, delta))
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_blockwise_attention_core.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int = 0
 ) -> jax.Array:
     """Grouped-query attention with a boolean mask; scores and softmax in float32.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, KV, D] with H a multiple of KV; mask: [B, Lq, Lk]
     (True = may attend). A row with nothing to attend to gets a uniform distribution, never NaN.
     Returns [B, Lq, H, D] in q's dtype. The G = H / KV query heads that share a KV head are folded
-    into the query axis, so K and V are never repeated.
+    into the query axis, so K and V are never repeated. `block` > 0 with Lq > block attends one
+    block of `block` queries at a time (the same numbers, with O(Lq x block) instead of O(Lq^2)
+    memory for scores and saved probabilities: what makes 8K-16K-token training sequences fit).
     """
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
     chex.assert_equal_shape([k, v])
@@ -169,12 +226,30 @@ def attention(
     b, lq, h, d = q.shape
     lk, kv = k.shape[1], k.shape[2]
     g = h // kv
+    if 0 < block < lq:
+        return _blockwise_attention(q, k, v, mask, scale, block)
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * lq, d)
     k = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
     v = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
     mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, lq, lk)).reshape(b * kv, g * lq, lk)
     out = _attention_core(q, k, v, mask)
     return out.reshape(b, kv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+
+
+def _blockwise_attention(q, k, v, mask, scale, block):
+    b, lq, h, d = q.shape
+    lk, kv = k.shape[1], k.shape[2]
+    g, nb = h // kv, -(-lq // block)
+    pad = nb * block - lq  # padded query rows attend to nothing and are dropped
+    q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    q = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b * kv, g * block, d)
+    k = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
+    v = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
+    mask = mask.reshape(b, nb, block, lk).transpose(1, 0, 2, 3)
+    out = _blockwise_attention_core(q, k, v, mask)
+    out = out.reshape(nb, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, h, d)
+    return out[:, :lq]
 
 
 def remat_policy(name: str):

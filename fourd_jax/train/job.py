@@ -78,7 +78,7 @@ def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen
     from fourd_jax.model.imagery import add_latent_imagery
 
     numerics = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                    remat_policy=config.model.remat_policy)
+                    remat_policy=config.model.remat_policy, attention_block=int(config.model.get("attention_block", 0)))
     source = config.model.init_from
     if not source:
         if config.model.preset not in PRESETS:
@@ -90,7 +90,7 @@ def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen
 
     if (Path(source) / "config.json").exists():
         model, params = hf.load(source, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
-                                remat_policy=config.model.remat_policy)
+                                remat_policy=numerics["remat_policy"], attention_block=numerics["attention_block"])
     else:
         model, params = checkpoint.restore_params(source, **numerics)
     if model.config.latent_token_ids is None:

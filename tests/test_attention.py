@@ -1,0 +1,60 @@
+"""Attention: the blockwise path equals the dense one (values and gradients) with less memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fourd_jax.model.layers import attention
+
+
+def inputs(batch=2, length=50, heads=4, kv_heads=2, dim=16, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (batch, length, heads, dim), dtype)
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, dim), dtype)
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, dim), dtype)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    valid = jnp.arange(length)[None] < jnp.array([[length], [length - 13]])[:batch]
+    mask = causal[None] & valid[:, None, :]
+    mask = mask.at[-1, length - 5:].set(False)  # query rows that may attend to nothing
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("block", [16, 7, 49])  # several blocks, a ragged last block, one short of the length
+def test_blockwise_attention_equals_dense(block):
+    q, k, v, mask = inputs()
+
+    def loss(block):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, 0.25, block=block)))
+
+    np.testing.assert_allclose(attention(q, k, v, mask, 0.25, block=block), attention(q, k, v, mask, 0.25),
+                               atol=2e-6)
+    dense = jax.grad(loss(0), argnums=(0, 1, 2))(q, k, v)
+    blockwise = jax.grad(loss(block), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(blockwise, dense, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_blockwise_attention_in_bfloat16_stays_close():
+    q, k, v, mask = inputs(dtype=jnp.bfloat16)
+    dense = attention(q, k, v, mask, 0.25).astype(jnp.float32)
+    blockwise = attention(q, k, v, mask, 0.25, block=16)
+    assert blockwise.dtype == jnp.bfloat16
+    np.testing.assert_allclose(blockwise.astype(jnp.float32), dense, atol=3e-2)
+
+
+def test_blockwise_attention_needs_memory_linear_in_the_length():
+    """The compiled gradient's scratch memory: dense keeps [heads, L, L] probabilities (quadratic in
+    L), blocks keep [heads, block, L] scores at a time (linear)."""
+
+    def scratch(length, block):
+        q, k, v, mask = inputs(batch=1, length=length, heads=4, kv_heads=1, dim=16)
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, 0.25, block=block)),
+                                argnums=(0, 1, 2)))
+        return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    dense = [scratch(n, 0) for n in (1024, 2048)]
+    blockwise = [scratch(n, 128) for n in (1024, 2048)]
+    assert dense[0] >= 4 * 1024 * 1024 * 4  # heads x L x L float32 probabilities
+    assert blockwise[0] < dense[0] / 3
+    assert dense[1] / dense[0] > 3.5 and blockwise[1] / blockwise[0] < 2.5
