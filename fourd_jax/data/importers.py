@@ -517,7 +517,7 @@ def _start(path: str | Path, root: str | Path | None, fps: float, max_frames: in
 # --- 4DThinker ------------------------------------------------------------------------------------
 
 
-def _4dthinker_sft(src: _Source, row: dict[str, Any], number: int) -> dict[str, Any]:
+def _4dthinker_sft(src: _Source, row: dict[str, Any], number: int, layout: str = "sft") -> dict[str, Any]:
     question, options, suffix = split_text_input(_text(row, "text_input"))
     trace = _text(row, "text_output")
     answers = _ANSWER_SPAN.findall(trace)
@@ -536,7 +536,7 @@ def _4dthinker_sft(src: _Source, row: dict[str, Any], number: int) -> dict[str, 
     else:
         raise _BadRow(MISSING_FIELD, "field 'image_input' (or 'video') is missing")
     imagery = src.media.images(image_output, "image_output")
-    meta = src.meta(row, "id", number, format=row.get("_format", "sft"))
+    meta = src.meta(row, "id", number, format=layout)
     if suffix:
         meta["text_after_options"] = suffix
     return _sample(sample_id=src.sample_id("4dthinker", row, "id", number), source="4dthinker",
@@ -564,8 +564,7 @@ def _conversation_as_sft(row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(text(turns[asked]), str) or not isinstance(text(turns[answered]), str):
         raise _BadRow(BAD_FIELD, "field 'conversations' has a turn whose value is not a string")
     return {**{k: v for k, v in row.items() if k != "conversations"},
-            "text_input": _PLACEHOLDER.sub("", text(turns[asked])), "text_output": text(turns[answered]),
-            "_format": "conversations"}
+            "text_input": _PLACEHOLDER.sub("", text(turns[asked])), "text_output": text(turns[answered])}
 
 
 def _qa_row(src: _Source, row: dict[str, Any], number: int, source: str, subtask: str | None) -> dict[str, Any]:
@@ -595,7 +594,7 @@ def import_4dthinker(jsonl_path: str | Path, root: str | Path | None = None,
 
     def build(row: dict[str, Any], number: int) -> dict[str, Any]:
         if "conversations" in row:
-            return _4dthinker_sft(src, _conversation_as_sft(row), number)
+            return _4dthinker_sft(src, _conversation_as_sft(row), number, layout="conversations")
         if "text_input" in row:
             return _4dthinker_sft(src, row, number)
         if "Question" in row:

@@ -127,6 +127,33 @@ def _batched_dot(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -
                                preferred_element_type=jnp.float32)
 
 
+def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 scores q k^T [N, Q, S], finfo.min where the mask [N, Q, S] is False."""
+    return jnp.where(mask, _batched_dot(q, k, 2, 2), jnp.finfo(jnp.float32).min)
+
+
+def _softmax_with_stats(scores: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """softmax over the last axis, and the row (max, sum of exp) that rebuild it from the scores.
+
+    Max and sum are kept apart (not max + log sum): a row that may attend to nothing has max =
+    finfo.min, where adding log(sum) is lost, and must stay uniform."""
+    peak = jnp.max(scores, axis=-1)
+    unnormalised = jnp.exp(scores - peak[..., None])
+    total = jnp.sum(unnormalised, axis=-1)
+    return unnormalised / total[..., None], (peak, total)
+
+
+def _attention_grads(q, k, v, probs, d_out):
+    """(d_q, d_k, d_v), float32, of probs v with probs = softmax(q k^T): the softmax-attention
+    gradient written out, so every product stays a single-batch dot."""
+    d_probs = _batched_dot(d_out, v, 2, 2)
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_q = _batched_dot(d_scores.astype(q.dtype), k, 2, 1)
+    d_k = _batched_dot(d_scores.astype(q.dtype), q, 1, 1)
+    d_v = _batched_dot(probs.astype(d_out.dtype), d_out, 1, 1)
+    return d_q, d_k, d_v
+
+
 @jax.custom_vjp
 def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(q k^T, masked) v for q [N, Q, D], k/v [N, S, D], mask [N, Q, S]; scores in float32."""
@@ -134,19 +161,13 @@ def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
 
 
 def _attention_fwd(q, k, v, mask):
-    scores = jnp.where(mask, _batched_dot(q, k, 2, 2), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs, _ = _softmax_with_stats(_masked_scores(q, k, mask))
     return _batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), (q, k, v, probs)
 
 
 def _attention_bwd(residuals, d_out):
-    # The softmax-attention gradient written out, so every product stays a single-batch dot.
     q, k, v, probs = residuals
-    d_probs = _batched_dot(d_out, v, 2, 2)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-    d_q = _batched_dot(d_scores.astype(q.dtype), k, 2, 1)
-    d_k = _batched_dot(d_scores.astype(q.dtype), q, 1, 1)
-    d_v = _batched_dot(probs.astype(d_out.dtype), d_out, 1, 1)
+    d_q, d_k, d_v = _attention_grads(q, k, v, probs, d_out)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
@@ -167,45 +188,41 @@ def _block_scores(q_blk, k, mask_blk):
     n, rows, s = q_blk.shape[0], q_blk.shape[1], k.shape[1]
     b, block = mask_blk.shape[0], mask_blk.shape[1]
     mask = jnp.broadcast_to(mask_blk[:, None, None], (b, n // b, rows // block, block, s)).reshape(n, rows, s)
-    return jnp.where(mask, _batched_dot(q_blk, k, 2, 2), jnp.finfo(jnp.float32).min)
+    return _masked_scores(q_blk, k, mask)
 
 
 def _blockwise_fwd(q, k, v, mask):
     def one_block(_, xs):
         q_blk, mask_blk = xs
-        scores = _block_scores(q_blk, k, mask_blk)
-        # Row max and sum kept apart (not max + log sum): a row that may attend to nothing has
-        # max = finfo.min, where adding log(sum) is lost, and must stay uniform as in the dense path.
-        peak = jnp.max(scores, axis=-1)
-        unnormalised = jnp.exp(scores - peak[..., None])
-        total = jnp.sum(unnormalised, axis=-1)
-        probs = unnormalised / total[..., None]
-        return None, (_batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), (peak, total))
+        probs, stats = _softmax_with_stats(_block_scores(q_blk, k, mask_blk))
+        return None, (_batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), stats)
 
     _, (out, stats) = jax.lax.scan(one_block, None, (q, mask))
-    return out, (q, k, v, mask, out, stats)
+    return out, (q, k, v, mask, stats)
 
 
 def _blockwise_bwd(residuals, d_out):
-    q, k, v, mask, out, (peak, total) = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # = sum(dP * P) per row
+    q, k, v, mask, (peak, total) = residuals
 
     def one_block(carry, xs):
         d_k, d_v = carry
-        q_blk, mask_blk, d_out_blk, peak_blk, total_blk, delta_blk = xs
+        q_blk, mask_blk, d_out_blk, peak_blk, total_blk = xs
         probs = jnp.exp(_block_scores(q_blk, k, mask_blk) - peak_blk[..., None]) / total_blk[..., None]
-        d_v = d_v + _batched_dot(probs.astype(d_out_blk.dtype), d_out_blk, 1, 1)
-        d_scores = probs * (_batched_dot(d_out_blk, v, 2, 2) - delta_blk[..., None])
-        d_q = _batched_dot(d_scores.astype(q_blk.dtype), k, 2, 1)
-        d_k = d_k + _batched_dot(d_scores.astype(q_blk.dtype), q_blk, 1, 1)
-        return (d_k, d_v), d_q.astype(q_blk.dtype)
+        d_q, d_k_blk, d_v_blk = _attention_grads(q_blk, k, v, probs, d_out_blk)
+        return (d_k + d_k_blk, d_v + d_v_blk), d_q.astype(q_blk.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), (q, mask, d_out, peak, total, delta))
+    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), (q, mask, d_out, peak, total))
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _blockwise_attention_core.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _fold_kv_heads(x: jax.Array, dtype) -> jax.Array:
+    """k or v [B, S, KV, D] -> [B x KV, S, D], the layout both attention paths contract over."""
+    b, s, kv, d = x.shape
+    return x.astype(dtype).transpose(0, 2, 1, 3).reshape(b * kv, s, d)
 
 
 def attention(
@@ -229,8 +246,7 @@ def attention(
     if 0 < block < lq:
         return _blockwise_attention(q, k, v, mask, scale, block)
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * lq, d)
-    k = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
-    v = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
+    k, v = _fold_kv_heads(k, q.dtype), _fold_kv_heads(v, q.dtype)
     mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, lq, lk)).reshape(b * kv, g * lq, lk)
     out = _attention_core(q, k, v, mask)
     return out.reshape(b, kv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
@@ -244,8 +260,7 @@ def _blockwise_attention(q, k, v, mask, scale, block):
     q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
     q = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b * kv, g * block, d)
-    k = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
-    v = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kv, lk, d)
+    k, v = _fold_kv_heads(k, q.dtype), _fold_kv_heads(v, q.dtype)
     mask = mask.reshape(b, nb, block, lk).transpose(1, 0, 2, 3)
     out = _blockwise_attention_core(q, k, v, mask)
     out = out.reshape(nb, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, h, d)
