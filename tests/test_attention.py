@@ -58,3 +58,12 @@ def test_blockwise_attention_needs_memory_linear_in_the_length():
     assert dense[0] >= 4 * 1024 * 1024 * 4  # heads x L x L float32 probabilities
     assert blockwise[0] < dense[0] / 3
     assert dense[1] / dense[0] > 3.5 and blockwise[1] / blockwise[0] < 2.5
+
+
+def test_a_negative_attention_block_is_refused_in_one_sentence():
+    from fourd_jax.errors import InputError
+    from fourd_jax.model import tiny
+
+    with pytest.raises(InputError, match=r"^Invalid model config: attention_block must be 0 \(off\) or a positive "
+                                         r"block size, not -4\.$"):
+        tiny(attention_block=-4)
