@@ -46,6 +46,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.skip_bad_records = True
     c.data.latent_size = 4
+    # The supervised assistant turn: "imagery_trace" (DIFT), "text_trace" (no latent blocks) or "answer".
+    c.data.assistant = "imagery_trace"
+    c.data.video = True  # False: the blind control (question and options only, no video tokens)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-3
@@ -66,6 +69,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # "in_step": imagery images through the frozen vision tower inside each step; "precomputed": the
     # records' imagery_targets (fourd-jax data targets, with the checkpoint of model.init_from).
     c.loss.imagery_targets = "in_step"
+    # The tower that makes in-step targets: "live" (the model's own, frozen by optim.freeze) or "initial"
+    # (a frozen copy of the tower the run started from; use it when the tower trains).
+    c.loss.imagery_tower = "live"
 
     c.train = ml_collections.ConfigDict()
     c.train.checkpoint_every = 50  # also when the validation loss is computed

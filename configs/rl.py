@@ -30,6 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rl.kl_estimator = "k1"  # upstream 4DThinker; "k3" also offered
     c.rl.num_iterations = 1
     c.rl.aggregation = "sequence-mean"  # per-sequence masked mean, then batch mean; or "token-mean"
+    c.rl.latent_gradient = False  # True: policy gradient on latent-block tokens too (an ablation, not the recipe)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.temperature = 1.0
@@ -49,6 +50,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.reward.st_object = 0.1
 
     c.data.batch_size = 2  # prompts per step (global); x G rollouts
+    c.data.video_max_side = 0  # longest frame side after resizing; 0 = no cap (the presets: 448)
     c.train.eval_batches = 0
     c.train.best_metric = ""
     c.train.checkpoint_every = 20
@@ -63,6 +65,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.batch_size = 8
         c.data.max_frames = 16
         c.data.video_max_pixels = 448 * 448
+        c.data.video_max_side = 448  # SPEC 2: RL frames have their longest side <= 448
         c.data.path = "data/rl"
         c.optim.lr = 1e-6
         c.optim.min_lr_ratio = 1.0  # constant after warmup

@@ -128,7 +128,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                  max_frames=args.max_frames, video_max_pixels=args.max_pixels,
-                                 max_samples=args.max_samples)
+                                 max_samples=args.max_samples, video=not args.blind)
     table = evaluate.evaluate(args.checkpoint, args.data, args.out, config, tokenizer_dir=args.tokenizer)
     print(report.compare_table({"accuracy": table}))
     print(f"wrote {args.out}/results.json, results.csv, predictions.jsonl, accuracy.png")
@@ -145,6 +145,29 @@ def _demo(args: argparse.Namespace) -> None:
     from fourd_jax import demo
 
     demo.run(args.workdir, parse_config("fourd-jax demo", args.config_args, "configs/demo.py"))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    import json
+
+    from fourd_jax import probe
+
+    results = probe.run(args.data, preset=args.preset, steps=args.steps, seed=args.seed)
+    for reader in ("pixel_differences", "random_tower", "trained_tower"):
+        r = results[reader]
+        print(f"{reader:<18} {r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] of {r['n']} camera questions "
+              f"(chance 25%); per-parameter accuracy {r['per_parameter']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _study(args: argparse.Namespace) -> None:
+    from fourd_jax import study
+
+    config = parse_config("fourd-jax study", [f"--config=configs/study.py:{args.preset}", *args.config_args],
+                          "configs/study.py")
+    arms = tuple(a for a in args.arms.split(",") if a) if args.arms else study.ARMS
+    study.run(args.workdir, config, seeds=args.seeds, arms=arms)
 
 
 def parse_config(prog: str, argv: list[str], default: str):
@@ -249,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-frames", type=int, default=16)
     ev.add_argument("--max-pixels", type=int, default=448 * 448, help="per frame, after smart_resize")
     ev.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    ev.add_argument("--blind", action="store_true",
+                    help="show no video (the blind control: for a model trained with --config.data.video=False)")
     ev.set_defaults(func=_eval)
 
     plot = sub.add_parser("plot", help="training curves of a WORKDIR as PNG")
@@ -259,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Flags after --workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")
     demo.add_argument("--workdir", default="workdir_demo")
     demo.set_defaults(func=_demo, takes_config=True)
+
+    probe = sub.add_parser("probe", help="can the camera's motion be read from the video? (linear probes, no LM)")
+    probe.add_argument("data", help="records from fourd-jax synth (train/, val/ and test/ are used)")
+    probe.add_argument("--preset", default="tiny", help="the model preset whose vision tower is probed")
+    probe.add_argument("--steps", type=int, default=1000, help="training steps of the trained-tower reader")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--out", default="", help="write the results as JSON here")
+    probe.set_defaults(func=_probe)
+
+    study = sub.add_parser(
+        "study", help="the ablations (text SFT, DIFT, no latent loss, text-only vs full-token 4DRL, blind)",
+        description="Every arm on the same data, model and budget; writes W/study.json, study.csv and PNG plots. "
+                    "Arms: text_sft, dift, dift_no_latent, rl_text, rl_full, blind (the same training with no "
+                    "video: whatever it reaches is answer bias). Flags after --workdir: --config.KEY=VALUE.")
+    study.add_argument("--preset", choices=["cpu", "accelerator"], default="cpu",
+                       help="cpu: <= 90 min on 2 cores for one seed; accelerator: sized for one GPU or TPU host")
+    study.add_argument("--workdir", required=True)
+    study.add_argument("--seeds", type=int, default=1, help="seeds (data and initialisation) per arm")
+    study.add_argument("--arms", default="", help="comma-separated subset of the arms (default: all)")
+    study.set_defaults(func=_study, takes_config=True)
     return parser
 
 

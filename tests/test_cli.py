@@ -54,18 +54,29 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert cli.main(["demo", "--workdir", str(tmp_path), *small]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result) >= {"subtasks", "micro", "macro"}
+    stages = ("blind", "dift", "rl")
     n = 0
-    for name, row in result["subtasks"].items():
-        assert set(row) >= {"n", "chance", "dift", "rl"} and row["chance"] == 0.25, name
-        assert 0.0 <= row["dift"] <= 1.0 and 0.0 <= row["rl"] <= 1.0
-        n += row["n"]
+    for name, row in [*result["subtasks"].items(), ("micro", result["micro"])]:
+        assert set(row) >= {"n", "chance", *stages, "ci"} and row["chance"] == 0.25, name
+        assert set(row["ci"]) == set(stages), name
+        for stage in stages:  # accuracies as fractions, each inside its own 95% interval
+            lo, hi = row["ci"][stage]
+            assert 0.0 <= lo <= row[stage] <= hi <= 1.0, (name, stage)
+        if name != "micro":
+            n += row["n"]
     assert n == result["micro"]["n"] > 0
-    predictions = (tmp_path / "eval_rl" / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == n  # every held-out question answered
+    for stage in stages:  # every held-out question answered by every stage, the blind one without video
+        predictions = (tmp_path / f"eval_{stage}" / "predictions.jsonl").read_text().splitlines()
+        assert len(predictions) == n, stage
+        micro = json.loads((tmp_path / f"eval_{stage}" / "results.json").read_text())["micro"]
+        assert result["micro"][stage] == micro["accuracy"] == micro["correct"] / n
+    blind_batch = json.loads((tmp_path / "blind" / "manifest.json").read_text())["config"]["data"]
+    assert blind_batch["video"] is False
     assert json.loads((tmp_path / "dift" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert json.loads((tmp_path / "blind" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])["logprob_drift"] <= 1e-4
     out = capsys.readouterr().out
-    assert "dift" in out and "rl" in out and "micro" in out
+    assert "blind" in out and "dift" in out and "rl" in out and "micro" in out
     for path in ("accuracy.png", "dift/curves.png", "rl/curves.png", "hf/config.json", "tokenizer/tokenizer.json"):
         assert (tmp_path / path).exists(), path
 

@@ -14,8 +14,9 @@ from fourd_jax.errors import InputError
 RED_STEP = 8  # red value per frame index in the fixture videos; survives lossy coding after rounding
 
 
-def write_video(path, num_frames=32, rate=8, size=(64, 48)):
-    """An mp4 at `rate` fps whose frame i is a flat colour with red = 8 * i."""
+def write_video(path, num_frames=32, rate=8, size=(64, 48), step=RED_STEP, blue=None):
+    """An mp4 at `rate` fps whose frame i is a flat colour with red = step * i (blue = 255 - step * i,
+    or the constant `blue`)."""
     width, height = size
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
@@ -23,7 +24,7 @@ def write_video(path, num_frames=32, rate=8, size=(64, 48)):
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(num_frames):
             image = np.empty((height, width, 3), np.uint8)
-            image[...] = (RED_STEP * i, 100, 255 - RED_STEP * i)
+            image[...] = (step * i, 100, 255 - step * i if blue is None else blue)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -31,8 +32,8 @@ def write_video(path, num_frames=32, rate=8, size=(64, 48)):
     return path
 
 
-def frame_indices(frames):
-    return [int(round(float(f[..., 0].mean()) / RED_STEP)) for f in frames]
+def frame_indices(frames, step=RED_STEP):
+    return [int(round(float(f[..., 0].mean()) / step)) for f in frames]
 
 
 def write_png(path, value, size=(32, 24)):
@@ -310,7 +311,8 @@ def test_dsr_raw_qa_both_layouts(tmp_path):
         assert [s["answer"] for s in samples] == ["C", "A"]
         assert samples[1]["options"] == ["(1) Front|Left.", "(1) Behind.", "(1) Right.", "(1) Above."]
         assert samples[0]["question"] == DSR_QA[0]["Question"]
-        assert frame_indices(samples[0]["frames"]) == [0, 8, 16] and samples[0]["source"] == "dsr"
+        # DSR samples up to 32 frames uniformly over the clip: all 24 here (SPEC 4).
+        assert frame_indices(samples[0]["frames"]) == list(range(24)) and samples[0]["source"] == "dsr"
         assert_no_geometry(samples[0])
     assert [s["sample_id"] for s in from_mapping] == ["dsr:qa_map:1", "dsr:qa_map:2"]
     assert from_mapping[0]["meta"]["video"] == "v1.mp4"
@@ -345,7 +347,8 @@ def test_dsr_bench_rows(tmp_path):
                                                                                          "rel_dir_pred")
     assert second["options"] == ["Front.", "Left.", "Right.", "Behind."]
     assert first["sample_id"] == "dsr:bench:1" and first["meta"]["videoID"] == "scene_01"
-    assert frame_indices(second["frames"]) == [0, 8]
+    assert frame_indices(second["frames"]) == list(range(16))  # up to 32 uniformly sampled: all 16
+    assert first["shown_frames"] == list(range(16)) and second["shown_frames"] == list(range(14))  # dir_pred
     assert stats.skipped == {importers.BAD_OPTIONS: 1} and "option A in field 'options' is prefixed 'B'" in (
         stats.first_problem[importers.BAD_OPTIONS])
     assert_round_trip([first, second], tmp_path / "bench.array_record")
@@ -360,7 +363,7 @@ def test_dsr_bench_parquet(tmp_path):
     stats = importers.import_to_records("dsr_bench", tmp_path / "benchmark.parquet", tmp_path / "b.array_record")
     assert (stats.read, stats.written) == (1, 1)
     (sample,) = records.read(tmp_path / "b.array_record")
-    assert sample["answer"] == "D" and sample["subtask"] == "abs_spd" and len(sample["frames"]) == 1
+    assert sample["answer"] == "D" and sample["subtask"] == "abs_spd" and len(sample["frames"]) == 8
 
 
 # --- VLM4D --------------------------------------------------------------------------------------------

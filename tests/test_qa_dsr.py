@@ -71,6 +71,38 @@ def test_magnitude_band_edges(second, text):
     assert describe_magnitudes([1.0, second]) == text
 
 
+@pytest.mark.parametrize("values, text", [
+    # Exactly +-20% of the run's first value, written in decimals: inside the constant band, although
+    # 1.2 * 1.5 (1.7999999999999998) and 0.8 * 1.5 (1.2000000000000002) miss 1.8 and 1.2 in binary.
+    ([1.5, 1.8], "(1) Keep nearly constant."),
+    ([1.0, 1.2], "(1) Keep nearly constant."),
+    ([2.0, 2.4], "(1) Keep nearly constant."),
+    ([1.0, 0.8], "(1) Keep nearly constant."),
+    ([1.5, 1.2], "(1) Keep nearly constant."),
+    ([1.5, 1.8, 1.2, 1.5], "(1) Keep nearly constant."),
+    ([1.5, 1.8, 1.81], "(1) Keep nearly constant and then become larger."),
+    # Just past the edge: out of the band.
+    ([1.5, 1.8001], "(1) Become larger."),
+    ([1.5, 1.1999], "(1) Become smaller."),
+])
+def test_magnitude_band_edges_decimal(values, text):
+    assert describe_magnitudes(values) == text
+
+
+@pytest.mark.parametrize("values, text", [
+    # A rising run needs each step > 1.2x (strict): an exact 1.2x step ends it at its peak.
+    ([1.0, 1.5, 1.8], "(1) Become larger. (2) Keep nearly constant."),
+    ([1.0, 2.0, 2.4], "(1) Become larger. (2) Keep nearly constant."),
+    ([1.0, 1.5, 1.8001], "(1) Become larger."),
+    # A falling run needs each step < 0.8x (strict): an exact 0.8x step ends it.
+    ([3.0, 1.5, 1.2], "(1) Become smaller. (2) Keep nearly constant."),
+    ([2.0, 1.0, 0.8], "(1) Become smaller. (2) Keep nearly constant."),
+    ([3.0, 1.5, 1.1999], "(1) Become smaller."),
+])
+def test_magnitude_rising_falling_edges(values, text):
+    assert describe_magnitudes(values) == text
+
+
 def test_magnitudes_reject_short_or_negative():
     for values in ([1.0], [1.0, -0.5], [1.0, float("nan")]):
         with pytest.raises(InputError):

@@ -336,3 +336,43 @@ def test_st_format_each_part():
 )
 def test_st_accuracy(completion, answer, expected):
     assert st_accuracy(completion, answer) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# ST-reward with unknown (null) true centres: upstream drops them before pairing.
+
+
+def test_center_score_null_truth_dropped_before_pairing():
+    # Truth [[1, 2, 3], None]: one known centre; one prediction pairs with it.
+    assert center_score([[1, 2, 3]], [[1, 2, 3], None]) == pytest.approx(1.0)
+    # Off by (3, 4, 0): distance 5.
+    assert center_score([[4, 6, 3]], [[1, 2, 3], None]) == pytest.approx(math.exp(-5.0))
+    # The unknown entry may be the initial one as well.
+    assert center_score([[0, 0, 1]], [None, [0, 0, 0]]) == pytest.approx(math.exp(-1.0))
+    # Two predictions against one known centre: a count mismatch.
+    assert center_score([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], None]) == 0.0
+    # Nothing known: 1 iff nothing predicted.
+    assert center_score([], [None, None]) == 1.0
+    assert center_score([[0, 0, 0]], [None, None]) == 0.0
+    assert center_score([[0, 0, 0], [1, 1, 1]], [None, None]) == 0.0
+    assert center_score([], None) == 1.0
+    assert center_score([[0, 0, 0]], None) == 0.0
+
+
+def test_st_reward_null_truth():
+    # Only the initial object centre is known and only it is predicted (the final one written null).
+    one = st_completion(obj0="[1.0, 0.5, 4.6]", obj1="null")
+    parts = st_reward(one, "B", CAMERA, [[1.0, 0.5, 4.0], None])
+    assert parts["object"] == pytest.approx(math.exp(-0.6))
+    assert parts["camera"] == pytest.approx(1.0)
+    assert parts["reward"] == pytest.approx(0.2 + 0.6 + 0.1 + 0.1 * math.exp(-0.6))
+    # Both object centres predicted although only one is known: count mismatch.
+    assert st_reward(st_completion(), "B", CAMERA, [[1.0, 0.5, 4.0], None])["object"] == 0.0
+    # No object known: null predictions score 1, numbers score 0.
+    nulls = st_completion(obj0="null", obj1="null")
+    assert st_reward(nulls, "B", CAMERA, [None, None])["object"] == 1.0
+    assert st_reward(st_completion(), "B", CAMERA, [None, None])["object"] == 0.0
+    # Camera truth with a null final centre, prediction with both: mismatch; with the final one null: exact.
+    assert st_reward(st_completion(), "B", [[0.0, 0.0, 0.0], None], OBJECT)["camera"] == 0.0
+    cam_null = st_completion(cam1="null")
+    assert st_reward(cam_null, "B", [[0.0, 0.0, 0.0], None], OBJECT)["camera"] == pytest.approx(1.0)

@@ -4,6 +4,7 @@ estimators, log-prob recomputation equal to the sampler's, the rewards wiring, e
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +68,7 @@ def test_policy_gradient_never_reaches_latent_positions(aggregation):
     assert (np.abs(grads[np.asarray(mask)]).sum(-1) > 0).all()
 
 
-def test_rl_step_scores_the_sampled_sequences(data):
+def test_rl_step_scores_the_sampled_sequences(data, monkeypatch):
     path, tokenizer = data
     config = rl_config(**{"rl.num_iterations": 2, "rl.kl_estimator": "k3"})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -75,16 +76,68 @@ def test_rl_step_scores_the_sampled_sequences(data):
     prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
     batch = next(iter(build_dataset(path / "train", tokenizer, trainer.model.config, prompts)))
     assert batch["rope_deltas"].shape == (2,) and (batch["attention_mask"][:, -1] == 1).all()
+    assert batch["example_mask"].all()
+    # Every group gets a spread of rewards, so the advantages are non-zero and the update must move
+    # the policy: the real reward plus 0.5 on odd rows (real rewards lie in {0, 0.2, 1, 1.2}, so no
+    # two differ by 0.5 and no group's are all equal). The sampled rollout is kept to check the
+    # update's direction on it.
+    seen = {"rewards": []}
+    real_reward, real_generate = rl.sample_reward, rl.generate
+
+    def reward(*args):
+        scored = dict(real_reward(*args))
+        scored["reward"] += 0.5 * (len(seen["rewards"]) % 2)
+        seen["rewards"].append(scored["reward"])
+        return scored
+
+    def generate(params, prompt, key, **kwargs):
+        seen["prompt"], seen["rollout"] = prompt, real_generate(params, prompt, key, **kwargs)
+        return seen["rollout"]
+
+    monkeypatch.setattr(rl, "sample_reward", reward)
+    monkeypatch.setattr(rl, "generate", generate)
     before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
     state, metrics = trainer.step_fn(trainer.state, batch)
     assert int(state.step) == 1 and metrics["finite"]
     assert float(metrics["logprob_drift"]) <= 1e-5  # the recomputed log-probs are the sampler's
-    assert 0.0 <= metrics["reward"] <= 1.2 and "reward_format" in metrics
+    g = config.rl.num_generations
+    given = np.asarray(seen["rewards"])
+    real = given - 0.5 * (np.arange(len(given)) % 2)
+    assert len(given) == 2 * g and ((real >= 0) & (real <= 1.2)).all() and "reward_format" in metrics
+    np.testing.assert_allclose([metrics["reward"], metrics["reward_std"]], [given.mean(), given.std()], rtol=1e-6)
     assert metrics["policy_tokens"] > 0 and np.isfinite(float(metrics["loss"]))
+    groups = given.reshape(-1, g)
+    adv = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+    assert (np.abs(adv.reshape(-1, g)).max(1) > 0.1).all()  # no group without a spread
+
     after = jax.tree_util.tree_map(np.asarray, state.params)
-    assert np.array_equal(before["visual"]["merger"]["mlp_0"]["kernel"], after["visual"]["merger"]["mlp_0"]["kernel"])
-    changed = not np.array_equal(before["language_model"]["norm"]["weight"], after["language_model"]["norm"]["weight"])
-    assert changed or metrics["reward_std"] == 0.0  # equal rewards in every group leave only the KL term
+    for a, b in zip(jax.tree_util.tree_leaves(before["visual"]), jax.tree_util.tree_leaves(after["visual"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)  # frozen
+    for a, b in zip(jax.tree_util.tree_leaves(before["language_model"]),
+                    jax.tree_util.tree_leaves(after["language_model"]), strict=True):
+        assert not np.array_equal(a, b)  # every trainable leaf moved
+
+    # The direction: on the sampled sequences, the clipped surrogate + beta * k3 KL (old policy and
+    # reference = the params that sampled), written here in numpy, is lower after the update.
+    c, rollout = trainer.model.config, seen["rollout"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(job.sharding_rules(config)):
+        score = jax.jit(lambda p, prompt, rollout: rl.completion_logprobs(
+            p, trainer.model, rl.scoring_inputs(prompt, rollout, g), rollout.latent_inputs,
+            rollout.tokens.shape[1], config.sample.temperature))
+        old, new = (np.asarray(score(p, seen["prompt"], rollout), np.float64) for p in (before, state.params))
+    tokens = np.asarray(rollout.tokens)
+    mask = np.asarray(rollout.completion_mask) & ~np.isin(tokens, c.latent_token_ids)
+    eps, beta = config.rl.epsilon, config.rl.beta
+
+    def loss(logp):
+        ratio, a = np.exp(logp - old), adv[:, None]
+        per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - eps, 1 + eps) * a)
+        per_token += beta * (np.exp(old - logp) - (old - logp) - 1)
+        return np.mean((per_token * mask).sum(1) / np.maximum(mask.sum(1), 1))
+
+    assert abs(loss(old)) < 1e-6  # ratio 1: -mean(advantages), which are centred per group
+    assert loss(new) < loss(old) - 1e-3, (loss(new), loss(old))
 
 
 def test_rl_job_resumes_exactly(data, tmp_path):

@@ -15,6 +15,8 @@ whose input embeddings are replaced by imagery targets.
 from __future__ import annotations
 
 import dataclasses
+import re
+import zlib
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,10 @@ import numpy as np
 from fourd_jax.data.processor import expand_placeholders, process
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.imagery import expand_output_images, latent_token_ids
+from fourd_jax.model.imagery import OUTPUT_IMAGE, expand_output_images, latent_token_ids
 from fourd_jax.model.rope import get_rope_index
 
+ASSISTANT_TURNS = ("imagery_trace", "text_trace", "answer", "option_lookup")
 INSTRUCTION = ("Think about the question with mental imagery inside <think> </think> tags, and give only the "
                "final answer inside <answer> </answer> tags.")
 
@@ -35,6 +38,7 @@ class FeatureConfig:
     max_frames: int = 16  # evenly spaced frames kept from the shown frames
     video_min_pixels: int = 4 * 28 * 28  # per frame
     video_max_pixels: int = 256 * 28 * 28  # per frame (4DThinker SFT)
+    video_max_side: int = 0  # longest frame side after resizing (4DThinker RL: 448); 0 = no cap
     imagery_min_pixels: int = 4 * 28 * 28
     imagery_max_pixels: int = 256 * 28 * 28
     max_length: int = 4096  # longer samples are dropped (and counted), never cut
@@ -43,6 +47,20 @@ class FeatureConfig:
     # "precomputed": the record's `imagery_targets` are used directly.
     imagery_source: str = "pixels"
     instruction: str = INSTRUCTION
+    # What the supervised assistant turn holds (the ablations of `fourd-jax study`):
+    #   "imagery_trace": the trace with a latent block per <output_image> (DIFT, SPEC 3.3);
+    #   "text_trace": the same trace with the <output_image> markers removed (text SFT);
+    #   "answer": only "<answer>X. text</answer>" (no reasoning);
+    #   "option_lookup": a reading warm-up that carries no answer: the trace states one option drawn
+    #     at random (seeded by the sample id) and answers with that option's letter, as every trace ends:
+    #     "<think>So the answer is: T.</think><answer>X. T</answer>".
+    assistant: str = "imagery_trace"
+    # False: the blind control; the user turn has the question and options but no video.
+    video: bool = True
+
+    def __post_init__(self) -> None:
+        if self.assistant not in ASSISTANT_TURNS:
+            raise InputError(f"data.assistant must be one of {ASSISTANT_TURNS}, not {self.assistant!r}.")
 
 
 def question_text(sample: dict[str, Any]) -> str:
@@ -51,10 +69,17 @@ def question_text(sample: dict[str, Any]) -> str:
     return f"{sample['question']}\n\n{options}"
 
 
-def assistant_text(sample: dict[str, Any], latent_size: int) -> str:
-    """The supervised assistant turn: the trace (latent blocks expanded) or the bare answer."""
-    if sample["trace"]:
+def assistant_text(sample: dict[str, Any], latent_size: int, assistant: str = "imagery_trace") -> str:
+    """The supervised assistant turn (see FeatureConfig.assistant): the trace with latent blocks,
+    the trace without them, or the bare answer (also for records without a trace)."""
+    if sample["trace"] and assistant == "imagery_trace":
         return expand_output_images(sample["trace"], latent_size)
+    if sample["trace"] and assistant == "text_trace":
+        return re.sub(r" ?" + re.escape(OUTPUT_IMAGE), "", sample["trace"])
+    if assistant == "option_lookup":
+        pick = zlib.crc32(str(sample["sample_id"]).encode()) % len(sample["options"])
+        text = sample["options"][pick]
+        return f"<think>So the answer is: {text}.</think><answer>{'ABCDEF'[pick]}. {text}</answer>"
     key = sample["options"]["ABCD".index(sample["answer"])]
     return f"<answer>{sample['answer']}. {key}</answer>"
 
@@ -81,22 +106,27 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
               ) -> dict[str, Any]:
     """Features of one decoded record. Raises InputError when the record cannot be used."""
     vc = model_config.vision
-    frames, step = select_frames(sample, config.max_frames)
-    video, grid = process(frames, vc, config.video_min_pixels, config.video_max_pixels)
+    text = {"type": "text", "text": f"{question_text(sample)}\n{config.instruction}"}
+    if config.video:
+        frames, step = select_frames(sample, config.max_frames)
+        video, grid = process(frames, vc, config.video_min_pixels, config.video_max_pixels, config.video_max_side)
+        user, video_grids = [{"type": "video"}, text], np.array([grid], np.int64)
+    else:  # blind: the question and options alone
+        video, step = np.zeros((0, vc.patch_dim), np.float32), 1.0
+        user, video_grids = [text], np.zeros((0, 3), np.int64)
     seconds_per_grid = vc.temporal_patch_size * step
-
-    user = [{"type": "video"}, {"type": "text", "text": f"{question_text(sample)}\n{config.instruction}"}]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                            add_generation_prompt=True)
-    prompt_ids = tokenizer(expand_placeholders(prompt, video_grids=[grid], merge=vc.spatial_merge_size),
+    prompt_ids = tokenizer(expand_placeholders(prompt, video_grids=list(video_grids), merge=vc.spatial_merge_size),
                            add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids)
     imagery, imagery_grids = np.zeros((0, vc.patch_dim), np.float32), np.zeros((0, 3), np.int64)
     latent_targets = None
+    with_imagery = bool(sample["imagery"]) and bool(sample["trace"]) and config.assistant == "imagery_trace"
     if config.supervised:
-        answer = assistant_text(sample, config.latent_size) + "<|im_end|>"
+        answer = assistant_text(sample, config.latent_size, config.assistant) + "<|im_end|>"
         ids += tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if sample["imagery"] and config.imagery_source == "precomputed":
+        if with_imagery and config.imagery_source == "precomputed":
             if "imagery_targets" not in sample:
                 raise InputError("the record has no imagery_targets (write them with fourd-jax data targets)")
             targets = np.asarray(sample["imagery_targets"], np.float32)
@@ -105,7 +135,7 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
                                  f"({config.latent_size}, {model_config.text.hidden_size})")
             latent_targets = targets.reshape(-1, targets.shape[-1])
             imagery_grids = np.zeros((len(targets), 3), np.int64)  # counted, never encoded
-        elif sample["imagery"]:
+        elif with_imagery:
             imagery, imagery_grids = imagery_patches(sample["imagery"], vc, config)
     ids = np.asarray(ids, np.int32)
     if ids.size > config.max_length:
@@ -124,12 +154,12 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
     if config.supervised:
         loss_mask[len(prompt_ids) - 1:-1] = 1.0
         loss_mask[:-1][latent_mask[1:]] = 0.0  # the pads are predicted by the latent loss instead
-    positions, _ = get_rope_index(model_config, ids[None], video_grid_thw=np.array([grid]),
-                                  second_per_grid_ts=np.array([seconds_per_grid]))
+    positions, _ = get_rope_index(model_config, ids[None], video_grid_thw=video_grids,
+                                  second_per_grid_ts=np.full(len(video_grids), seconds_per_grid))
     return {
         "input_ids": ids, "targets": targets, "loss_mask": loss_mask, "latent_mask": latent_mask,
         "position_ids": positions[:, 0].astype(np.int32), "prompt_length": len(prompt_ids),
-        "video_patches": video.astype(np.float32), "video_grid": np.array(grid, np.int64),
+        "video_patches": video.astype(np.float32), "video_grid": video_grids.reshape(-1),
         "second_per_grid": seconds_per_grid,
         "imagery_patches": imagery.astype(np.float32),
         "imagery_grids": imagery_grids if latent_targets is None else np.zeros((0, 3), np.int64),

@@ -20,9 +20,12 @@ a ".parquet" file (DSR-Bench is released as one) is read with pyarrow.
 
 Media: relative paths resolve against `root` (default: the data file's directory). Videos are
 decoded at `fps` (`decode_video`); frame lists are taken as released, at 1 fps. Either is cut to
-`max_frames` evenly spaced frames. Frames of one sample that differ in size are resized (PIL
-bilinear) to the first frame's size; imagery images keep their own sizes (each is its own image
-to the model).
+`max_frames` evenly spaced frames. DSR and DSR-Bench videos instead give `max_frames` (32)
+frames sampled uniformly over the whole clip, times rounded to 0.1 s, as DSR Suite samples them
+(SPEC 4); their `*_dir_pred` questions show all but the last two sampled frames, as synthetic
+records do (a row with fewer than 3 frames is bad). Frames of one sample that differ in size are
+resized (PIL bilinear) to the first frame's size; imagery images keep their own sizes (each is
+its own image to the model).
 
 A bad row (a missing field, unreadable media, an answer that is not one of A-D, imagery that
 does not match its markers) is skipped and counted, or raises `InputError` naming the file and
@@ -64,6 +67,7 @@ BAD_OPTIONS = "bad options"
 BAD_ANSWER = "bad answer"
 IMAGERY_COUNT = "imagery count mismatch"
 UNREADABLE_MEDIA = "unreadable media"
+TOO_FEW_FRAMES = "too few frames"
 INVALID_JSON = "invalid json"
 
 # Frame times are multiples of the stream's time base, converted to float; a frame meant to sit
@@ -143,12 +147,33 @@ def _same_size(frames: Sequence[np.ndarray]) -> np.ndarray:
 
 def _read_video(path: Path, fps: float, max_frames: int | None) -> tuple[np.ndarray, np.ndarray]:
     """`decode_video` with problems raised as _BadRow."""
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    next_time = 0.0
+    try:
+        for elapsed, frame in _video_frames(path):
+            if elapsed < next_time - _TIME_TOLERANCE:
+                continue
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(elapsed)
+            # The next instant k / fps strictly after this frame: a slow video's frame may
+            # cover several instants, but is taken once.
+            next_time = (math.floor(elapsed * fps + _TIME_TOLERANCE) + 1) / fps
+    except ValueError as e:
+        raise _BadRow(UNREADABLE_MEDIA, f"{path} cannot be decoded as a video ({type(e).__name__})") from None
+    if not frames:
+        raise _BadRow(UNREADABLE_MEDIA, f"{path} holds no decodable video frames")
+    keep = even_indices(len(frames), max_frames)
+    return _same_size([frames[i] for i in keep]), np.asarray(times, np.float32)[keep]
+
+
+def _video_frames(path: Path) -> Iterator[tuple[float, Any]]:
+    """(seconds since the first frame, av.VideoFrame) for every frame of the video at `path`, in
+    decoding order; problems raised as _BadRow."""
     import av
 
     if not path.is_file():
         raise _BadRow(UNREADABLE_MEDIA, f"video {path} does not exist")
-    frames: list[np.ndarray] = []
-    times: list[float] = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -156,26 +181,46 @@ def _read_video(path: Path, fps: float, max_frames: int | None) -> tuple[np.ndar
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
-            start, next_time = None, 0.0
+            start = None
             for index, frame in enumerate(container.decode(stream)):
                 time = frame.time if frame.time is not None else (index / float(rate) if rate else None)
                 if time is None:
                     raise _BadRow(UNREADABLE_MEDIA, f"{path} frame {index} has no timestamp")
                 start = time if start is None else start
-                elapsed = time - start
-                if elapsed < next_time - _TIME_TOLERANCE:
-                    continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(elapsed)
-                # The next instant k / fps strictly after this frame: a slow video's frame may
-                # cover several instants, but is taken once.
-                next_time = (math.floor(elapsed * fps + _TIME_TOLERANCE) + 1) / fps
+                yield time - start, frame
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise _BadRow(UNREADABLE_MEDIA, f"{path} cannot be decoded as a video ({type(e).__name__})") from None
-    if not frames:
+
+
+def _read_video_uniform(path: Path, count: int | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """`count` frames sampled uniformly over the whole clip, as DSR Suite samples its 32 (SPEC 4).
+
+    The frames kept are `even_indices(number of frames, count)` (all of them when the clip has no
+    more than `count`: none is repeated); their times are rounded to 0.1 s. Two decoding passes:
+    the first only counts frames, the second converts just the kept ones, so a long clip is never
+    held in memory whole. Returns (frames, timestamps, sampling rate in frames per second).
+    """
+    times = [elapsed for elapsed, _ in _video_frames(path)]
+    if not times:
         raise _BadRow(UNREADABLE_MEDIA, f"{path} holds no decodable video frames")
-    keep = even_indices(len(frames), max_frames)
-    return _same_size([frames[i] for i in keep]), np.asarray(times, np.float32)[keep]
+    keep = even_indices(len(times), count)
+    wanted = set(keep.tolist())
+    frames: dict[int, np.ndarray] = {}
+    try:
+        for index, (_, frame) in enumerate(_video_frames(path)):
+            if index in wanted:
+                frames[index] = frame.to_ndarray(format="rgb24")
+            if index >= keep[-1]:
+                break
+    except ValueError as e:
+        raise _BadRow(UNREADABLE_MEDIA, f"{path} cannot be decoded as a video ({type(e).__name__})") from None
+    if len(frames) != len(wanted):
+        raise _BadRow(UNREADABLE_MEDIA, f"{path} gave {len(frames)} of its {len(wanted)} sampled frames when "
+                                        f"decoded again")
+    picked = np.asarray(times, np.float64)[keep]
+    span = float(picked[-1] - picked[0])
+    rate = (len(keep) - 1) / span if len(keep) > 1 and span > 0 else 1.0
+    return _same_size([frames[i] for i in keep]), np.round(picked, 1).astype(np.float32), rate
 
 
 def decode_video(path: str | Path, fps: float = 1.0, max_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +266,10 @@ class _Media:
     root: Path
     fps: float
     max_frames: int | None
-    _last_video: tuple[Path, np.ndarray, np.ndarray] | None = None
+    # True: videos give `max_frames` frames sampled uniformly over the clip (DSR Suite, SPEC 4)
+    # instead of frames at `fps`.
+    uniform: bool = False
+    _last_video: tuple[Path, np.ndarray, np.ndarray, float] | None = None
 
     def path(self, value: Any, key: str) -> Path:
         if not isinstance(value, str) or not value.strip():
@@ -232,11 +280,14 @@ class _Media:
     def video(self, path: Path) -> tuple[np.ndarray, np.ndarray, float]:
         """(frames, timestamps, fps) of a video file."""
         if self._last_video is None or self._last_video[0] != path:
-            frames, timestamps = _read_video(path, self.fps, self.max_frames)
+            if self.uniform:
+                frames, timestamps, rate = _read_video_uniform(path, self.max_frames)
+            else:
+                (frames, timestamps), rate = _read_video(path, self.fps, self.max_frames), self.fps
             # Samples of one video share these arrays: read-only, so no sample can change another.
             frames.flags.writeable = timestamps.flags.writeable = False
-            self._last_video = (path, frames, timestamps)
-        return self._last_video[1], self._last_video[2], self.fps
+            self._last_video = (path, frames, timestamps, rate)
+        return self._last_video[1], self._last_video[2], self._last_video[3]
 
     def frame_list(self, values: Any, key: str) -> tuple[np.ndarray, np.ndarray, float]:
         """(frames, timestamps, fps) of a released frame list (1 fps), cut to max_frames."""
@@ -390,8 +441,9 @@ def infer_subtask(question: str, options: Sequence[str]) -> str:
 
 def _sample(*, sample_id: str, source: str, subtask: str, question: str, options: list[str], answer: str,
             frames: np.ndarray, timestamps: np.ndarray, fps: float, meta: dict[str, Any], trace: str = "",
-            imagery: Iterable[np.ndarray] = ()) -> dict[str, Any]:
-    """A complete record (decoded form) with geometry marked unknown and every frame shown."""
+            imagery: Iterable[np.ndarray] = (), shown_frames: Sequence[int] | None = None) -> dict[str, Any]:
+    """A complete record (decoded form) with geometry marked unknown; every frame is shown unless
+    `shown_frames` says which."""
     return {
         "schema_version": records.SCHEMA_VERSION,
         "sample_id": sample_id,
@@ -401,7 +453,7 @@ def _sample(*, sample_id: str, source: str, subtask: str, question: str, options
         "frames": frames,
         "fps": float(fps),
         "timestamps": np.asarray(timestamps, np.float32),
-        "shown_frames": list(range(len(frames))),
+        "shown_frames": list(range(len(frames))) if shown_frames is None else list(shown_frames),
         "question": question,
         "options": list(options),
         "answer": answer,
@@ -508,10 +560,22 @@ def _samples(path: Path, rows: Iterable[_Row], build: Callable[[dict[str, Any], 
         yield sample
 
 
-def _start(path: str | Path, root: str | Path | None, fps: float, max_frames: int | None) -> _Source:
+def _start(path: str | Path, root: str | Path | None, fps: float, max_frames: int | None,
+           uniform: bool = False) -> _Source:
     _check_sampling(fps, max_frames)
     path = Path(path)
-    return _Source(path, _Media(Path(root) if root is not None else path.parent, fps, max_frames))
+    return _Source(path, _Media(Path(root) if root is not None else path.parent, fps, max_frames, uniform))
+
+
+def shown_for(subtask: str, num_frames: int) -> list[int]:
+    """The frames a question shows: all, except that `*_dir_pred` withholds the last two sampled
+    frames (it asks where an entity goes from frame T-3 to T-1, SPEC 4), as synthetic records do."""
+    if not subtask.endswith("_dir_pred"):
+        return list(range(num_frames))
+    if num_frames < 3:
+        raise _BadRow(TOO_FEW_FRAMES, f"a {subtask} question withholds the last two sampled frames, so it needs "
+                                      f"at least 3, but the media gives {num_frames}")
+    return list(range(num_frames - 2))
 
 
 # --- 4DThinker ------------------------------------------------------------------------------------
@@ -575,9 +639,10 @@ def _qa_row(src: _Source, row: dict[str, Any], number: int, source: str, subtask
     meta = src.meta(row, "id", number, **{media_key: row[media_key]})
     if source == "4dthinker":
         meta["format"] = "rl"
-    return _sample(sample_id=src.sample_id(source, row, "id", number), source=source,
-                   subtask=subtask or infer_subtask(question, options), question=question, options=options,
-                   answer=answer, frames=frames, timestamps=timestamps, fps=fps, meta=meta)
+    subtask = subtask or infer_subtask(question, options)
+    return _sample(sample_id=src.sample_id(source, row, "id", number), source=source, subtask=subtask,
+                   question=question, options=options, answer=answer, frames=frames, timestamps=timestamps, fps=fps,
+                   meta=meta, shown_frames=shown_for(subtask, len(frames)))
 
 
 def import_4dthinker(jsonl_path: str | Path, root: str | Path | None = None,
@@ -632,9 +697,12 @@ def import_dsr(json_path: str | Path, video_root: str | Path | None = None,
                skip_bad_records: bool = False, stats: ImportStats | None = None) -> Iterator[dict[str, Any]]:
     """Samples from a raw DSR QA file (the two layouts in the module docstring); `Type` is the sub-task.
 
+    Videos give `max_frames` (32) frames sampled uniformly over the clip, times rounded to 0.1 s
+    (`fps` is not used for them); frame lists give `max_frames` evenly spaced frames. `*_dir_pred`
+    questions show all but the last two of them (`shown_for`).
     Bad rows raise InputError, or with `skip_bad_records` are skipped and counted in `stats`.
     """
-    src = _start(json_path, video_root, fps, max_frames)
+    src = _start(json_path, video_root, fps, max_frames, uniform=True)
 
     def build(row: dict[str, Any], number: int) -> dict[str, Any]:
         return _qa_row(src, row, number, "dsr", _dsr_subtask(_required(row, "Type"), "Type"))
@@ -669,9 +737,11 @@ def import_dsr_bench(path: str | Path, video_root: str | Path | None = None,
                      skip_bad_records: bool = False, stats: ImportStats | None = None) -> Iterator[dict[str, Any]]:
     """Samples from DSR-Bench rows (JSON, JSON lines or parquet); `type` is the sub-task.
 
+    Each video gives `max_frames` (32) frames sampled uniformly over the clip, times rounded to
+    0.1 s (`fps` is not used); `*_dir_pred` questions show all but the last two (`shown_for`).
     Bad rows raise InputError, or with `skip_bad_records` are skipped and counted in `stats`.
     """
-    src = _start(path, video_root, fps, max_frames)
+    src = _start(path, video_root, fps, max_frames, uniform=True)
 
     def build(row: dict[str, Any], number: int) -> dict[str, Any]:
         question, options = _text(row, "question"), _bench_options(_required(row, "options"))
@@ -680,7 +750,8 @@ def import_dsr_bench(path: str | Path, video_root: str | Path | None = None,
         frames, timestamps, fps_used = src.media.video(_bench_video(src.media, _required(row, "videoID")))
         return _sample(sample_id=src.sample_id("dsr", row, None, number), source="dsr", subtask=subtask,
                        question=question, options=options, answer=answer, frames=frames, timestamps=timestamps,
-                       fps=fps_used, meta=src.meta(row, None, number, videoID=row["videoID"]))
+                       fps=fps_used, meta=src.meta(row, None, number, videoID=row["videoID"]),
+                       shown_frames=shown_for(subtask, len(frames)))
 
     yield from _samples(src.path, _read_rows(src.path), build, skip_bad_records, stats)
 

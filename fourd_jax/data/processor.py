@@ -1,12 +1,12 @@
 """Numpy Qwen2.5-VL processing of frames into patch rows, grids and placeholder tokens.
 
 Frames [T, H, W, 3] uint8 are resized (`smart_resize`: sides multiples of 28, pixel count within
-[min_pixels, max_pixels], PIL bicubic as the reference image processor), normalised with the
-CLIP mean/std, the time axis padded to a multiple of the temporal patch by repeating the last
-frame, and cut into rows of C * T_patch * P * P values in the order the reference processor
-uses: patches of one 2x2 merge unit are consecutive, merge units row-major, temporal patches
-outermost. Video frames go through the same resize as images (the reference video processor
-needs torchvision, which is not available here).
+[min_pixels, max_pixels], optionally longest side <= max_side; PIL bicubic as the reference image
+processor), normalised with the CLIP mean/std, the time axis padded to a multiple of the temporal
+patch by repeating the last frame, and cut into rows of C * T_patch * P * P values in the order
+the reference processor uses: patches of one 2x2 merge unit are consecutive, merge units
+row-major, temporal patches outermost. Video frames go through the same resize as images (the
+reference video processor needs torchvision, which is not available here).
 """
 
 from __future__ import annotations
@@ -28,11 +28,19 @@ VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_MIN_PIXELS,
-                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
+                 max_pixels: int = IMAGE_MAX_PIXELS, max_side: int = 0) -> tuple[int, int]:
     """The size Qwen2.5-VL resizes an image to: sides multiples of `factor`, aspect kept as well as
-    possible, pixel count within [min_pixels, max_pixels]."""
+    possible, pixel count within [min_pixels, max_pixels].
+
+    `max_side` > 0 also caps the longest side (4DThinker's RL frames: longest side <= 448, SPEC 2):
+    when the size found above has a longer side, both sides are scaled by max_side / longest input
+    side and floored to multiples of `factor` (at least `factor`). This cap is applied last and wins
+    over `min_pixels`. 0 means no side cap.
+    """
     if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
         raise InputError(f"image size {height}x{width} is empty or has an aspect ratio above 200.")
+    if max_side and max_side < factor:
+        raise InputError(f"max_side {max_side} must be 0 (no cap) or at least the resize factor {factor}.")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -42,6 +50,10 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IM
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
+    if max_side and max(h, w) > max_side:
+        beta = max(height, width) / max_side
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     return h, w
 
 
@@ -53,14 +65,17 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
 
 
-def process(frames: np.ndarray, config: VisionConfig, min_pixels: int, max_pixels: int
+def process(frames: np.ndarray, config: VisionConfig, min_pixels: int, max_pixels: int, max_side: int = 0
             ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Resize then patchify uint8 frames [T, H, W, 3] (T = 1 for an image): (rows, grid)."""
+    """Resize then patchify uint8 frames [T, H, W, 3] (T = 1 for an image): (rows, grid).
+
+    The size is `smart_resize` with `min_pixels`, `max_pixels` and `max_side` (0: no side cap).
+    """
     frames = np.asarray(frames)
     if frames.ndim != 4:
         raise InputError(f"frames must be [T, H, W, 3], got shape {frames.shape}.")
     factor = config.patch_size * config.spatial_merge_size
-    size = smart_resize(frames.shape[1], frames.shape[2], factor, min_pixels, max_pixels)
+    size = smart_resize(frames.shape[1], frames.shape[2], factor, min_pixels, max_pixels, max_side)
     return patchify(resize_frames(frames, size), config)
 
 

@@ -21,13 +21,16 @@ import numpy as np
 
 from fourd_jax.data import records
 from fourd_jax.data.qa.common import QA
+from fourd_jax.data.qa.dsr import ALL_SUBTASKS as DSR_SUBTASKS
 from fourd_jax.data.qa.dsr import MIN_SCENE_FRAMES, dsr_questions
+from fourd_jax.data.qa.fourdthinker import SUBTASKS as FOURDTHINKER_SUBTASKS
 from fourd_jax.data.qa.fourdthinker import fourdthinker_questions
 from fourd_jax.data.qa.mllm4d import mllm4d_questions
 from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
 from fourd_jax.data.sim.scene import Scene, SceneConfig, sample_scene
 from fourd_jax.errors import InputError
 
+MLLM4D_SUBTASKS = ("object_direction",)
 FAMILIES = {"dsr": dsr_questions, "4dthinker": fourdthinker_questions, "mllm4d": mllm4d_questions}
 SPLITS = ("train", "val", "test")
 
@@ -38,6 +41,9 @@ class SynthConfig:
     families: tuple[str, ...] = ("dsr", "4dthinker", "mllm4d")
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
     scenes_per_shard: int = 25
+    # Sub-tasks kept (e.g. ("camera_motion", "object_direction")); () keeps every one. Questions are
+    # drawn as usual and the others dropped, so the kept ones are those of the full mix.
+    subtasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.families) - set(FAMILIES))
@@ -45,6 +51,11 @@ class SynthConfig:
             raise InputError(f"unknown question families {unknown}; choose from {sorted(FAMILIES)}.")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise InputError(f"split_fractions {self.split_fractions} must be non-negative and sum to 1.")
+        known = {"4dthinker": FOURDTHINKER_SUBTASKS, "dsr": DSR_SUBTASKS, "mllm4d": MLLM4D_SUBTASKS}
+        offered = {name for family in self.families for name in known[family]}
+        if set(self.subtasks) - offered:
+            raise InputError(f"subtasks {sorted(set(self.subtasks) - offered)} are not asked by the families "
+                             f"{list(self.families)}; choose from {sorted(offered)}.")
         if "dsr" in self.families and self.scene.num_frames < MIN_SCENE_FRAMES:
             raise InputError(f"DSR questions need at least {MIN_SCENE_FRAMES} frames per scene, not "
                              f"{self.scene.num_frames} (raise --frames or leave out the dsr family).")
@@ -85,7 +96,10 @@ def scene_records(index: int, seed: int, config: SynthConfig, split: str) -> Ite
         "object_centers": scene.centers, "object_headings": scene.headings,
         "scene_seed": sseed, "camera_moves": [list(m) for m in scene.camera_moves],
     }
-    for k, qa in enumerate(scene_questions(scene, boxes, config.families, sseed)):
+    questions = scene_questions(scene, boxes, config.families, sseed)
+    for k, qa in enumerate(questions):
+        if config.subtasks and qa.subtask not in config.subtasks:
+            continue
         imagery = [overlay_mask(rendered.rgb[t], rendered.instance[t] == obj + 1) for t, obj in qa.imagery]
         yield {
             **shared,

@@ -3,24 +3,34 @@ sampler (greedy, imagery blocks on) and score the extracted letters per sub-task
 
 Reads any records this project writes: the synthetic test split, or DSR-Bench / VLM4D imported
 with `fourd-jax data import`. The files it leaves are those of `report.write_results`.
+
+Every record is a question in the denominators. One that cannot be scored (its record or media
+cannot be read, or it fits no sequence bucket) becomes a wrong `Prediction` with `predicted=None`
+and a `reason`, listed by id under "unscored" in results.json; it keeps its sub-task and family
+when the record decodes that far, and is counted under the sub-task "unreadable" otherwise.
+VLM4D questions also get the report groups of `vlm4d_groups` (real / synthetic, exo- / ego-centric).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
+import msgpack
 import numpy as np
 from tqdm import tqdm
 
 from fourd_jax import sharding
-from fourd_jax.data.features import FeatureConfig
+from fourd_jax.data import records
+from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.pipeline import PipelineConfig, build_dataset
 from fourd_jax.errors import InputError
-from fourd_jax.eval.report import Prediction, write_results
+from fourd_jax.eval.report import UNREADABLE, Prediction, write_results
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, tokenizer_stops
 from fourd_jax.train import loop
@@ -39,7 +49,105 @@ class EvalConfig:
     imagery: bool = True
     max_latent_blocks: int = 8
     stop_strings: tuple[str, ...] = ("</answer>",)
-    max_samples: int = 0  # 0 = the whole split
+    max_samples: int = 0  # the first this many records (scored or not) in file order; 0 = the whole split
+    video: bool = True  # False: the blind control (no video tokens), for a model trained with data.video=False
+
+
+# VLM4D real items with an id up to this are exo-centric, the rest ego-centric (SPEC 5).
+VLM4D_EXO_MAX_ID = 922
+
+
+def vlm4d_groups(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The report groups of a VLM4D record, from the `meta` its importer wrote.
+
+    "vlm4d", then the split: "vlm4d/real" or "vlm4d/synthetic", read from the video path (a
+    `videos_real` / `videos_synthetic` folder, as released) or else the QA file's name
+    (`real_mc.json` / `synthetic_mc.json`), "vlm4d/unknown_split" when neither tells; then for real
+    items "vlm4d/real_exo" (id <= 922) or "vlm4d/real_ego", from the original `id` (its trailing
+    digits), "vlm4d/real_unknown_view" without one.
+    """
+    folders = re.split(r"[\\/]", str(meta.get("video", "")).lower())
+    stem = Path(str(meta.get("source_file", ""))).stem.lower()
+    if "videos_real" in folders:
+        split = "real"
+    elif "videos_synthetic" in folders:
+        split = "synthetic"
+    elif stem.startswith("real"):
+        split = "real"
+    elif stem.startswith("synth"):
+        split = "synthetic"
+    else:
+        return ("vlm4d", "vlm4d/unknown_split")
+    if split == "synthetic":
+        return ("vlm4d", "vlm4d/synthetic")
+    digits = re.search(r"(\d+)\s*$", str(meta.get("original_id", "")))
+    if digits is None:
+        view = "unknown_view"
+    else:
+        view = "exo" if int(digits.group(1)) <= VLM4D_EXO_MAX_ID else "ego"
+    return ("vlm4d", "vlm4d/real", f"vlm4d/real_{view}")
+
+
+def record_groups(family: Any, meta: Any) -> tuple[str, ...]:
+    """The report groups of a record of `family` with `meta`: `vlm4d_groups` for VLM4D, else none."""
+    return vlm4d_groups(meta if isinstance(meta, dict) else {}) if family == "vlm4d" else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Question:
+    """What is known of one record before it is featurized: enough to score it as wrong."""
+
+    file: Path
+    index: int
+    sample_id: str
+    family: str
+    subtask: str
+    answer: str
+    num_options: int
+    groups: tuple[str, ...]
+    problem: str | None = None  # why the record itself cannot be decoded
+
+
+def _question(file: Path, index: int, data: bytes) -> _Question:
+    """The identity of a record, from a decode without images; on a decoding error, whatever fields
+    of the raw map are still readable (sub-task "unreadable" when its sub-task is not)."""
+    try:
+        sample = records.decode(data, decode_images=False)
+        fields, problem = sample, None
+    except records.RecordError as e:
+        problem = f"{file} record {index}: {e}"
+        try:
+            fields = msgpack.unpackb(data, raw=False)
+        except Exception:  # noqa: BLE001 - msgpack raises many types for corrupt input
+            fields = {}
+        fields = fields if isinstance(fields, dict) else {}
+
+    def text(key: str, default: str) -> str:
+        value = fields.get(key)
+        return value if isinstance(value, str) and value else default
+
+    options = fields.get("options")
+    family = text("family", "unknown")
+    return _Question(file=file, index=index, sample_id=text("sample_id", f"{file.name}:{index}"), family=family,
+                     subtask=text("subtask", UNREADABLE), answer=text("answer", ""),
+                     num_options=len(options) if isinstance(options, list) and options else 4,
+                     groups=record_groups(family, fields.get("meta")), problem=problem)
+
+
+def _why_unscored(question: _Question, tokenizer: Any, model_config: Any, features: FeatureConfig) -> str:
+    """Why the pipeline dropped a record: its decoding or featurizing error, re-raised here."""
+    if question.problem:
+        return question.problem
+    reader = records.open_reader(question.file)
+    try:
+        data = reader.read([question.index])[0]
+    finally:
+        reader.close()
+    try:
+        featurize(records.decode(data), tokenizer, model_config, features)
+    except InputError as e:
+        return f"{question.file} record {question.index}: {e}"
+    return f"{question.file} record {question.index}: dropped by the input pipeline"
 
 
 def split_directory(data: str | Path) -> Path:
@@ -62,9 +170,15 @@ def eval_sampling(model: Qwen25VL, tokenizer: Any, config: EvalConfig) -> Sampli
 
 def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Path, config: EvalConfig,
             progress: bool = True) -> tuple[list[Prediction], int]:
-    """Greedy answers to every question under `records_dir` (in file order), with the letters
-    extracted as the 4DThinker evaluation does; and how many records could not be read or did
-    not fit the largest sequence bucket (skipped, never scored)."""
+    """Greedy answers to every question under `records_dir` (in file order, the first
+    `config.max_samples` when set), with the letters extracted as the 4DThinker evaluation does;
+    and how many of them could not be scored.
+
+    Every record gives one Prediction. A record that cannot be read or does not fit the largest
+    sequence bucket gives a wrong one (`predicted=None`, `reason` saying why, its sub-task and
+    family when the record decodes that far, else sub-task "unreadable"). VLM4D predictions carry
+    `vlm4d_groups`. Raises InputError when no question at all can be scored.
+    """
     if jax.process_count() > 1:
         raise InputError("fourd-jax eval runs in one process; evaluate on one host.")
     mesh = sharding.make_mesh((-1, 1, 1))  # parameters replicated, questions split over the devices
@@ -72,10 +186,14 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
     rules = sharding.DEFAULT_RULES
     features = FeatureConfig(latent_size=config.latent_size, max_frames=config.max_frames,
                              video_max_pixels=config.video_max_pixels, max_length=max(config.seq_buckets),
-                             supervised=False)
+                             supervised=False, video=config.video)
     pipeline = PipelineConfig(batch_size=config.batch_size, seq_buckets=config.seq_buckets, num_epochs=1,
                               shuffle=False, drop_remainder=False, left_pad=True, features=features)
     sampling = eval_sampling(model, tokenizer, config)
+    questions = [_question(file, index, data) for file, index, data in records.read_raw(records_dir)]
+    questions = questions[: config.max_samples or None]
+    if not questions:
+        raise InputError(f"{records_dir} holds no questions to evaluate.")
     out: list[Prediction] = []
     skipped = 0
     bar = tqdm(desc="eval", unit="question", disable=not progress)
@@ -94,20 +212,38 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
                                   subtask=str(batch["subtask"][row]), answer=str(batch["answer"][row]),
                                   predicted=extract_choice(texts[row], letters),
                                   num_options=int(batch["num_options"][row]), completion=texts[row]))
-        bar.update(int(real.sum()))
-        if config.max_samples and len(out) >= config.max_samples:
+        bar.update(int(real.sum()) + int(batch["num_skipped"]))
+        # Each batch consumed its scored rows and its skipped records, in file order.
+        if len(out) + skipped >= len(questions):
             break
     bar.close()
-    if not out:
-        raise InputError(f"{records_dir} holds no questions to evaluate ({skipped} records were skipped: unreadable, "
-                         f"or longer than the largest sequence bucket {max(config.seq_buckets)}).")
-    return out[: config.max_samples or None], skipped
+
+    # Pair the answers with the records in file order; a record without one was dropped by the pipeline.
+    answered: dict[str, deque[Prediction]] = {}
+    for p in out:
+        answered.setdefault(p.sample_id, deque()).append(p)
+    predictions: list[Prediction] = []
+    for q in questions:
+        queue = answered.get(q.sample_id)
+        if queue:
+            predictions.append(dataclasses.replace(queue.popleft(), groups=q.groups))
+        else:
+            predictions.append(Prediction(sample_id=q.sample_id, family=q.family, subtask=q.subtask, answer=q.answer,
+                                          predicted=None, num_options=q.num_options, groups=q.groups,
+                                          reason=_why_unscored(q, tokenizer, model.config, features)))
+    unscored = [p for p in predictions if p.reason is not None]
+    if len(unscored) == len(predictions):
+        raise InputError(f"{records_dir} holds no question that can be scored: all {len(predictions)} are unreadable "
+                         f"or longer than the largest sequence bucket {max(config.seq_buckets)} (first: "
+                         f"{unscored[0].reason}).")
+    return predictions, len(unscored)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(),
              tokenizer_dir: str | None = None, progress: bool = True) -> dict:
     """Load a checkpoint (training workdir, Orbax directory or HF directory), answer the split,
-    write O/results.json, results.csv, predictions.jsonl and accuracy.png; return the table."""
+    write O/results.json, results.csv, predictions.jsonl and accuracy.png; return the table
+    (`report.accuracy_table`: unscored questions are in every denominator and listed under "unscored")."""
     from transformers import AutoTokenizer
 
     from fourd_jax import checkpoint as orbax_checkpoint
@@ -132,9 +268,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
         raise InputError(f"tokenizer {tokenizer_dir} maps the latent tokens to {ids}, but the model expects "
                          f"{tuple(model.config.latent_token_ids)}; pass the tokenizer the model was trained with.")
     records_dir = split_directory(data)
-    predictions, skipped = predict(model, params, tokenizer, records_dir, config, progress=progress)
-    if skipped:
-        print(f"fourd-jax eval: warning: {skipped} records of {records_dir} were skipped (unreadable, or longer "
-              f"than the largest sequence bucket {max(config.seq_buckets)}); they are not in the accuracy.")
-    return write_results(out, predictions, extra={"checkpoint": str(checkpoint), "data": str(records_dir),
-                                                  "skipped_records": skipped})
+    predictions, unscored = predict(model, params, tokenizer, records_dir, config, progress=progress)
+    if unscored:
+        print(f"fourd-jax eval: warning: {unscored} of the {len(predictions)} questions of {records_dir} could not "
+              f"be scored (unreadable, or longer than the largest sequence bucket {max(config.seq_buckets)}); they "
+              f"count as wrong and are listed under \"unscored\" in results.json.")
+    return write_results(out, predictions, extra={"checkpoint": str(checkpoint), "data": str(records_dir)})

@@ -258,3 +258,17 @@ def tiny8(vocab_size: int = 512, **overrides) -> ModelConfig:
 
 
 PRESETS = {"tiny": tiny, "tiny8": tiny8, "qwen25vl_3b": qwen25vl_3b, "qwen25vl_7b": qwen25vl_7b}
+
+
+def demo(vocab_size: int = 512, **overrides) -> ModelConfig:
+    """`tiny` widened for the CPU demo: a 4-layer, 128-wide decoder and a 64-wide vision tower."""
+    base = tiny(vocab_size, **overrides)
+    return base.replace(
+        text=dataclasses.replace(base.text, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                                 num_kv_heads=2, mrope_section=(4, 6, 6)),
+        vision=dataclasses.replace(base.vision, hidden_size=64, intermediate_size=128, num_heads=4,
+                                   out_hidden_size=128),
+    )
+
+
+PRESETS["demo"] = demo

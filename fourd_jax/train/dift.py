@@ -25,17 +25,34 @@ import optax
 from fourd_jax import sharding
 from fourd_jax.data.batching import vision_inputs
 from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.errors import InputError
 from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train import job, loop
 from fourd_jax.train.optim import stop_frozen, trainable_mask
 from fourd_jax.train.state import TrainState, guarded_update
 
+IMAGERY_TOWERS = ("live", "initial")
+
 
 @dataclasses.dataclass(frozen=True)
 class DiftLossConfig:
     ce_weight: float = 0.1
     latent_weight: float = 1.0
+    # Which vision tower makes the imagery targets: "live", the model's own (SPEC 3.3: it is frozen, so
+    # the targets are constants); "initial", a frozen copy of the tower the run started from, for runs
+    # that train the tower (a tower that both trains and makes its own targets makes them trivial).
+    imagery_tower: str = "live"
+
+    def __post_init__(self) -> None:
+        if self.imagery_tower not in IMAGERY_TOWERS:
+            raise InputError(f"loss.imagery_tower must be one of {IMAGERY_TOWERS}, not {self.imagery_tower!r}.")
+
+    @classmethod
+    def of(cls, config: Any) -> DiftLossConfig:
+        """The loss settings of a run's config (its `loss` fields)."""
+        return cls(float(config.loss.ce_weight), float(config.loss.latent_weight),
+                   str(config.loss.get("imagery_tower", "live")))
 
 
 def latent_cosine_terms(hidden: jax.Array, targets: jax.Array, latent_mask: jax.Array) -> jax.Array:
@@ -76,14 +93,16 @@ class StaticSizes(NamedTuple):
 
 
 def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes,
-                   compute_logits: bool = True):
+                   compute_logits: bool = True, target_tower: Any = None):
     """(model output, imagery targets [B, K, D]) of a pipeline batch with the targets fed at the
-    latent pads, as DIFT trains."""
+    latent pads, as DIFT trains. `target_tower`: the vision-tower params (`params["visual"]`'s
+    structure) that make the targets; None = the model's own."""
     if "latent_targets" in batch:  # precomputed in the records by the same frozen tower
         targets = batch["latent_targets"]
     else:
         imagery = vision_inputs({**batch, "imagery_frame_len": sizes.imagery_frame_len}, "imagery")
-        tokens = jax.lax.stop_gradient(model.apply({"params": params}, imagery, method=Qwen25VL.encode_vision))
+        tower = params if target_tower is None else {**params, "visual": target_tower}
+        tokens = jax.lax.stop_gradient(model.apply({"params": tower}, imagery, method=Qwen25VL.encode_vision))
         targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"],
@@ -98,14 +117,15 @@ def row_windows(x: jax.Array, starts: jax.Array, window: int) -> jax.Array:
     return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, window, axis=0))(x, starts)
 
 
-def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes) -> dict[str, jax.Array]:
+def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes,
+              target_tower: Any = None) -> dict[str, jax.Array]:
     """Summed CE and latent losses over a (micro-)batch.
 
     Logits are computed only in each row's loss window (the assistant turn), not over the prompt
     and its video tokens: the LM head and its softmax are a large share of a step's FLOPs and the
     largest activation ([B, L, vocab]) when most of a sequence is video.
     """
-    out, targets = teacher_forced(params, batch, model, sizes, compute_logits=False)
+    out, targets = teacher_forced(params, batch, model, sizes, compute_logits=False, target_tower=target_tower)
     starts, window = batch["loss_start"], sizes.loss_window
     logits = model.apply({"params": params}, row_windows(out.hidden_states, starts, window), method=Qwen25VL.logits)
     ce = (token_cross_entropy(logits, row_windows(batch["targets"], starts, window))
@@ -128,10 +148,11 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
     return {key: split(key, x) for key, x in batch.items()}
 
 
-def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx: optax.GradientTransformation,
-               trainable: Any, loss_config: DiftLossConfig, sizes: StaticSizes, grad_accum: int = 1,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from a batch (split into `grad_accum` micro-batches).
+def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = None, *, model: Qwen25VL,
+               tx: optax.GradientTransformation, trainable: Any, loss_config: DiftLossConfig, sizes: StaticSizes,
+               grad_accum: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a batch (split into `grad_accum` micro-batches). `target_tower`: the
+    frozen vision-tower params that make the imagery targets (None = the model's own).
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state as they
     were and bumps the non-finite counters; the loop stops after too many in a row.
@@ -141,7 +162,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: Qwen25VL, tx:
                "latent_sum": loss_config.latent_weight / jnp.maximum(n["latent_count"], 1.0)}
 
     def objective(params, micro):
-        sums = loss_sums(stop_frozen(params, trainable), micro, model, sizes)
+        sums = loss_sums(stop_frozen(params, trainable), micro, model, sizes, target_tower)
         return sum(weights[k] * v for k, v in sums.items()), sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -186,24 +207,35 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> T
     `rules`: the logical-axis rules (default: the config's, `job.sharding_rules`)."""
     rules = job.sharding_rules(config) if rules is None else rules
     model, params = job.model_and_params(config, tokenizer, mesh, rules)
+    loss_config = DiftLossConfig.of(config)
+    trainable = trainable_mask(params, tuple(config.optim.freeze))
+    tower_trains = any(jax.tree_util.tree_leaves(trainable["visual"]))
+    in_step_imagery = (config.loss.imagery_targets == "in_step"
+                       and config.data.get("assistant", "imagery_trace") == "imagery_trace")
+    if tower_trains and loss_config.imagery_tower == "live" and loss_config.latent_weight and in_step_imagery:
+        raise InputError("The vision tower trains (optim.freeze leaves parameters of visual/ trainable) and would "
+                         "make its own imagery targets; set loss.imagery_tower='initial' (a frozen copy).")
+    # The initial tower, copied before the state (which each step donates) takes the params. A resumed
+    # run rebuilds the same copy: the initial params come from the seed or from model.init_from.
+    target_tower = (jax.tree_util.tree_map(jnp.copy, params["visual"]) if loss_config.imagery_tower == "initial"
+                    else None)
     tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
     step = jax.jit(functools.partial(
-        train_step, model=model, tx=tx, trainable=trainable_mask(params, tuple(config.optim.freeze)),
-        loss_config=DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight),
-        grad_accum=config.optim.grad_accum), static_argnames=("sizes",), donate_argnums=0,
-        out_shardings=(shardings, None))
+        train_step, model=model, tx=tx, trainable=trainable,
+        loss_config=loss_config, grad_accum=config.optim.grad_accum), static_argnames=("sizes",),
+        donate_argnums=0, out_shardings=(shardings, None))
 
-    sums = jax.jit(lambda params, batch, sizes: {**loss_sums(params, batch, model, sizes), **counts(batch)},
-                   static_argnames=("sizes",))
+    sums = jax.jit(lambda params, batch, tower, sizes: {**loss_sums(params, batch, model, sizes, tower),
+                                                        **counts(batch)}, static_argnames=("sizes",))
 
     def on_device(fn):
         def call(state, batch):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                return fn(state, loop.device_batch(batch, mesh, rules), sizes=StaticSizes.of(batch))
+                return fn(state, loop.device_batch(batch, mesh, rules), target_tower, sizes=StaticSizes.of(batch))
         return call
 
     step_fn = on_device(step)
-    eval_fn = on_device(lambda state, batch, sizes: sums(state.params, batch, sizes))
+    eval_fn = on_device(lambda state, batch, tower, sizes: sums(state.params, batch, tower, sizes))
     return Trainer(model, tx, shardings, state, step_fn, eval_fn, schedule)
 
 
@@ -241,6 +273,6 @@ def train(config: Any, workdir: str | Path, data: str | None = None, steps: int 
         val_batches = list(itertools.islice(build_dataset(data_dir / "val", tokenizer, trainer.model.config,
                                                           val_config), config.train.eval_batches))
         val_batches = loop.agree_batch_list(val_batches)
-        evaluate = validation(trainer, val_batches, DiftLossConfig(config.loss.ce_weight, config.loss.latent_weight))
+        evaluate = validation(trainer, val_batches, DiftLossConfig.of(config))
     return job.train_loop(config, workdir, trainer, batches, checkpointer, state, job.flops_fn(trainer.model.config),
                           steps, progress, evaluate=evaluate)

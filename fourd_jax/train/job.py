@@ -175,8 +175,10 @@ def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
                          f"{config.loss.imagery_targets!r}.")
     features = FeatureConfig(latent_size=int(d.latent_size), max_frames=int(d.max_frames),
                              video_max_pixels=int(d.video_max_pixels), imagery_max_pixels=int(d.imagery_max_pixels),
+                             video_max_side=int(d.get("video_max_side", 0)),
                              max_length=max(d.seq_buckets), supervised=supervised,
-                             imagery_source=sources[config.loss.imagery_targets])
+                             imagery_source=sources[config.loss.imagery_targets],
+                             assistant=str(d.get("assistant", "imagery_trace")), video=bool(d.get("video", True)))
     return PipelineConfig(batch_size=int(d.batch_size) // jax.process_count(), seq_buckets=tuple(d.seq_buckets),
                           seed=int(config.seed), num_epochs=None, num_workers=int(d.num_workers),
                           skip_bad_records=bool(d.skip_bad_records), features=features)

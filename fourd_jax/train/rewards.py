@@ -17,7 +17,8 @@ MLLM-4D ST-reward (reward = 0.2 format + 0.6 accuracy + 0.1 camera + 0.1 object,
     0.1 for a thinking span longer than 20 characters (tags included).
   - `st_accuracy`: exact string match of the answer span against the answer.
   - `parse_centers` / `center_score`: the `Camera Center: [...]` / `Object Center: [...]` lists of
-    the completion and exp(-mean distance) to the true centres.
+    the completion and exp(-mean distance) to the true centres (unknown `null` centres dropped on
+    both sides before pairing).
   - `st_reward`: all components and the weighted total.
 
 `FourDThinkerWeights` and `STRewardWeights` hold the default weights; every reward returns a dict
@@ -209,12 +210,25 @@ def parse_centers(completion: str, label: str) -> list[list[float]]:
     return centers
 
 
-def center_score(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> float:
+def known_centers(truth: Sequence[Sequence[float] | None] | None) -> list[Sequence[float]]:
+    """The true centres without their unknown (`None`, JSON `null`) entries, in order.
+
+    MLLM-4D's data writes `null` for an unknown initial or final centre; upstream drops those entries
+    before pairing, exactly as `parse_centers` drops `null` predictions. `None` for the whole list
+    means nothing is known.
+    """
+    return [] if truth is None else [g for g in truth if g is not None]
+
+
+def center_score(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float] | None] | None) -> float:
     """exp(-mean_i ||p_i - g_i||) over paired centres; 1.0 / 0.0 for empty truth; 0.0 on any mismatch.
 
-    Empty truth (the centres are unknown) scores 1.0 iff nothing was predicted. A different count,
-    or a predicted vector of another length than its true one, scores 0.0.
+    Unknown true centres (`None` entries) are dropped first (`known_centers`), so truth
+    `[[1, 2, 3], None]` pairs with a single predicted centre. Truth with nothing known scores 1.0
+    iff nothing was predicted. A different count, or a predicted vector of another length than its
+    true one, scores 0.0.
     """
+    truth = known_centers(truth)
     if len(truth) == 0:
         return 1.0 if len(predicted) == 0 else 0.0
     if len(predicted) != len(truth):
@@ -229,8 +243,8 @@ def center_score(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[
 def st_reward(
     completion: str,
     answer: str,
-    camera_centers: Sequence[Sequence[float]],
-    object_centers: Sequence[Sequence[float]],
+    camera_centers: Sequence[Sequence[float] | None] | None,
+    object_centers: Sequence[Sequence[float] | None] | None,
     format_weight: float = _ST_DEFAULTS.format,
     accuracy_weight: float = _ST_DEFAULTS.accuracy,
     camera_weight: float = _ST_DEFAULTS.camera,
@@ -238,8 +252,10 @@ def st_reward(
 ) -> dict[str, float]:
     """The MLLM-4D ST-reward: {"format", "accuracy", "camera", "object", "reward"}.
 
-    `camera_centers` / `object_centers` are the true (initial, final) centres as 3-vectors, or
-    empty when unknown. The reward is the weighted sum of the components (1.0 at most by default).
+    `camera_centers` / `object_centers` are the true (initial, final) centres as 3-vectors; an
+    unknown centre is `None` (MLLM-4D's `null`) and is dropped before pairing, and an empty list (or
+    `None`) means neither is known. The reward is the weighted sum of the components (1.0 at most by
+    default).
     """
     parts = {
         "format": st_format(completion),

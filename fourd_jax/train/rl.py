@@ -46,6 +46,9 @@ class GrpoConfig:
     num_iterations: int = 1  # updates per rollout batch (old log-probs cached from the first)
     aggregation: str = "sequence-mean"  # or "token-mean"
     temperature: float = 1.0  # the policy's temperature: sampling and scoring use the same one
+    # True: the policy gradient also reaches the latent-block tokens (start, pads, end), the choice the
+    # 4DThinker paper argues against (the `fourd-jax study` ablation); their inputs stay the fed states.
+    latent_gradient: bool = False
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
@@ -163,7 +166,8 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
     """`num_iterations` guarded optimizer updates on one rollout batch (one loop step)."""
     c = model.config
     inputs = scoring_inputs(prompt, rollout, config.num_generations)
-    mask = policy_token_mask(rollout.tokens, rollout.completion_mask, c.latent_token_ids or ())
+    mask = policy_token_mask(rollout.tokens, rollout.completion_mask,
+                             () if config.latent_gradient else (c.latent_token_ids or ()))
 
     def objective(params, old):
         return grpo_loss(stop_frozen(params, trainable), model=model, inputs=inputs, rollout=rollout, mask=mask,
@@ -247,7 +251,8 @@ def grpo_config(config: Any) -> GrpoConfig:
     r = config.rl
     return GrpoConfig(num_generations=int(r.num_generations), epsilon=float(r.epsilon), beta=float(r.beta),
                       kl_estimator=str(r.kl_estimator), num_iterations=int(r.num_iterations),
-                      aggregation=str(r.aggregation), temperature=float(config.sample.temperature))
+                      aggregation=str(r.aggregation), temperature=float(config.sample.temperature),
+                      latent_gradient=bool(r.get("latent_gradient", False)))
 
 
 def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> RlTrainer:

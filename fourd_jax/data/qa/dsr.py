@@ -31,8 +31,9 @@ Choices where SPEC 4 is silent:
   (frame T-3 for dir_pred, frame t for non_temp); the camera is always available.
 - A falling run may step down to a value below the 0.1 floor but not continue from one: SPEC's
   "each value >= 0.1" read as "each value a fall starts from". Without that, a drop such as
-  [1, 0.05] would fit no rule. Band edges are inclusive ([0.8 v, 1.2 v] is constant), so every
-  step fits exactly one rule.
+  [1, 0.05] would fit no rule. Band edges are inclusive ([0.8 v, 1.2 v] is constant, compared
+  with a 1e-9 relative tolerance so decimal edges such as 1.5 -> 1.8 stay in), so every step fits
+  exactly one rule.
 - Every non-zero vector gets a direction code: after normalising, its largest component is at
   least 1/sqrt(3) > 0.3. A vector shorter than ZERO_LENGTH has no direction; the describer
   rejects it and the question generator drops the candidate (SPEC: "a zero vector drops the
@@ -78,6 +79,26 @@ CAMERA = -1  # entity code of the camera; objects are their index in scene.objec
 AXIS_WORDS = (("Front", "Behind"), ("Left", "Right"), ("Above", "Below"))
 _INTERVAL_DRAWS = 3
 
+# Ratio edges are compared with this relative tolerance. 1.2 * 1.5 is 1.7999999999999998 in binary
+# floating point, so a plain `1.8 <= 1.2 * 1.5` puts a value exactly on the +20% edge out of the
+# band (and makes it "rising"), while upstream's values, rounded to 0.1, keep decimal edges such as
+# 1.5 -> 1.8, 1.0 -> 1.2, 2.0 -> 2.4 and 1.0 -> 0.8 in the band. A value within EDGE_RTOL (relative
+# to the bound) of `ratio * ref` counts as *on* the edge: inside the constant band, and neither
+# rising (> 1.2x, strict) nor falling (< 0.8x, strict). 1e-9 is far above float64 rounding of one
+# product (~1e-16) and far below any real difference the 0.1-rounded data can express.
+EDGE_RTOL = 1e-9
+
+
+def _above(x: float, bound: float) -> bool:
+    """x > bound, by more than the edge tolerance (bound = ratio * a non-negative value)."""
+    return x > bound + EDGE_RTOL * bound
+
+
+def _below(x: float, bound: float) -> bool:
+    """x < bound, by more than the edge tolerance (bound = ratio * a non-negative value)."""
+    return x < bound - EDGE_RTOL * bound
+
+
 # ----------------------------------------------------------------------------- describers
 
 
@@ -87,18 +108,24 @@ def magnitude_segments(values: Sequence[float]) -> list[str]:
     A constant run holds while values stay in [0.8, 1.2] x its first value (or both are < 0.1);
     a rising run continues while each value is > 1.2 x the previous and ends at its peak; a
     falling run continues while each value is < 0.8 x the previous and the previous is >= 0.1.
+    Values on an edge (within `EDGE_RTOL` of it, e.g. 1.5 -> 1.8) are in the band, neither rising
+    nor falling.
     """
     v = [float(x) for x in values]
     if len(v) < 2 or not all(np.isfinite(x) and x >= 0 for x in v):
         raise InputError(f"a magnitude series needs at least 2 finite non-negative values, got {v}.")
     lo, hi = 1.0 - MAGNITUDE_EPS, 1.0 + MAGNITUDE_EPS
     last = len(v) - 1
+
+    def in_band(x: float, start: float) -> bool:
+        return not (_above(x, hi * start) or _below(x, lo * start)) or (x < FLOOR and start < FLOOR)
+
     phrases: list[str] = []
     i = 0
     while i < last:
         start = v[i]
         j = i + 1
-        while j <= last and (lo * start <= v[j] <= hi * start or (v[j] < FLOOR and start < FLOOR)):
+        while j <= last and in_band(v[j], start):
             j += 1
         if j > i + 1:
             if j > last:
@@ -106,16 +133,16 @@ def magnitude_segments(values: Sequence[float]) -> list[str]:
             else:
                 phrases.append(f"Keep nearly constant and then become {'larger' if v[j] > start else 'smaller'}.")
             i = j  # the next run starts at the first value out of the band
-        elif v[i + 1] > hi * start:
+        elif _above(v[i + 1], hi * start):
             j = i + 1
-            while j < last and v[j + 1] > hi * v[j]:
+            while j < last and _above(v[j + 1], hi * v[j]):
                 j += 1
             phrases.append("Become larger.")
             i = j  # the next run starts at the peak
         else:
             # Out of the band and not rising means v[i+1] < lo * start with start >= FLOOR.
             j = i + 1
-            while j < last and v[j] >= FLOOR and v[j + 1] < lo * v[j]:
+            while j < last and v[j] >= FLOOR and _below(v[j + 1], lo * v[j]):
                 j += 1
             phrases.append("Become smaller.")
             i = j

@@ -3,7 +3,8 @@
 Sub-tasks and their classes:
 - camera_motion (12 moves, combined as "X, Y and Z"): the scene's camera moves.
 - object_direction (11): the object's displacement from the first to the last frame in the
-  first frame's camera axes (right, up = -y, toward the camera = -z). Depth wins when its
+  first frame's camera axes (right, up = -y, toward the camera = -z); its trace gives the
+  object's positions in those same axes, after stating the camera's own motion. Depth wins when its
   magnitude is the largest; otherwise left/right and up/down, diagonal when the smaller planar
   component is at least half the larger.
 - object_speed (6): the per-step speed series (see `classify_speed`).
@@ -36,6 +37,7 @@ DISTANCES = (
     "Getting Closer to Camera", "Getting Farther from Camera", "Maintaining Roughly the Same Distance",
     "First Getting Closer, Then Farther", "First Getting Farther, Then Closer",
 )
+SUBTASKS = ("camera_motion", "object_direction", "object_distance", "object_speed")
 FORMS = {"direct": 0.32, "bbox": 0.45, "distance": 0.20, "speed": 0.03}
 OBJECT_QUESTIONS = 2  # per video (SPEC 3.6: two forms drawn)
 FORM_DRAWS = 6
@@ -202,7 +204,7 @@ def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -
         timeline.append(f"{'At first' if k == 0 else 'Then'}, at {scene.timestamps[t]:.1f}s, the {name} is {where}, "
                         f"{_size_word(box, scene.image_size)} in the view. <output_image>")
     trace = ("<think>The " + name + " does not move, so its change in the view comes from the camera. "
-             + " ".join(timeline) + f" This change in the view means the camera's motion is: {key}.</think>"
+             + " ".join(timeline) + f" This change in the view is the camera's motion. So the answer is: {key}.</think>"
              + f"<answer>{letter}. {key}</answer>")
     return QA("4dthinker", "camera_motion", "How does the camera move during the video?", options, letter,
               (anchor,), tuple(range(scene.num_frames)), trace, tuple((t, anchor) for t in frames),
@@ -244,20 +246,34 @@ def object_question(scene: Scene, boxes: np.ndarray, obj: int, form: str, rng: n
 
 
 def _object_trace(scene, boxes, obj, frames, subtask, key, series) -> str:
+    """The object trace, reasoning in the frame its key is defined in.
+
+    It states the camera's own motion first, then one step per imagery frame: for direction, the
+    object's position in the first frame's camera axes (the key's frame: a moving camera changes
+    where an object appears, not where it is in those axes); for distance, its distance to the
+    camera at that moment (the key's series); for speed, its speed (frame-free).
+    """
     name = scene.objects[obj].name
     cameras = scene.camera_centers
+    moves = [m for m, _ in scene.camera_moves]
+    camera = f"The camera moves: {join_moves(moves)}." if moves else "The camera does not move."
+    if subtask == "object_direction":
+        camera += " I place the " + name + " in the axes of the first frame's view."
     steps = []
     for k, t in enumerate(frames):
-        box = boxes[obj, t]
-        where = _image_region((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, scene.image_size)
-        distance = float(np.linalg.norm(scene.centers[obj, t] - cameras[t]))
         lead = "First" if k == 0 else "Then"
-        if subtask == "object_speed" and t > 0:
-            extra = f", moving at about {series['speeds'][t - 1]:.1f} m/s"
+        if subtask == "object_direction":
+            right, down, ahead = world_to_camera(scene, 0, scene.centers[obj, t])
+            where = (f"{abs(right):.1f} m {'right' if right >= 0 else 'left'}, {abs(down):.1f} m "
+                     f"{'below' if down >= 0 else 'above'} and {ahead:.1f} m ahead")
+        elif subtask == "object_speed" and t > 0:
+            where = f"moving at about {series['speeds'][t - 1]:.1f} m/s"
         else:
-            extra = f", about {distance:.1f} m from the camera"
-        steps.append(f"{lead}, at {scene.timestamps[t]:.1f}s, the {name} is {where}{extra}. <output_image>")
-    return f"<think>I follow the {name} through the video. " + " ".join(steps) + f" So the answer is: {key}.</think>"
+            distance = float(np.linalg.norm(scene.centers[obj, t] - cameras[t]))
+            where = f"about {distance:.1f} m from the camera"
+        steps.append(f"{lead}, at {scene.timestamps[t]:.1f}s, the {name} is {where}. <output_image>")
+    return (f"<think>{camera} I follow the {name} through the video. " + " ".join(steps)
+            + f" So the answer is: {key}.</think>")
 
 
 def _image_region(x: float, y: float, size: tuple[int, int]) -> str:
