@@ -311,3 +311,39 @@ def test_a_qwen_tokenizer_directory_is_accepted(data, tmp_path):
                            "<|vision_start|><|video_pad|>")
     assert "<|latent_start|>" + "<|latent_pad|>" * 4 + "<|latent_end|>" in text
     assert batch["latent_mask"][row].sum() % 4 == 0
+
+
+def test_assistant_turn_modes_and_the_blind_prompt(data):
+    path, tok, config = data
+    sample = sample_with_imagery(path)
+    with_mode = lambda **kw: featurize(sample, tok, config, FeatureConfig(**{**FEATURES.__dict__, **kw}))  # noqa: E731
+    imagery = with_mode()
+    key = sample["options"]["ABCD".index(sample["answer"])]
+
+    def assistant(f):
+        return tok.decode(f["input_ids"][f["prompt_length"]:])
+
+    text = with_mode(assistant="text_trace")
+    assert assistant(text) == sample["trace"].replace(" <output_image>", "") + "<|im_end|>"
+    assert text["latent_mask"].sum() == 0 and len(text["imagery_grids"]) == 0 and len(imagery["imagery_grids"])
+    assert assistant(with_mode(assistant="answer")) == f"<answer>{sample['answer']}. {key}</answer><|im_end|>"
+    lookup = assistant(with_mode(assistant="option_lookup"))
+    stated = lookup.split("So the answer is: ")[1].split(".</think>")[0]
+    assert stated in sample["options"]  # one option, not necessarily the key...
+    assert lookup.endswith(f"<answer>{'ABCD'[sample['options'].index(stated)]}. {stated}</answer><|im_end|>")
+    assert lookup == assistant(with_mode(assistant="option_lookup"))  # ...fixed by the sample id
+    picks = {s["sample_id"]: s for s in records.read(path, decode_images=False)}
+    drawn = [featurize(s, tok, config, FeatureConfig(**{**FEATURES.__dict__, "assistant": "option_lookup",
+                                                          "video": False})) for s in picks.values()]
+    letters = {tok.decode(f["input_ids"][f["prompt_length"]:]).split("<answer>")[1][0] for f in drawn}
+    assert len(letters) > 1  # the drawn letters are not the key's pattern of one letter
+
+    blind = with_mode(video=False)
+    assert (blind["input_ids"] == config.video_token_id).sum() == 0 and blind["video_patches"].shape[0] == 0
+    assert blind["video_grid"].size == 0
+    np.testing.assert_array_equal(blind["position_ids"], np.tile(np.arange(len(blind["input_ids"])), (3, 1)))
+    # the same question, options and trace, only the video tokens and the vision markers gone
+    markers = {config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    np.testing.assert_array_equal(blind["input_ids"], [t for t in imagery["input_ids"] if t not in markers])
+    with pytest.raises(Exception, match="data.assistant must be one of"):
+        FeatureConfig(assistant="essay")
