@@ -26,6 +26,7 @@ import optax
 from fourd_jax.data import records
 from fourd_jax.data.batching import media_arrays, vision_inputs
 from fourd_jax.data.processor import process
+from fourd_jax.data.qa.fourdthinker import split_moves
 from fourd_jax.data.sim.scene import MOVE_EFFECT
 from fourd_jax.errors import InputError
 from fourd_jax.eval.report import wilson_interval
@@ -44,10 +45,6 @@ def move_labels(moves: list[str]) -> np.ndarray:
         param, sign = MOVE_EFFECT[move]
         labels[CAMERA_PARAMS.index(param)] = 2 if sign > 0 else 0
     return labels
-
-
-def option_moves(option: str) -> list[str]:
-    return option.replace(" and ", ", ").split(", ")
 
 
 @dataclasses.dataclass
@@ -69,7 +66,7 @@ def load_scenes(split_dir: Path) -> Scenes:
             labels.append(move_labels([m for m, _ in r["camera_moves"]]))
             questions.append(None)
         if r["subtask"] == "camera_motion":
-            options = [move_labels(option_moves(o)) for o in r["options"]]
+            options = [move_labels(split_moves(o)) for o in r["options"]]
             questions[seen[r["scene_seed"]]] = (options, "ABCD".index(r["answer"]))
     if not frames:
         raise InputError(f"{split_dir} holds no records to probe.")
@@ -90,20 +87,32 @@ def choice_accuracy(logp: np.ndarray, scenes: Scenes) -> dict[str, Any]:
             "per_parameter": np.mean(logp.argmax(-1) == scenes.labels, axis=0).round(3).tolist()}
 
 
+def new_head(features: int) -> dict[str, jax.Array]:
+    """A zero-initialised linear head: features -> six three-way logits."""
+    return {"w": jnp.zeros((features, len(CAMERA_PARAMS), 3)), "b": jnp.zeros((len(CAMERA_PARAMS), 3))}
+
+
+def head_logp(head: dict[str, jax.Array], features: jax.Array) -> jax.Array:
+    """Log-probabilities [N, 6, 3] of a linear head on features [N, D]."""
+    return jax.nn.log_softmax(jnp.einsum("nd,dpc->npc", features, head["w"]) + head["b"])
+
+
+def label_nll(logp: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood of labels [N, 6] under log-probabilities [N, 6, 3]."""
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
+
+
 def fit_linear(train: np.ndarray, labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray, steps: int = 1500,
                lr: float = 1e-2, weight_decay: float = 1e-3):
     """A six-head linear classifier on standardised features (AdamW, full batch), kept at its best
     validation loss; returns predict(features) -> log-probs [N, 6, 3]."""
     mu, sd = train.mean(0), train.std(0) + 1e-6
     norm = lambda f: jnp.asarray((f - mu) / sd)  # noqa: E731
-    params = {"w": jnp.zeros((train.shape[1], len(CAMERA_PARAMS), 3)), "b": jnp.zeros((len(CAMERA_PARAMS), 3))}
+    params = new_head(train.shape[1])
     opt = optax.adamw(lr, weight_decay=weight_decay)
 
-    def logp(p, f):
-        return jax.nn.log_softmax(jnp.einsum("nd,dpc->npc", f, p["w"]) + p["b"])
-
     def loss(p, f, y):
-        return -jnp.mean(jnp.take_along_axis(logp(p, f), y[..., None], -1))
+        return label_nll(head_logp(p, f), y)
 
     @jax.jit
     def step(p, state, f, y):
@@ -119,7 +128,7 @@ def fit_linear(train: np.ndarray, labels: np.ndarray, val: np.ndarray, val_label
             value = float(loss(params, f_val, y_val))
             if value < best:
                 best, best_params = value, params
-    return lambda f: np.asarray(logp(best_params, norm(f)))
+    return lambda f: np.asarray(head_logp(best_params, norm(f)))
 
 
 def pixel_differences(frames: list[np.ndarray]) -> np.ndarray:
@@ -173,18 +182,17 @@ def run(data: str | Path, preset: str = "tiny", steps: int = 1000, seed: int = 0
     results["random_tower"] = choice_accuracy(predict(frozen["test"]), scenes["test"])
 
     # The tower and a linear head trained together on the labels.
-    head = {"w": jnp.zeros((frozen["train"].shape[1], len(CAMERA_PARAMS), 3)), "b": jnp.zeros((len(CAMERA_PARAMS), 3))}
-    theta = {"tower": params, "head": head}
+    theta = {"tower": params, "head": new_head(frozen["train"].shape[1])}
     warmup = min(50, steps // 2)
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, max(steps, warmup + 1)), weight_decay=0.01)
 
     def logp(theta, v):
         f = tower.apply({"params": theta["tower"]}, v.patches, v.layout).reshape(v.patches.shape[0], -1)
-        return jax.nn.log_softmax(jnp.einsum("nd,dpc->npc", f, theta["head"]["w"]) + theta["head"]["b"])
+        return head_logp(theta["head"], f)
 
     @jax.jit
     def step(theta, state, v, y):
-        g = jax.grad(lambda t: -jnp.mean(jnp.take_along_axis(logp(t, v), y[..., None], -1)))(theta)
+        g = jax.grad(lambda t: label_nll(logp(t, v), y))(theta)
         updates, state = opt.update(g, state, theta)
         return optax.apply_updates(theta, updates), state
 

@@ -15,7 +15,7 @@ def test_move_labels_follow_each_parameter():
     assert probe.move_labels([]).tolist() == [1, 1, 1, 1, 1, 1]
     assert probe.move_labels(["Pan Left", "Dolly Out"]).tolist() == [2, 1, 1, 0, 1, 1]
     assert probe.move_labels(["Pan Right", "Tilt Up", "Pedestal Down"]).tolist() == [0, 2, 1, 1, 1, 0]
-    assert probe.option_moves("Pan Right, Tilt Up and Truck Left") == ["Pan Right", "Tilt Up", "Truck Left"]
+    assert probe.split_moves("Pan Right, Tilt Up and Truck Left") == ["Pan Right", "Tilt Up", "Truck Left"]
 
 
 def test_choice_accuracy_picks_the_option_with_the_best_summed_log_prob():

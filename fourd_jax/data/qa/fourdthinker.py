@@ -50,6 +50,11 @@ def join_moves(moves: list[str]) -> str:
     return moves[0] if len(moves) == 1 else ", ".join(moves[:-1]) + " and " + moves[-1]
 
 
+def split_moves(combo: str) -> list[str]:
+    """The moves of a "X, Y and Z" string (the inverse of `join_moves`)."""
+    return combo.replace(" and ", ", ").split(", ")
+
+
 # ----------------------------------------------------------------------------- classifiers
 
 
@@ -213,7 +218,7 @@ def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -
 
 def _consistent(combo: str) -> bool:
     """A move combination never contains a move together with its opposite or twice one parameter."""
-    moves = combo.replace(" and ", ", ").split(", ")
+    moves = split_moves(combo)
     params = [MOVE_EFFECT[m][0] for m in moves]
     return len(set(params)) == len(params)
 
