@@ -41,7 +41,7 @@ def test_console_script_help_lists_the_commands():
     script = Path(sys.executable).with_name("fourd-jax")  # the entry point pip installed beside python
     assert script.exists(), f"{script} is missing: install the package (pip install -e .)"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("convert", "bench", "synth", "data", "dift", "rl", "eval", "plot", "demo"):
+    for command in ("convert", "bench", "synth", "data", "dift", "rl", "eval", "plot", "demo", "probe", "study"):
         assert command in out
 
 

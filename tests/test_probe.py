@@ -45,3 +45,15 @@ def test_a_small_probe_run_scores_every_held_out_camera_question(tmp_path, capsy
         assert result[reader]["n"] == questions and 0.0 <= result[reader]["accuracy"] <= 1.0
     assert "trained_tower" in capsys.readouterr().out
     assert cli.main(["probe", str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_demo_preset_tower_is_probed_and_a_bad_preset_is_one_sentence(tmp_path, capsys):
+    config = SynthConfig(scene=SceneConfig(num_frames=4, image_size=(56, 56)), families=("4dthinker",),
+                         split_fractions=(0.5, 0.25, 0.25))
+    synthesize(tmp_path / "d", 8, seed=5, config=config, progress=False)
+    result = probe.run(tmp_path / "d", preset="demo", steps=2)
+    assert result["trained_tower"]["steps"] == 2 and 0.0 <= result["random_tower"]["accuracy"] <= 1.0
+    assert cli.main(["probe", str(tmp_path / "d"), "--preset", "huge"]) == 2
+    assert "--preset 'huge' is not one of" in capsys.readouterr().err
+    assert cli.main(["probe", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
