@@ -358,3 +358,21 @@ def test_rollout_with_an_imagery_block_is_rescored_exactly(imagery_policy):
                                     position_ids=inputs.position_ids, vision=inputs.vision).logits)
     flawed = np.take_along_axis(np_log_softmax(flawed[:, length - n - 1:length - 1]), tokens[..., None], -1)[..., 0]
     assert np.abs(flawed[text] - sampled[text]).max() > 1e-3
+
+
+def test_logprob_drift_counts_drawn_tokens_only_even_with_the_latent_gradient(imagery_policy):
+    """With the policy gradient on latent tokens too (study arm rl_full), the loss mask holds the
+    forced pads and ends, which have no sampler log-prob; the drift check must still read 0."""
+    model, params, prompt = imagery_policy
+    config = SamplingConfig(max_new_tokens=14, temperature=1.0, top_p=0.9, latent_size=3, max_latent_blocks=1)
+    rollout = generate(params, prompt, jax.random.key(5), model=model, config=config)
+    forced = np.asarray(rollout.forced_mask)
+    full = rollout.completion_mask  # rl.latent_gradient=True: every completion token
+    assert (forced & np.asarray(full)).any()
+    grpo_config = rl.GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)  # the advantages are given
+    _, aux = rl.grpo_loss(params, model=model, inputs=rl.scoring_inputs(prompt, rollout, 1), rollout=rollout,
+                          mask=full, advantages=jnp.array([1.0, -1.0]), old_logprobs=None, ref_logprobs=None,
+                          config=grpo_config)
+    assert float(aux["logprob_drift"]) <= 1e-5
+    # ...while the scored log-probs of the forced tokens are far from the 0 the sampler wrote there.
+    assert np.abs(np.asarray(aux["logp"])[forced]).max() > 1.0

@@ -51,9 +51,11 @@ class FeatureConfig:
     #   "imagery_trace": the trace with a latent block per <output_image> (DIFT, SPEC 3.3);
     #   "text_trace": the same trace with the <output_image> markers removed (text SFT);
     #   "answer": only "<answer>X. text</answer>" (no reasoning);
-    #   "option_lookup": a reading warm-up that carries no answer: the trace states one option drawn
-    #     at random (seeded by the sample id) and answers with that option's letter, as every trace ends:
-    #     "<think>So the answer is: T.</think><answer>X. T</answer>".
+    #   "option_lookup": a reading warm-up that carries no answer: the trace names the letter of every
+    #     option, in an order drawn at random (seeded by the sample id), then states one option drawn the
+    #     same way and answers with its letter, as every trace ends:
+    #     "<think>T3 is C. T1 is A. T4 is D. T2 is B. So the answer is: T1.</think><answer>A. T1</answer>".
+    #     Five lookups per sequence instead of one: the retrieval circuit forms in fewer steps.
     assistant: str = "imagery_trace"
     # False: the blind control; the user turn has the question and options but no video.
     video: bool = True
@@ -77,9 +79,12 @@ def assistant_text(sample: dict[str, Any], latent_size: int, assistant: str = "i
     if sample["trace"] and assistant == "text_trace":
         return re.sub(r" ?" + re.escape(OUTPUT_IMAGE), "", sample["trace"])
     if assistant == "option_lookup":
-        pick = zlib.crc32(str(sample["sample_id"]).encode()) % len(sample["options"])
-        text = sample["options"][pick]
-        return f"<think>So the answer is: {text}.</think><answer>{'ABCDEF'[pick]}. {text}</answer>"
+        options = sample["options"]
+        rng = np.random.default_rng(zlib.crc32(str(sample["sample_id"]).encode()))
+        drill = " ".join(f"{options[i]} is {'ABCDEF'[i]}." for i in rng.permutation(len(options)))
+        pick = int(rng.integers(len(options)))
+        return (f"<think>{drill} So the answer is: {options[pick]}.</think>"
+                f"<answer>{'ABCDEF'[pick]}. {options[pick]}</answer>")
     key = sample["options"]["ABCD".index(sample["answer"])]
     return f"<answer>{sample['answer']}. {key}</answer>"
 

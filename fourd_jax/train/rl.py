@@ -153,9 +153,11 @@ def grpo_loss(params: Any, *, model: Qwen25VL, inputs: PreparedInputs, rollout: 
     loss, aux = grpo_objective(logp, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                                mask=mask, config=config)
     fixed = jax.lax.stop_gradient(logp)
-    # Sampler vs recomputed log-probs at the same params: 0 up to float error when the scored
-    # sequence is the sampled one.
-    aux["logprob_drift"] = jnp.max(jnp.where(mask, jnp.abs(fixed - rollout.logprobs), 0.0))
+    # Sampler vs recomputed log-probs at the same params, on every token the sampler drew: 0 up to
+    # float error when the scored sequence is the sampled one. Forced tokens (latent pads and ends)
+    # have no sampler log-prob (it writes 0 there), so they stay out even when `mask` holds them.
+    drawn = rollout.completion_mask & ~rollout.forced_mask
+    aux["logprob_drift"] = jnp.max(jnp.where(drawn, jnp.abs(fixed - rollout.logprobs), 0.0))
     aux["logp"] = fixed
     return loss, aux
 
