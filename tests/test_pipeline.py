@@ -334,7 +334,7 @@ def test_assistant_turn_modes_and_the_blind_prompt(data):
     assert lookup == assistant(with_mode(assistant="option_lookup"))  # ...fixed by the sample id
     drill = lookup.removeprefix("<think>").split(" So the answer is: ")[0]
     pairs = [line.rsplit(" is ", 1) for line in drill.removesuffix(".").split(". ")]
-    assert sorted(pairs) == sorted([text, letter] for letter, text in zip("ABCD", sample["options"]))
+    assert sorted(pairs) == sorted([text, letter] for letter, text in zip("ABCD", sample["options"], strict=True))
     picks = {s["sample_id"]: s for s in records.read(path, decode_images=False)}
     drawn = [featurize(s, tok, config, FeatureConfig(**{**FEATURES.__dict__, "assistant": "option_lookup",
                                                           "video": False})) for s in picks.values()]
