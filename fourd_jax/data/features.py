@@ -55,7 +55,8 @@ class FeatureConfig:
     #     option, in an order drawn at random (seeded by the sample id), then states one option drawn the
     #     same way and answers with its letter, as every trace ends:
     #     "<think>T3 is C. T1 is A. T4 is D. T2 is B. So the answer is: T1.</think><answer>A. T1</answer>".
-    #     Five lookups per sequence instead of one: the retrieval circuit forms in fewer steps.
+    #     Five lookups per sequence instead of one, for more signal per step (docs/LEARNING.md: not yet
+    #     enough for the binding to form in 400 steps of 32).
     assistant: str = "imagery_trace"
     # False: the blind control; the user turn has the question and options but no video.
     video: bool = True
