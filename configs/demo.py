@@ -8,6 +8,8 @@ from pathlib import Path
 
 import ml_collections
 
+from fourd_jax.data.sim.scene import CAMERA_MOVES
+
 
 def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(f"{name}_config", Path(__file__).with_name(f"{name}.py"))
@@ -29,7 +31,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # sub-tasks (object speed and distance too).
     config.families = ("4dthinker",)
     config.subtasks = ("camera_motion", "object_direction")
-    config.max_camera_moves = 1  # one camera move per scene: 12 keys (SPEC 3.6 combines up to three)
+    config.max_camera_moves = 1  # one camera move per scene (SPEC 3.6 combines up to three)
+    # The moves a scene's camera may make, and whether camera questions offer exactly four of them in
+    # a fixed order (each move keeps its letter, so no in-context option lookup is needed). The
+    # fixed four-move variant was measured and did not yet help at this budget (docs/LEARNING.md):
+    # --config.camera_moves='("Pan Left", "Pan Right", "Tilt Up", "Tilt Down")' --config.fixed_camera_options=True
+    config.camera_moves = CAMERA_MOVES
+    config.fixed_camera_options = False
     config.frames = 8  # frames per scene and per sample
     config.image_size = 112  # rendered frame side, pixels
     config.tokenizer_vocab_size = 800  # ordinary BPE tokens; special tokens come on top

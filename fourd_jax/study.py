@@ -47,9 +47,11 @@ def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
 
     data = root / "data"
     scene = SceneConfig(num_frames=int(config.frames), image_size=(int(config.image_size),) * 2,
-                        max_camera_moves=int(config.max_camera_moves))
+                        max_camera_moves=int(config.max_camera_moves),
+                        camera_moves=tuple(config.camera_moves))
     synth = SynthConfig(scene=scene, families=tuple(config.families), subtasks=tuple(config.subtasks),
-                        split_fractions=tuple(config.split_fractions))
+                        split_fractions=tuple(config.split_fractions),
+                        fixed_camera_options=bool(config.fixed_camera_options))
     manifest = synthesize(data, int(config.num_scenes), seed=int(config.seed), config=synth,
                           workers=int(config.get("synth_workers", 1)), progress=False)
     return data, manifest

@@ -11,6 +11,7 @@ from fourd_jax.data.qa import fourdthinker as ft
 from fourd_jax.data.qa.dsr import dsr_questions
 from fourd_jax.data.qa.mllm4d import mllm4d_questions
 from fourd_jax.data.sim.scene import SceneConfig, camera_path, project, sample_scene
+from fourd_jax.errors import InputError
 
 SEEDS = range(150)
 def projected_boxes(scene):
@@ -152,3 +153,46 @@ def test_questions_are_deterministic():
     b = ft.fourdthinker_questions(scene, boxes, np.random.default_rng(5))
     assert [(q.question, q.options, q.answer, q.trace) for q in a] == [(q.question, q.options, q.answer, q.trace)
                                                                        for q in b]
+
+
+PAN_TILT = ("Pan Left", "Pan Right", "Tilt Up", "Tilt Down")
+
+
+def test_a_camera_vocabulary_limits_the_moves_and_fixed_options_keep_each_moves_letter():
+    config = SceneConfig(max_camera_moves=1, camera_moves=PAN_TILT)
+    keys, letters = Counter(), Counter()
+    for seed in range(200):
+        scene = sample_scene(seed, config)
+        assert {m for m, _ in scene.camera_moves} <= set(PAN_TILT) and len(scene.camera_moves) <= 1
+        qa = ft.camera_question(scene, projected_boxes(scene), np.random.default_rng(seed), PAN_TILT, True)
+        if qa is None:
+            continue
+        assert qa.options == PAN_TILT and qa.answer == "ABCD"[PAN_TILT.index(qa.key)]
+        assert moves_from_poses(scene.cam_to_world) == {qa.key}
+        keys[qa.key] += 1
+        letters[qa.answer] += 1
+    assert sum(keys.values()) > 100 and set(keys) == set(PAN_TILT)
+    assert min(letters.values()) > 0.15 * sum(letters.values())  # keys spread over A-D
+    # Shuffled options still draw their distractors from the vocabulary only.
+    scene = next(s for s in (sample_scene(k, config) for k in range(50)) if s.camera_moves)
+    qa = ft.camera_question(scene, projected_boxes(scene), np.random.default_rng(1), PAN_TILT, False)
+    assert qa is None or set(qa.options) == set(PAN_TILT)
+
+
+@pytest.mark.parametrize(("kwargs", "phrase"), [
+    (dict(camera_moves=("Pan Left", "Zoom In")), "camera_moves"),
+    (dict(camera_moves=()), "camera_moves"),
+    (dict(camera_moves=PAN_TILT, max_camera_moves=3), "max_camera_moves 3"),
+])
+def test_a_bad_camera_vocabulary_is_one_sentence(kwargs, phrase):
+    with pytest.raises(InputError, match=phrase):
+        SceneConfig(**kwargs)
+
+
+def test_fixed_camera_options_need_four_moves_and_one_move_scenes():
+    from fourd_jax.data.synth import SynthConfig
+
+    with pytest.raises(InputError, match="fixed_camera_options needs"):
+        SynthConfig(scene=SceneConfig(max_camera_moves=2, camera_moves=PAN_TILT), fixed_camera_options=True)
+    with pytest.raises(InputError, match="fixed_camera_options needs"):
+        SynthConfig(scene=SceneConfig(max_camera_moves=1), fixed_camera_options=True)

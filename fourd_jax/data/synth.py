@@ -44,6 +44,9 @@ class SynthConfig:
     # Sub-tasks kept (e.g. ("camera_motion", "object_direction")); () keeps every one. Questions are
     # drawn as usual and the others dropped, so the kept ones are those of the full mix.
     subtasks: tuple[str, ...] = ()
+    # 4DThinker camera questions offer the scene's four camera moves in a fixed order (needs
+    # scene.camera_moves of four moves and scene.max_camera_moves 1); see camera_question.
+    fixed_camera_options: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.families) - set(FAMILIES))
@@ -56,6 +59,9 @@ class SynthConfig:
         if set(self.subtasks) - offered:
             raise InputError(f"subtasks {sorted(set(self.subtasks) - offered)} are not asked by the families "
                              f"{list(self.families)}; choose from {sorted(offered)}.")
+        if self.fixed_camera_options and (len(self.scene.camera_moves) != 4 or self.scene.max_camera_moves != 1):
+            raise InputError(f"fixed_camera_options needs scene.camera_moves of four moves and scene.max_camera_moves "
+                             f"1, not {list(self.scene.camera_moves)} and {self.scene.max_camera_moves}.")
         if "dsr" in self.families and self.scene.num_frames < MIN_SCENE_FRAMES:
             raise InputError(f"DSR questions need at least {MIN_SCENE_FRAMES} frames per scene, not "
                              f"{self.scene.num_frames} (raise --frames or leave out the dsr family).")
@@ -72,11 +78,15 @@ def split_sizes(num_scenes: int, fractions: tuple[float, float, float]) -> dict[
     return {"train": num_scenes - val - test, "val": val, "test": test}
 
 
-def scene_questions(scene: Scene, boxes: np.ndarray, families: tuple[str, ...], seed: int) -> list[QA]:
+def scene_questions(scene: Scene, boxes: np.ndarray, config: SynthConfig, seed: int) -> list[QA]:
     """All questions of the chosen families; each family draws from its own random stream."""
     out: list[QA] = []
-    for k, family in enumerate(sorted(families)):
-        out += FAMILIES[family](scene, boxes, np.random.default_rng([seed, k]))
+    for k, family in enumerate(sorted(config.families)):
+        rng = np.random.default_rng([seed, k])
+        if family == "4dthinker":
+            out += fourdthinker_questions(scene, boxes, rng, config.scene.camera_moves, config.fixed_camera_options)
+        else:
+            out += FAMILIES[family](scene, boxes, rng)
     return out
 
 
@@ -96,7 +106,7 @@ def scene_records(index: int, seed: int, config: SynthConfig, split: str) -> Ite
         "object_centers": scene.centers, "object_headings": scene.headings,
         "scene_seed": sseed, "camera_moves": [list(m) for m in scene.camera_moves],
     }
-    questions = scene_questions(scene, boxes, config.families, sseed)
+    questions = scene_questions(scene, boxes, config, sseed)
     for k, qa in enumerate(questions):
         if config.subtasks and qa.subtask not in config.subtasks:
             continue

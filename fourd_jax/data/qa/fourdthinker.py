@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fourd_jax.data.qa.common import QA, box_text, evenly_spaced, pick_distractors, place_key, visible_frames
+from fourd_jax.data.qa.common import LETTERS, QA, box_text, evenly_spaced, pick_distractors, place_key, visible_frames
 from fourd_jax.data.sim.scene import CAMERA_MOVES, MOVE_EFFECT, OPPOSITE_MOVE, Scene, world_to_camera
+from fourd_jax.errors import InputError
 
 DIRECTIONS = (
     "Moving Left", "Moving Right", "Moving Up", "Moving Down", "Moving Left-Up", "Moving Left-Down",
@@ -181,8 +182,16 @@ def object_series(scene: Scene, obj: int) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- questions
 
 
-def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -> QA | None:
-    """Which way the camera moves; the trace watches a static object (start, middle, end)."""
+def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator,
+                    camera_moves: tuple[str, ...] = CAMERA_MOVES, fixed_options: bool = False) -> QA | None:
+    """Which way the camera moves; the trace watches a static object (start, middle, end).
+
+    Distractors come from `camera_moves` (the moves the scenes were drawn from). With
+    `fixed_options`, the options are the four single moves of `camera_moves` in that order, so each
+    move keeps its letter: a model then needs to read the video, not to find which option line holds
+    the move it saw (the in-context lookup a pretrained VLM brings and a small model trained from
+    scratch lacks; docs/LEARNING.md). Its keys are uniform over A-D when the moves are.
+    """
     if not scene.camera_moves:
         return None
     moves = [m for m, _ in scene.camera_moves]
@@ -194,13 +203,19 @@ def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -
         return None
     _, anchor = max(anchors)
     frames = evenly_spaced(visible_frames(boxes, anchor), 4)
-    opposite = join_moves([OPPOSITE_MOVE[m] for m in moves])
-    partial = [join_moves([OPPOSITE_MOVE[m] if i == j else m for j, m in enumerate(moves)])
-               for i in range(len(moves))] if len(moves) > 1 else []
-    pool = sorted({join_moves(list(rng.choice(CAMERA_MOVES, size=len(moves), replace=False)))
-                   for _ in range(30)} | set(CAMERA_MOVES))
-    pool = [p for p in pool if _consistent(p)]
-    options, letter = place_key(key, pick_distractors(key, pool, rng, [opposite, *partial]), rng)
+    if fixed_options:
+        if len(camera_moves) != 4 or len(moves) != 1 or key not in camera_moves:
+            raise InputError(f"fixed camera options need four single moves and one-move scenes, not the moves "
+                             f"{list(camera_moves)} and the key {key!r}.")
+        options, letter = tuple(camera_moves), LETTERS[camera_moves.index(key)]
+    else:
+        opposite = join_moves([OPPOSITE_MOVE[m] for m in moves])
+        partial = [join_moves([OPPOSITE_MOVE[m] if i == j else m for j, m in enumerate(moves)])
+                   for i in range(len(moves))] if len(moves) > 1 else []
+        pool = sorted({join_moves(list(rng.choice(camera_moves, size=len(moves), replace=False)))
+                       for _ in range(30)} | set(camera_moves))
+        pool = [p for p in pool if _consistent(p)]
+        options, letter = place_key(key, pick_distractors(key, pool, rng, [opposite, *partial]), rng)
     name = scene.objects[anchor].name
     timeline = []
     for k, t in enumerate(frames):
@@ -293,15 +308,17 @@ def _size_word(box: np.ndarray, size: tuple[int, int]) -> str:
     return "small" if area < 0.01 else "medium-sized" if area < 0.05 else "large"
 
 
-def fourdthinker_questions(scene: Scene, boxes: np.ndarray, rng: np.random.Generator) -> list[QA]:
-    """The camera question and OBJECT_QUESTIONS object questions.
+def fourdthinker_questions(scene: Scene, boxes: np.ndarray, rng: np.random.Generator,
+                           camera_moves: tuple[str, ...] = CAMERA_MOVES,
+                           fixed_camera_options: bool = False) -> list[QA]:
+    """The camera question (options as `camera_question` takes them) and OBJECT_QUESTIONS object questions.
 
     Each object question's form is drawn on its own with SPEC's weights (FORMS), so the forms'
     shares follow the weights; a form that no object of the scene can answer is drawn again (up
     to FORM_DRAWS draws in all), and no object is asked about twice in the same form.
     """
     out = []
-    camera = camera_question(scene, boxes, rng)
+    camera = camera_question(scene, boxes, rng, camera_moves, fixed_camera_options)
     if camera is not None:
         out.append(camera)
     forms = list(FORMS)

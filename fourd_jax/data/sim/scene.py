@@ -104,6 +104,9 @@ class SceneConfig:
     speed_range: tuple[float, float] = (0.25, 0.7)  # m/s
     camera_moving_probability: float = 0.85
     max_camera_moves: int = 3
+    # The moves a camera may make (a subset of CAMERA_MOVES); each scene combines up to
+    # max_camera_moves of them on different parameters.
+    camera_moves: tuple[str, ...] = CAMERA_MOVES
     rotation_range_deg: tuple[float, float] = (15.0, 35.0)
     translation_range: tuple[float, float] = (0.8, 2.0)  # metres
     arena_half_size: float = 2.5  # objects start within [-a, a]^2
@@ -122,6 +125,13 @@ class SceneConfig:
         for name in ("static_probability", "flying_probability", "camera_moving_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} {getattr(self, name)} must be within [0, 1]")
+        unknown = [m for m in self.camera_moves if m not in CAMERA_MOVES]
+        if unknown or not self.camera_moves:
+            problems.append(f"camera_moves {list(self.camera_moves)} must be a non-empty subset of "
+                            f"{list(CAMERA_MOVES)}")
+        elif not 1 <= self.max_camera_moves <= len({MOVE_EFFECT[m][0] for m in self.camera_moves}):
+            problems.append(f"max_camera_moves {self.max_camera_moves} must lie within [1, the "
+                            f"{len({MOVE_EFFECT[m][0] for m in self.camera_moves})} parameters camera_moves move]")
         if problems:
             raise InputError("Invalid scene config: " + "; ".join(problems) + ".")
 
@@ -174,14 +184,15 @@ def intrinsics_for(image_size: tuple[int, int], horizontal_fov_deg: float) -> np
 
 
 def sample_camera_moves(rng: np.random.Generator, config: SceneConfig) -> tuple[tuple[str, float], ...]:
-    """0 to max_camera_moves moves on different parameters (never a move with its opposite)."""
+    """0 to max_camera_moves moves of config.camera_moves on different parameters (never a move
+    with its opposite)."""
     if rng.random() >= config.camera_moving_probability:
         return ()
     count = int(rng.integers(1, config.max_camera_moves + 1))
-    params = rng.permutation(sorted({p for p, _ in MOVE_EFFECT.values()}))[:count]
+    params = rng.permutation(sorted({MOVE_EFFECT[m][0] for m in config.camera_moves}))[:count]
     moves = []
     for param in params:
-        options = sorted(m for m, (p, _) in MOVE_EFFECT.items() if p == param)
+        options = sorted(m for m in config.camera_moves if MOVE_EFFECT[m][0] == param)
         move = options[int(rng.integers(len(options)))]
         lo, hi = config.rotation_range_deg if param in ROTATION_PARAMS else config.translation_range
         moves.append((move, round(float(rng.uniform(lo, hi)), 3)))
