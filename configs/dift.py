@@ -49,6 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # The supervised assistant turn: "imagery_trace" (DIFT), "text_trace" (no latent blocks) or "answer".
     c.data.assistant = "imagery_trace"
     c.data.video = True  # False: the blind control (question and options only, no video tokens)
+    c.data.subtasks = ()  # keep only records of these sub-tasks, e.g. ("camera_motion",); () = all
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-3

@@ -3,7 +3,8 @@
     fourd-jax study --preset cpu|accelerator --workdir W [--seeds N] [--config.KEY=VALUE ...]
 
 Every arm gets the same data, model and budget: the supervised arms train config.dift (changed
-in one field each), the RL arms train config.rl from the dift arm's checkpoint. The cpu preset is
+in one field each) from the same reading warm-up (config.warmup; the blind arm from its twin
+without video), the RL arms train config.rl from the dift arm's checkpoint. The cpu preset is
 the demo's recipe (configs/demo.py) and runs in <= 90 min on 2 cores with one seed; the
 accelerator preset is sized for one GPU or TPU host.
 """
@@ -31,6 +32,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         config.dift.data.batch_size = 64
         config.dift.optim.total_steps *= 2
         config.dift.data.num_workers = 4
+        config.warmup.data.batch_size = 64
+        config.warmup.data.num_workers = 4
         config.rl.data.batch_size = 16
         config.rl.optim.total_steps *= 4
     elif arg != "cpu":

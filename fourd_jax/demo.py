@@ -1,12 +1,14 @@
 """`fourd-jax demo`: the whole method end to end on a small model, on CPU, beside a blind control.
 
 Synthesise procedural 4D scenes with their questions, train the offline tokenizer on them (with
-the latent tokens), DIFT a small Qwen2.5-VL from scratch (`fourd-jax dift`), 4DRL it from the DIFT
-checkpoint (`fourd-jax rl`), and train the same model the same way with no video at all (the blind
-control: question and options only). Evaluate the three on the held-out test scenes (`fourd-jax
-eval`), export the final policy to Hugging Face safetensors (checked to reload bit for bit), and
-print a table per sub-task: n, chance, blind, dift, rl, each accuracy with its 95% interval. Writes
-WORKDIR/results.json in the layout of `report.merge_stage_results`.
+the latent tokens), train a small Qwen2.5-VL from scratch on a short reading warm-up (camera
+questions answered with their letter only), DIFT it from there (`fourd-jax dift`), 4DRL it from
+the DIFT checkpoint (`fourd-jax rl`), and train the same model the same way with no video at all
+(the blind control: question and options only, its own warm-up included). Evaluate the three on
+the held-out test scenes (`fourd-jax eval`), export the final policy to Hugging Face safetensors
+(checked to reload bit for bit), and print a table per sub-task: n, chance, blind, dift, rl, each
+accuracy with its 95% interval. Writes WORKDIR/results.json in the layout of
+`report.merge_stage_results`.
 """
 
 from __future__ import annotations
@@ -54,13 +56,22 @@ def run(workdir: str | Path, config: Any) -> dict:
     say("tokenizer (byte BPE + latent tokens)", f"{len(tokenizer)} tokens")
 
     tables: dict[str, dict] = {}
-    log = study.train_sft(workdir / "dift", data, workdir, config, config.dift)
+    warm = study.train_warmup(workdir, data, config)
+    if warm is not None:
+        log = study.metrics_rows(warm.parent)
+        (ce0, ce1) = first_vs_last(log, "ce")
+        say(f"reading warm-up, {len(log)} steps", f"CE {ce0:.2f} -> {ce1:.2f} ({config.warmup.data.assistant} "
+            f"turns, {', '.join(config.warmup.data.subtasks) or 'all sub-tasks'})")
+    log = study.train_sft(workdir / "dift", data, workdir, config, study.starting_from(config.dift, warm))
     (ce0, ce1), (lat0, lat1) = first_vs_last(log, "ce"), first_vs_last(log, "latent_loss")
-    say(f"DIFT from scratch, {len(log)} steps", f"CE {ce0:.2f} -> {ce1:.2f}, latent 1-cos {lat0:.3f} -> {lat1:.3f}")
+    origin = "from the warm-up" if warm else "from scratch"
+    say(f"DIFT {origin}, {len(log)} steps", f"CE {ce0:.2f} -> {ce1:.2f}, latent 1-cos {lat0:.3f} -> {lat1:.3f}")
     tables["dift"] = study.evaluate_arm(workdir / "dift", data, workdir / "eval_dift", config)
     say("eval after DIFT (test split)", study.summary(tables["dift"]))
 
-    log = study.train_sft(workdir / "blind", data, workdir, config, study.blind_config(config.dift))
+    blind_warm = study.train_warmup(workdir, data, config, video=False)
+    log = study.train_sft(workdir / "blind", data, workdir, config,
+                          study.starting_from(study.blind_config(config.dift), blind_warm))
     (ce0, ce1) = first_vs_last(log, "ce")
     say(f"blind control, {len(log)} steps", f"CE {ce0:.2f} -> {ce1:.2f} (no video tokens)")
     tables["blind"] = study.evaluate_arm(workdir / "blind", data, workdir / "eval_blind", config, video=False)
@@ -82,8 +93,9 @@ def run(workdir: str | Path, config: Any) -> dict:
     say("4DRL policy -> HF safetensors", "reloads bit for bit")
 
     tables = {name: tables[name] for name in ("blind", "dift", "rl")}
-    for stage in ("dift", "blind", "rl"):
-        plot.plot_metrics(workdir / stage)
+    for stage in ("warmup", "warmup_blind", "dift", "blind", "rl"):
+        if (workdir / stage / "metrics.jsonl").exists():
+            plot.plot_metrics(workdir / stage)
     report.plot_stages(tables, workdir / "accuracy.png")
     results = report.merge_stage_results(tables)
     results["seconds"] = round(time.perf_counter() - start, 1)

@@ -8,7 +8,9 @@ Arms (configs/study.py names them; each is the demo's stage config with one chan
     rl_full         dift, then 4DRL with the gradient on latent tokens too     (e)
     blind           dift's training with no video at all                       (f)
 
-Each seed synthesises its own scenes (same count and settings), trains every arm on them and
+Every supervised arm starts from the same reading warm-up when the config has one (config.warmup;
+the blind arm from the same warm-up without video), so the arms differ only in the stage they
+ablate. Each seed synthesises its own scenes (same count and settings), trains every arm on them and
 evaluates every arm on the same held-out questions. The report gives per sub-task, micro and macro
 accuracy with 95% intervals over questions, the spread over seeds, and for rl_text against rl_full
 the reward curves, the per-step gradient norm's mean and variance, the KL to the reference and the
@@ -83,16 +85,40 @@ def stage_settings(stage: Any, config: Any, root: Path) -> Any:
 
 def blind_config(stage: Any) -> Any:
     """The blind control of a training stage: the same settings with no visual input at all, so no
-    video tokens and no imagery blocks (their targets are made from the video's frames); the trace
+    video tokens and no imagery blocks (their targets are made from the video's frames); a trace
     keeps its text."""
     stage = copy.deepcopy(stage)
     with stage.unlocked():
         stage.data.video = False
-        stage.data.assistant = "text_trace"
+        if stage.data.assistant == "imagery_trace":
+            stage.data.assistant = "text_trace"
     return stage
 
 
-def _metrics(workdir: Path) -> list[dict]:
+def starting_from(stage: Any, checkpoint: Path | None) -> Any:
+    """A copy of a training stage that starts from `checkpoint` (None: the stage as configured)."""
+    if checkpoint is None:
+        return stage
+    stage = copy.deepcopy(stage)
+    with stage.unlocked():
+        stage.model.init_from = str(checkpoint)
+    return stage
+
+
+def train_warmup(root: Path, data: Path, config: Any, video: bool = True) -> Path | None:
+    """The reading warm-up (config.warmup: letter-only answers, docs/LEARNING.md) into ROOT/warmup, or
+    ROOT/warmup_blind without video for the blind control; its checkpoint directory, or None when the
+    run has no warm-up (no config.warmup, or 0 steps)."""
+    stage = config.get("warmup")
+    if stage is None or int(stage.optim.total_steps) == 0:
+        return None
+    workdir = root / ("warmup" if video else "warmup_blind")
+    train_sft(workdir, data, root, config, stage if video else blind_config(stage))
+    return workdir / "checkpoints"
+
+
+def metrics_rows(workdir: Path) -> list[dict]:
+    """The rows of a training stage's WORKDIR/metrics.jsonl."""
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -114,7 +140,7 @@ def train_sft(workdir: Path, data: Path, root: Path, config: Any, stage: Any) ->
 
     stage = stage_settings(stage, config, root)
     _finished(dift.train(stage, workdir, data=str(data), progress=False), stage, workdir)
-    return _metrics(workdir)
+    return metrics_rows(workdir)
 
 
 def train_rl(workdir: Path, init: Path, data: Path, root: Path, config: Any, stage: Any) -> list[dict]:
@@ -123,7 +149,7 @@ def train_rl(workdir: Path, init: Path, data: Path, root: Path, config: Any, sta
 
     stage = stage_settings(stage, config, root)
     _finished(rl.train(stage, workdir, init=str(init), data=str(data), progress=False), stage, workdir)
-    return _metrics(workdir)
+    return metrics_rows(workdir)
 
 
 def evaluate_arm(arm: Path, data: Path, out: Path, config: Any, video: bool = True) -> dict:
@@ -174,13 +200,18 @@ def run_seed(root: Path, config: Any, arms: tuple[str, ...]) -> dict[str, Any]:
     done: dict[str, Any] = {}
     # RL arms start from the dift arm, so it trains first.
     order = [a for a in ARMS if a in arms or (a == "dift" and any(r in arms for r in RL_ARMS))]
+    # Every supervised arm starts from the same warm-up (the blind arm from its video-free twin).
+    warm: dict[bool, Path | None] = {}
     for arm in order:
         start = time.perf_counter()
         stage = arm_stage(arm, config)
         if arm in RL_ARMS:
             log = train_rl(root / arm, root / "dift", data, root, config, stage)
         else:
-            log = train_sft(root / arm, data, root, config, stage)
+            video = arm not in VIDEO_FREE
+            if video not in warm:
+                warm[video] = train_warmup(root, data, config, video)
+            log = train_sft(root / arm, data, root, config, starting_from(stage, warm[video]))
         table = evaluate_arm(root / arm, data, root / f"eval_{arm}", config, video=arm not in VIDEO_FREE)
         done[arm] = {"table": table, "log": log, "seconds": round(time.perf_counter() - start, 1)}
         print(f"  seed {config.seed} {arm:<15} {summary(table)}  [{done[arm]['seconds']:.0f} s]", flush=True)

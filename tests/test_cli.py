@@ -50,7 +50,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     small = ["--config.num_scenes=10", "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
              "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",
              "--config.rl.optim.total_steps=1", "--config.rl.sample.max_new_tokens=12",
-             "--config.rl.data.seq_buckets=(1024,)"]
+             "--config.rl.data.seq_buckets=(1024,)", "--config.warmup.optim.total_steps=2",
+             "--config.warmup.train.checkpoint_every=2"]
     assert cli.main(["demo", "--workdir", str(tmp_path), *small]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result) >= {"subtasks", "micro", "macro"}
@@ -70,8 +71,16 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert len(predictions) == n, stage
         micro = json.loads((tmp_path / f"eval_{stage}" / "results.json").read_text())["micro"]
         assert result["micro"][stage] == micro["accuracy"] == micro["correct"] / n
-    blind_batch = json.loads((tmp_path / "blind" / "manifest.json").read_text())["config"]["data"]
-    assert blind_batch["video"] is False
+    configs = {stage: json.loads((tmp_path / stage / "manifest.json").read_text())["config"]
+               for stage in ("warmup", "warmup_blind", "dift", "blind")}
+    assert configs["blind"]["data"]["video"] is False and configs["warmup_blind"]["data"]["video"] is False
+    # DIFT starts from the letter-only camera warm-up, the blind control from its video-free twin.
+    for stage in ("warmup", "warmup_blind"):
+        assert configs[stage]["data"]["assistant"] == "answer"
+        assert configs[stage]["data"]["subtasks"] == ["camera_motion"]
+        assert json.loads((tmp_path / stage / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert configs["dift"]["model"]["init_from"] == str(tmp_path / "warmup" / "checkpoints")
+    assert configs["blind"]["model"]["init_from"] == str(tmp_path / "warmup_blind" / "checkpoints")
     assert json.loads((tmp_path / "dift" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert json.loads((tmp_path / "blind" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])["logprob_drift"] <= 1e-4

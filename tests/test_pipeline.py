@@ -10,10 +10,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from fourd_jax.data import records
 from fourd_jax.data.batching import imagery_segments, vision_inputs
 from fourd_jax.data.features import FeatureConfig, featurize
-from fourd_jax.data.pipeline import PipelineConfig, build_dataset
+from fourd_jax.data.pipeline import PipelineConfig, RecordSource, build_dataset
 from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
+from fourd_jax.errors import InputError
 from fourd_jax.model import tiny
 from fourd_jax.model.imagery import LATENT_TOKENS, chunk_means, segment_means
 from fourd_jax.model.rope import get_rope_index
@@ -327,6 +328,9 @@ def test_assistant_turn_modes_and_the_blind_prompt(data):
     assert assistant(text) == sample["trace"].replace(" <output_image>", "") + "<|im_end|>"
     assert text["latent_mask"].sum() == 0 and len(text["imagery_grids"]) == 0 and len(imagery["imagery_grids"])
     assert assistant(with_mode(assistant="answer")) == f"<answer>{sample['answer']}. {key}</answer><|im_end|>"
+    conclusion = assistant(with_mode(assistant="conclusion"))
+    assert conclusion == f"<think>So the answer is: {key}.</think><answer>{sample['answer']}. {key}</answer><|im_end|>"
+    assert assistant(imagery).endswith(conclusion.removeprefix("<think>"))  # exactly how every trace ends
     lookup = assistant(with_mode(assistant="option_lookup"))
     stated = lookup.split("So the answer is: ")[1].split(".</think>")[0]
     assert stated in sample["options"]  # one option, not necessarily the key...
@@ -350,3 +354,24 @@ def test_assistant_turn_modes_and_the_blind_prompt(data):
     np.testing.assert_array_equal(blind["input_ids"], [t for t in imagery["input_ids"] if t not in markers])
     with pytest.raises(Exception, match="data.assistant must be one of"):
         FeatureConfig(assistant="essay")
+
+
+def test_subtask_filter_keeps_only_the_named_subtasks(data):
+    path, tok, config = data
+    every = list(records.read(path / "train", decode_images=False))
+    cameras = sorted(s["sample_id"] for s in every if s["subtask"] == "camera_motion")
+    assert 0 < len(cameras) < len(every)  # the fixture mixes sub-tasks
+    source = RecordSource(path / "train", ("camera_motion",))
+    assert len(source) == len(cameras)
+    kept = [records.decode(source[i], decode_images=False) for i in range(len(source))]
+    assert sorted(s["sample_id"] for s in kept) == cameras
+    # origin() names the file record the filtered index reads
+    file, _, k = source.origin(len(source) - 1).rpartition(" record ")
+    assert records.decode(source[len(source) - 1]) ["sample_id"] == list(records.read(file))[int(k)]["sample_id"]
+    pipeline = PipelineConfig(batch_size=2, seq_buckets=(512, 1024), num_epochs=1, shuffle=False,
+                              subtasks=("camera_motion",), features=FEATURES, drop_remainder=False)
+    rows = sum(int(b["example_mask"].sum()) if "example_mask" in b else len(b["input_ids"])
+               for b in build_dataset(path / "train", tok, config, pipeline))
+    assert rows == len(cameras)
+    with pytest.raises(InputError, match=r"sub-tasks \['camera_moton'\] \(data.subtasks\)"):
+        RecordSource(path / "train", ("camera_moton",))

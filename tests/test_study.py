@@ -11,7 +11,8 @@ from fourd_jax import cli, study
 SMALL = ["--config.num_scenes=10", "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
          "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",
          "--config.rl.optim.total_steps=2", "--config.rl.train.checkpoint_every=2",
-         "--config.rl.sample.max_new_tokens=12", "--config.rl.data.seq_buckets=(1024,)"]
+         "--config.rl.sample.max_new_tokens=12", "--config.rl.data.seq_buckets=(1024,)",
+         "--config.warmup.optim.total_steps=2", "--config.warmup.train.checkpoint_every=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,14 @@ def test_every_arm_runs_and_is_reported(tmp_path, capsys):
     assert configs["rl_full"]["rl"]["latent_gradient"] is True and configs["rl_text"]["rl"]["latent_gradient"] is False
     for arm in ("text_sft", "dift_no_latent", "blind"):
         changed = {k for k in configs[arm] if configs[arm][k] != configs["dift"][k]}
-        assert changed <= {"data", "loss"}, (arm, changed)
+        assert changed <= {"data", "loss"} | ({"model"} if arm == "blind" else set()), (arm, changed)
+    # Every supervised arm starts from the one warm-up; the blind arm from the same warm-up without video.
+    for arm in ("text_sft", "dift", "dift_no_latent"):
+        assert configs[arm]["model"]["init_from"] == str(seed / "warmup" / "checkpoints"), arm
+    assert configs["blind"]["model"]["init_from"] == str(seed / "warmup_blind" / "checkpoints")
+    warmups = {w: json.loads((seed / w / "manifest.json").read_text())["config"] for w in ("warmup", "warmup_blind")}
+    assert warmups["warmup"]["data"]["video"] is True and warmups["warmup_blind"]["data"]["video"] is False
+    assert {k for k in warmups["warmup"] if warmups["warmup"][k] != warmups["warmup_blind"][k]} == {"data"}
     for arm in ("rl_text", "rl_full"):
         (dynamics,) = result["arms"][arm]["dynamics"]
         assert len(dynamics["reward"]) == 2 and dynamics["grad_norm_var"] >= 0.0

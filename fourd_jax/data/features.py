@@ -27,7 +27,7 @@ from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.imagery import OUTPUT_IMAGE, expand_output_images, latent_token_ids
 from fourd_jax.model.rope import get_rope_index
 
-ASSISTANT_TURNS = ("imagery_trace", "text_trace", "answer", "option_lookup")
+ASSISTANT_TURNS = ("imagery_trace", "text_trace", "answer", "conclusion", "option_lookup")
 INSTRUCTION = ("Think about the question with mental imagery inside <think> </think> tags, and give only the "
                "final answer inside <answer> </answer> tags.")
 
@@ -51,6 +51,9 @@ class FeatureConfig:
     #   "imagery_trace": the trace with a latent block per <output_image> (DIFT, SPEC 3.3);
     #   "text_trace": the same trace with the <output_image> markers removed (text SFT);
     #   "answer": only "<answer>X. text</answer>" (no reasoning);
+    #   "conclusion": only the sentence every synthetic trace ends with, then the answer:
+    #     "<think>So the answer is: text.</think><answer>X. text</answer>" (the demo's reading warm-up:
+    #     it teaches the readout and the text -> letter step exactly as the traces end, docs/LEARNING.md);
     #   "option_lookup": a reading warm-up that carries no answer: the trace names the letter of every
     #     option, in an order drawn at random (seeded by the sample id), then states one option drawn the
     #     same way and answers with its letter, as every trace ends:
@@ -74,7 +77,8 @@ def question_text(sample: dict[str, Any]) -> str:
 
 def assistant_text(sample: dict[str, Any], latent_size: int, assistant: str = "imagery_trace") -> str:
     """The supervised assistant turn (see FeatureConfig.assistant): the trace with latent blocks,
-    the trace without them, or the bare answer (also for records without a trace)."""
+    the trace without them, its concluding sentence, or the bare answer (also for records without a
+    trace in the trace modes)."""
     if sample["trace"] and assistant == "imagery_trace":
         return expand_output_images(sample["trace"], latent_size)
     if sample["trace"] and assistant == "text_trace":
@@ -87,6 +91,8 @@ def assistant_text(sample: dict[str, Any], latent_size: int, assistant: str = "i
         return (f"<think>{drill} So the answer is: {options[pick]}.</think>"
                 f"<answer>{'ABCDEF'[pick]}. {options[pick]}</answer>")
     key = sample["options"]["ABCD".index(sample["answer"])]
+    if assistant == "conclusion":
+        return f"<think>So the answer is: {key}.</think><answer>{sample['answer']}. {key}</answer>"
     return f"<answer>{sample['answer']}. {key}</answer>"
 
 

@@ -43,13 +43,17 @@ class PipelineConfig:
     # Grain's defaults (16 threads, 500 examples) hold gigabytes of video patches.
     read_threads: int = 2
     read_buffer: int = 16
+    # Keep only records of these sub-tasks ("camera_motion", ...); () keeps every record. A stage can
+    # then train on part of a dataset whose tokenizer was built on all of it (the demo's warm-up).
+    subtasks: tuple[str, ...] = ()
     features: FeatureConfig = FeatureConfig()
 
 
 class RecordSource:
-    """Random access to the raw records of several ArrayRecord files, with their origin."""
+    """Random access to the raw records of several ArrayRecord files, with their origin; with
+    `subtasks`, to those of the named sub-tasks only (read once here, images left undecoded)."""
 
-    def __init__(self, path: str | Path | Sequence[str | Path]):
+    def __init__(self, path: str | Path | Sequence[str | Path], subtasks: Sequence[str] = ()):
         paths = [path] if isinstance(path, (str, Path)) else list(path)
         self.files = [f for p in paths for f in records.files(p)]
         counts = []
@@ -59,15 +63,28 @@ class RecordSource:
             reader.close()
         self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+        self._keep = list(range(len(self._source)))
+        if subtasks:
+            self._keep = [i for i in self._keep if self._subtask(i) in set(subtasks)]
+            if not self._keep:
+                raise InputError(f"no record under {', '.join(map(str, paths))} is of the sub-tasks "
+                                 f"{list(subtasks)} (data.subtasks).")
+
+    def _subtask(self, index: int) -> str | None:
+        try:
+            return records.decode(self._source[index], decode_images=False).get("subtask")
+        except records.RecordError:
+            return None  # a corrupt record is left out here; unfiltered, Featurize names it
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._keep)
 
     def __getitem__(self, index: int) -> bytes:
-        return self._source[index]
+        return self._source[self._keep[index]]
 
     def origin(self, index: int) -> str:
-        """'file record k' for a global record index."""
+        """'file record k' for an index into this source."""
+        index = self._keep[index]
         f = bisect.bisect_right(self._starts, index) - 1
         return f"{self.files[f]} record {index - self._starts[f]}"
 
@@ -113,7 +130,7 @@ def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model
     from fourd_jax.model.imagery import latent_token_ids
 
     latent_token_ids(tokenizer)  # one clear error up front for a tokenizer without latent tokens
-    source = RecordSource(path)
+    source = RecordSource(path, config.subtasks)
     ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(_with_index)
     if config.shuffle:

@@ -181,7 +181,8 @@ def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
                              assistant=str(d.get("assistant", "imagery_trace")), video=bool(d.get("video", True)))
     return PipelineConfig(batch_size=int(d.batch_size) // jax.process_count(), seq_buckets=tuple(d.seq_buckets),
                           seed=int(config.seed), num_epochs=None, num_workers=int(d.num_workers),
-                          skip_bad_records=bool(d.skip_bad_records), features=features)
+                          skip_bad_records=bool(d.skip_bad_records), subtasks=tuple(d.get("subtasks", ())),
+                          features=features)
 
 
 def flops_fn(model_config: Any):

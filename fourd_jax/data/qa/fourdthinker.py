@@ -202,7 +202,8 @@ def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator,
     if not anchors:
         return None
     _, anchor = max(anchors)
-    frames = evenly_spaced(visible_frames(boxes, anchor), 4)
+    # Imagery: the first and the last frame the anchor is seen in (SPEC: start, up to two middle, end).
+    frames = evenly_spaced(visible_frames(boxes, anchor), 2)
     if fixed_options:
         if len(camera_moves) != 4 or len(moves) != 1 or key not in camera_moves:
             raise InputError(f"fixed camera options need four single moves and one-move scenes, not the moves "
@@ -217,15 +218,17 @@ def camera_question(scene: Scene, boxes: np.ndarray, rng: np.random.Generator,
         pool = [p for p in pool if _consistent(p)]
         options, letter = place_key(key, pick_distractors(key, pool, rng, [opposite, *partial]), rng)
     name = scene.objects[anchor].name
-    timeline = []
-    for k, t in enumerate(frames):
+    seen = []
+    for t in frames:
         box = boxes[anchor, t]
         where = _image_region((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, scene.image_size)
-        timeline.append(f"{'At first' if k == 0 else 'Then'}, at {scene.timestamps[t]:.1f}s, the {name} is {where}, "
-                        f"{_size_word(box, scene.image_size)} in the view. <output_image>")
-    trace = ("<think>The " + name + " does not move, so its change in the view comes from the camera. "
-             + " ".join(timeline) + f" This change in the view is the camera's motion. So the answer is: {key}.</think>"
-             + f"<answer>{letter}. {key}</answer>")
+        seen.append(f"at {scene.timestamps[t]:.1f}s it is {where} <output_image>")
+    # The motion is stated first, as in the object traces, then the imagery of the static anchor shows
+    # it, and the conclusion repeats it a few tokens later. A short trace leaves a small model's budget
+    # to reading the video: with three frames of longer text between them, the demo's model restated
+    # its own first sentence in only half of its answers (docs/LEARNING.md).
+    trace = (f"<think>The camera moves: {key}. The {name} does not move: " + ", and ".join(seen)
+             + f". So the answer is: {key}.</think><answer>{letter}. {key}</answer>")
     return QA("4dthinker", "camera_motion", "How does the camera move during the video?", options, letter,
               (anchor,), tuple(range(scene.num_frames)), trace, tuple((t, anchor) for t in frames),
               {"moves": [list(m) for m in scene.camera_moves], "anchor": anchor})
@@ -301,11 +304,6 @@ def _image_region(x: float, y: float, size: tuple[int, int]) -> str:
     col = "left" if x < w / 3 else "right" if x > 2 * w / 3 else "centre"
     row = "top" if y < h / 3 else "bottom" if y > 2 * h / 3 else "middle"
     return "in the centre of the view" if (row, col) == ("middle", "centre") else f"at the {row} {col} of the view"
-
-
-def _size_word(box: np.ndarray, size: tuple[int, int]) -> str:
-    area = float((box[2] - box[0]) * (box[3] - box[1])) / (size[0] * size[1])
-    return "small" if area < 0.01 else "medium-sized" if area < 0.05 else "large"
 
 
 def fourdthinker_questions(scene: Scene, boxes: np.ndarray, rng: np.random.Generator,
