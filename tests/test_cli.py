@@ -47,7 +47,8 @@ def test_console_script_help_lists_the_commands():
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).parents[1])  # configs/ is resolved from the repository root
-    small = ["--config.num_scenes=10", "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
+    small = ["--config.num_scenes=10", "--config.split_fractions=(0.5, 0.1, 0.4)",
+             "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
              "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",
              "--config.rl.optim.total_steps=1", "--config.rl.sample.max_new_tokens=12",
              "--config.rl.data.seq_buckets=(1024,)", "--config.warmup.optim.total_steps=2",

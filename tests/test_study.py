@@ -8,7 +8,8 @@ import pytest
 
 from fourd_jax import cli, study
 
-SMALL = ["--config.num_scenes=10", "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
+SMALL = ["--config.num_scenes=10", "--config.split_fractions=(0.5, 0.1, 0.4)",
+         "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
          "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",
          "--config.rl.optim.total_steps=2", "--config.rl.train.checkpoint_every=2",
          "--config.rl.sample.max_new_tokens=12", "--config.rl.data.seq_buckets=(1024,)",

@@ -64,7 +64,7 @@ class RecordSource:
         self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         self._keep = list(range(len(self._source)))
-        if subtasks:
+        if subtasks and self._keep:
             self._keep = [i for i in self._keep if self._subtask(i) in set(subtasks)]
             if not self._keep:
                 raise InputError(f"no record under {', '.join(map(str, paths))} is of the sub-tasks "
