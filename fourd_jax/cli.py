@@ -281,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_plot)
 
     demo = sub.add_parser("demo", help="the end-to-end job on a tiny model, on CPU",
-                          description="Flags after --workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")
+                          description="Synthesise scenes, train a tiny VLM from scratch (a letter-only reading warm-up,"
+                                      " DIFT, 4DRL) and the blind control (the same training with no video: whatever "
+                                      "it reaches is answer bias), evaluate all three on held-out scenes. Flags after "
+                                      "--workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")
     demo.add_argument("--workdir", default="workdir_demo")
     demo.set_defaults(func=_demo, takes_config=True)
 
@@ -295,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser(
         "study", help="the ablations (text SFT, DIFT, no latent loss, text-only vs full-token 4DRL, blind)",
-        description="Every arm on the same data, model and budget; writes W/study.json, study.csv and PNG plots. "
+        description="Every arm on the same data, model and budget (the supervised arms from one reading warm-up); "
+                    "writes W/study.json, study.csv and PNG plots. "
                     "Arms: text_sft, dift, dift_no_latent, rl_text, rl_full, blind (the same training with no "
                     "video: whatever it reaches is answer bias). Flags after --workdir: --config.KEY=VALUE.")
     study.add_argument("--preset", choices=["cpu", "accelerator"], default="cpu",
