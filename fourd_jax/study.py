@@ -277,7 +277,7 @@ def _plot(root: Path, study: dict[str, Any]) -> None:
     arms = list(study["arms"])
     first = study["arms"][arms[0]]["per_seed"][0]
     names = [*first["subtasks"], "micro"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.3 * len(names)), 4.0))
     width = 0.8 / len(arms)
     for k, arm in enumerate(arms):
         table = study["arms"][arm]["per_seed"][0]
@@ -290,8 +290,9 @@ def _plot(root: Path, study: dict[str, Any]) -> None:
     ax.axhline(first["micro"]["chance"] * 100, color="k", lw=0.8, ls="--", label="chance")
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("accuracy (%), 95% interval")
-    ax.set_title("fourd-jax study: held-out accuracy per arm (seed 0)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("fourd-jax study: held-out accuracy per arm (seed 0)", fontsize=10)
+    ax.set_ylim(0, 105)  # room above the bars for the legend
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
     fig.tight_layout()
     fig.savefig(root / "study_accuracy.png", dpi=120)
     plt.close(fig)

@@ -168,8 +168,9 @@ def test_dift_cross_entropy_mask_from_the_token_ids(dift_case):
     metrics = dift_case["step_metrics"](0.1, 1.0)
     assert metrics["ce_tokens"] == mask.sum()
     np.testing.assert_allclose(metrics["ce"], dift_case["ce"], rtol=1e-5)
-    for wrong in (dift_case["no_end"], dift_case["with_pads"]):  # the test tells these masks apart
-        assert abs(wrong - dift_case["ce"]) > 10 * 1e-5 * dift_case["ce"]
+    for wrong in (dift_case["no_end"], dift_case["with_pads"]):  # the test tells these masks apart:
+        # the step's CE is ten times closer to the right mask's value than to either wrong one's
+        assert 10 * abs(metrics["ce"] - dift_case["ce"]) < abs(metrics["ce"] - wrong)
 
 
 @pytest.mark.parametrize("weights", [(0.1, 1.0), (0.7, 0.25)])
