@@ -205,14 +205,14 @@ def run_seed(root: Path, config: Any, arms: tuple[str, ...]) -> dict[str, Any]:
     for arm in order:
         start = time.perf_counter()
         stage = arm_stage(arm, config)
+        video = arm not in VIDEO_FREE
         if arm in RL_ARMS:
             log = train_rl(root / arm, root / "dift", data, root, config, stage)
         else:
-            video = arm not in VIDEO_FREE
             if video not in warm:
                 warm[video] = train_warmup(root, data, config, video)
             log = train_sft(root / arm, data, root, config, starting_from(stage, warm[video]))
-        table = evaluate_arm(root / arm, data, root / f"eval_{arm}", config, video=arm not in VIDEO_FREE)
+        table = evaluate_arm(root / arm, data, root / f"eval_{arm}", config, video=video)
         done[arm] = {"table": table, "log": log, "seconds": round(time.perf_counter() - start, 1)}
         print(f"  seed {config.seed} {arm:<15} {summary(table)}  [{done[arm]['seconds']:.0f} s]", flush=True)
     return {arm: done[arm] for arm in arms}

@@ -367,11 +367,24 @@ def test_subtask_filter_keeps_only_the_named_subtasks(data):
     assert sorted(s["sample_id"] for s in kept) == cameras
     # origin() names the file record the filtered index reads
     file, _, k = source.origin(len(source) - 1).rpartition(" record ")
-    assert records.decode(source[len(source) - 1]) ["sample_id"] == list(records.read(file))[int(k)]["sample_id"]
+    assert records.decode(source[len(source) - 1])["sample_id"] == list(records.read(file))[int(k)]["sample_id"]
     pipeline = PipelineConfig(batch_size=2, seq_buckets=(512, 1024), num_epochs=1, shuffle=False,
                               subtasks=("camera_motion",), features=FEATURES, drop_remainder=False)
-    rows = sum(int(b["example_mask"].sum()) if "example_mask" in b else len(b["input_ids"])
-               for b in build_dataset(path / "train", tok, config, pipeline))
+    rows = sum(int(b["example_mask"].sum()) for b in build_dataset(path / "train", tok, config, pipeline))
     assert rows == len(cameras)
     with pytest.raises(InputError, match=r"sub-tasks \['camera_moton'\] \(data.subtasks\)"):
         RecordSource(path / "train", ("camera_moton",))
+
+
+def test_subtask_filter_still_counts_bad_records(data, tmp_path):
+    path, tok, config = data
+    good = [data for _, _, data in records.read_raw(path / "train")][:3]
+    target = tmp_path / "bad.array_record"
+    write_raw(target, [*good, *(edit(good[0]) for edit, _ in BAD_RECORDS.values())])
+    subtask = records.decode(good[0], decode_images=False)["subtask"]
+    matching = sum(records.decode(g, decode_images=False)["subtask"] == subtask for g in good)
+    pipeline = PipelineConfig(batch_size=10, seq_buckets=(512, 1024), shuffle=False, subtasks=(subtask,),
+                              features=FEATURES, drop_remainder=False)
+    (batch,) = list(build_dataset(target, tok, config, pipeline))
+    # every bad edit of a matching record is counted, none silently filtered out
+    assert int(batch["num_skipped"]) == len(BAD_RECORDS) and batch["example_mask"].sum() == matching

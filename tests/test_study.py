@@ -45,6 +45,9 @@ def test_every_arm_runs_and_is_reported(tmp_path, capsys):
     for arm in ("text_sft", "dift_no_latent", "blind"):
         changed = {k for k in configs[arm] if configs[arm][k] != configs["dift"][k]}
         assert changed <= {"data", "loss"} | ({"model"} if arm == "blind" else set()), (arm, changed)
+    # the blind arm's model differs in its starting checkpoint only
+    assert {k for k in configs["blind"]["model"] if configs["blind"]["model"][k] != configs["dift"]["model"][k]} \
+        == {"init_from"}
     # Every supervised arm starts from the one warm-up; the blind arm from the same warm-up without video.
     for arm in ("text_sft", "dift", "dift_no_latent"):
         assert configs[arm]["model"]["init_from"] == str(seed / "warmup" / "checkpoints"), arm

@@ -65,16 +65,19 @@ class RecordSource:
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         self._keep = list(range(len(self._source)))
         if subtasks and self._keep:
-            self._keep = [i for i in self._keep if self._subtask(i) in set(subtasks)]
+            wanted = set(subtasks)
+            self._keep = [i for i in self._keep if self._kept_by(i, wanted)]
             if not self._keep:
                 raise InputError(f"no record under {', '.join(map(str, paths))} is of the sub-tasks "
                                  f"{list(subtasks)} (data.subtasks).")
 
-    def _subtask(self, index: int) -> str | None:
+    def _kept_by(self, index: int, subtasks: set[str]) -> bool:
+        """A record of one of `subtasks`, or one that cannot be read: the pipeline's bad-record
+        handling then names it (strict) or counts it (skipping), as it does without a filter."""
         try:
-            return records.decode(self._source[index], decode_images=False).get("subtask")
+            return records.decode(self._source[index], decode_images=False)["subtask"] in subtasks
         except records.RecordError:
-            return None  # a corrupt record is left out here; unfiltered, Featurize names it
+            return True
 
     def __len__(self) -> int:
         return len(self._keep)
