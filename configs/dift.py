@@ -24,7 +24,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny" if preset == "tiny" else preset  # fourd_jax.model.config.PRESETS
-    c.model.init_from = ""  # "" = random init; an HF directory or an Orbax checkpoint directory
+    c.model.init_from = ""  # "" = random init; an HF directory, an Orbax checkpoint or a training workdir
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"
@@ -34,10 +34,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.tokenizer_vocab_size = 800
 
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""  # records from `fourd-jax synth` (train/ is used); "" = synthesise into WORKDIR/data
-    c.data.synth_scenes = 40
-    c.data.synth_frames = 8
-    c.data.synth_image_size = 112
+    c.data.path = ""  # records from `fourd-jax synth` or `data import` (train/ is used); or pass --data
     c.data.batch_size = 8  # global
     c.data.seq_buckets = (512, 1024)
     c.data.max_frames = 8

@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from fourd_jax import families
 from fourd_jax.errors import InputError
-from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.vlm import Qwen25VL, abstract_params
+from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
@@ -27,7 +28,7 @@ class CheckpointNotFound(InputError, FileNotFoundError):
     """A directory with no restorable checkpoint."""
 
 
-def save_params(directory: str | os.PathLike, model: Qwen25VL, params: Any, step: int = 0) -> Path:
+def save_params(directory: str | os.PathLike, model: Any, params: Any, step: int = 0) -> Path:
     """Write params and the model config as checkpoint `step` under `directory` (atomically)."""
     directory = Path(directory).absolute()
     with ocp.CheckpointManager(directory) as manager:
@@ -53,11 +54,12 @@ def latest_step(directory: str | os.PathLike) -> int:
 
 def restore_params(
     directory: str | os.PathLike, step: int | None = None, shardings: Any = None, **config_overrides
-) -> tuple[Qwen25VL, Any]:
+) -> tuple[Any, Any]:
     """(model, params) from checkpoint `step` (default: the latest).
 
     `shardings` (a pytree of Shardings like params) restores straight onto a mesh, which may
-    differ from the one that saved.
+    differ from the one that saved. The config is read as the default family's
+    (`fourd_jax.families.DEFAULT`: a checkpoint does not name its family).
     """
     directory = Path(directory).absolute()
     step = latest_step(directory) if step is None else step
@@ -65,13 +67,14 @@ def restore_params(
         if step not in manager.all_steps():
             raise CheckpointNotFound(f"{directory} has no step {step} (it has {manager.all_steps()}).")
         meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
-        config = ModelConfig.from_dict(meta[MODEL_ITEM])
+        family = families.DEFAULT
+        config = family.config_type().from_dict(meta[MODEL_ITEM])
         if config_overrides:
             config = config.replace(**config_overrides)
-        model = Qwen25VL(config)
+        model = family.module_type()(config)
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-            _unboxed(abstract_params(model)),
+            nn.meta.unbox(abstract_params(model)),
         )
         if shardings is not None:
             abstract = jax.tree_util.tree_map(
@@ -80,8 +83,3 @@ def restore_params(
             PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
     return model, restored[PARAMS_ITEM]
 
-
-def _unboxed(tree: Any) -> Any:
-    from flax import linen as nn
-
-    return nn.meta.unbox(tree)

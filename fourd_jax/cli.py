@@ -3,129 +3,99 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
 
 from fourd_jax.errors import InputError
 
 
-def _convert(args: argparse.Namespace) -> None:
-    from fourd_jax import checkpoint
-    from fourd_jax.convert import hf
+def _module(name: str) -> Any:
+    """A fourd_jax module, imported when its subcommand runs: `fourd-jax synth`, `data inspect` and
+    `data import` then load no JAX, and each command pays only for its own stack."""
+    return importlib.import_module(f"fourd_jax.{name}")
 
+
+def _convert(args: argparse.Namespace) -> None:
+    load, hf, checkpoint = _module("load"), _module("convert.hf"), _module("checkpoint")
+    loaded = load.load_model(args.src, what="src", step=args.step,
+                             param_dtype=args.dtype if args.direction == "hf-to-jax" else None)
+    wanted = "hf" if args.direction == "hf-to-jax" else "orbax"
+    if loaded.source.kind != wanted:
+        raise InputError(f"src {args.src} is {'a Hugging Face' if loaded.source.kind == 'hf' else 'an Orbax'} "
+                         f"directory; {args.direction} reads {'a Hugging Face' if wanted == 'hf' else 'an Orbax'} one.")
     if args.direction == "hf-to-jax":
-        model, params = hf.load(args.src, dtype=args.dtype)
-        out = checkpoint.save_params(args.dst, model, params)
+        out = checkpoint.save_params(args.dst, loaded.model, loaded.params)
         print(f"wrote Orbax checkpoint {out} (step 0) from {args.src}")
     else:
-        model, params = checkpoint.restore_params(args.src, step=args.step)
-        tokenizer = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        out = hf.save(model, params, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+        tokenizer = load.load_tokenizer(args.tokenizer) if args.tokenizer else None
+        out = hf.save(loaded.model, loaded.params, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
         print(f"wrote Hugging Face checkpoint {out} from {args.src}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    if args.what == "forward":
-        from fourd_jax.bench import forward
-
-        forward.run(size=args.size, repeats=args.repeats, record=not args.no_record)
-    elif args.what == "data":
-        from fourd_jax.bench import data
-
-        data.run(record=not args.no_record)
+    bench = _module(f"bench.{args.what}")
+    if args.what == "data":
+        bench.run(record=not args.no_record)
     elif args.what == "train":
-        from fourd_jax.bench import train
-
-        train.run(repeats=args.repeats, record=not args.no_record)
-    elif args.what == "sample":
-        from fourd_jax.bench import sample
-
-        sample.run(size=args.size, repeats=args.repeats, record=not args.no_record)
-    elif args.what == "rl":
-        from fourd_jax.bench import rl
-
-        rl.run(size=args.size, repeats=args.repeats, record=not args.no_record)
+        bench.run(repeats=args.repeats, record=not args.no_record)
+    else:
+        bench.run(size=args.size, repeats=args.repeats, record=not args.no_record)
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from fourd_jax.data.sim.scene import SceneConfig
-    from fourd_jax.data.synth import SynthConfig, synthesize
-
-    scene = SceneConfig(num_frames=args.frames, fps=args.fps, image_size=(args.image_size, args.image_size))
-    config = SynthConfig(scene=scene, families=tuple(args.families.split(",")), scenes_per_shard=args.scenes_per_shard)
-    manifest = synthesize(args.out, args.num_scenes, args.seed, config, workers=args.workers)
+    scene_module, synth = _module("data.sim.scene"), _module("data.synth")
+    scene = scene_module.SceneConfig(num_frames=args.frames, fps=args.fps, image_size=(args.image_size,) * 2)
+    config = synth.SynthConfig(scene=scene, families=tuple(args.families.split(",")),
+                               scenes_per_shard=args.scenes_per_shard)
+    manifest = synth.synthesize(args.out, args.num_scenes, args.seed, config, workers=args.workers)
     counts = ", ".join(f"{split} {info['records']}" for split, info in manifest["splits"].items())
     print(f"wrote {args.num_scenes} scenes to {args.out}: records {counts}")
 
 
 def _data(args: argparse.Namespace) -> None:
-    import json
-
     if args.action == "inspect":
-        from fourd_jax.data import inspect
-
+        inspect = _module("data.inspect")
         summary = inspect.summarize(args.path)
         sheet_path = args.sheet or f"{args.path.rstrip('/')}_sample.png"
         sheet = inspect.contact_sheet(inspect.first_sample(args.path), sheet_path)
         print(json.dumps(summary, indent=2))
         print(f"contact sheet: {sheet}")
     elif args.action == "targets":
-        from fourd_jax.data.features import FeatureConfig
-        from fourd_jax.data.targets import write_imagery_targets
-
         if not (args.out and args.checkpoint):
             raise InputError("data targets needs --checkpoint (HF or Orbax directory) and --out DIR.")
-        if (Path(args.checkpoint) / "config.json").exists():
-            from fourd_jax.convert import hf
-
-            model, params = hf.load(args.checkpoint)
-        else:
-            from fourd_jax import checkpoint
-
-            model, params = checkpoint.restore_params(args.checkpoint)
-        pixels = args.imagery_max_pixels
-        count = write_imagery_targets(args.path, args.out, model, params,
-                                      FeatureConfig(latent_size=args.latent_size, imagery_max_pixels=pixels))
+        loaded = _module("load").load_model(args.checkpoint)
+        features = _module("data.features").FeatureConfig(latent_size=args.latent_size,
+                                                          imagery_max_pixels=args.imagery_max_pixels)
+        count = _module("data.targets").write_imagery_targets(args.path, args.out, loaded.model, loaded.params,
+                                                              features)
         print(f"wrote {args.out} with imagery targets for {count} records")
     else:
-        from fourd_jax.data import importers
-
         if not args.out:
             raise InputError("data import needs --out FILE.array_record.")
-        stats = importers.import_to_records(args.format, args.path, args.out, root=args.root,
-                                            max_frames=args.max_frames, skip_bad_records=not args.strict)
+        stats = _module("data.importers").import_to_records(args.format, args.path, args.out, root=args.root,
+                                                            max_frames=args.max_frames,
+                                                            skip_bad_records=not args.strict)
         print(stats.summary())
 
 
-def _dift(args: argparse.Namespace) -> None:
-    config = parse_config("fourd-jax dift", args.config_args, "configs/dift.py")
-    from fourd_jax import distributed
-
-    distributed.initialize(config.distributed)
-    from fourd_jax.train import dift
-
-    state = dift.train(config, args.workdir, data=args.data, steps=args.steps)
-    print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
-
-
-def _rl(args: argparse.Namespace) -> None:
-    config = parse_config("fourd-jax rl", args.config_args, "configs/rl.py")
-    from fourd_jax import distributed
-
-    distributed.initialize(config.distributed)
-    from fourd_jax.train import rl
-
-    state = rl.train(config, args.workdir, init=args.init, data=args.data, steps=args.steps)
+def _train(args: argparse.Namespace, stage: str) -> None:
+    """`fourd-jax dift` / `rl`: the config validated into typed settings, the cluster joined, the stage run."""
+    config = parse_config(f"fourd-jax {stage}", args.config_args, f"configs/{stage}.py")
+    settings = _module("train.settings").RunSettings.of(config)
+    _module("distributed").initialize(config.distributed)
+    extra = {"init": args.init} if stage == "rl" else {}
+    state = _module(f"train.{stage}").train(settings, args.workdir, data=args.data, steps=args.steps, **extra)
     print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from fourd_jax.eval import evaluate, report
-
+    evaluate, report = _module("eval.evaluate"), _module("eval.report")
     config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                  max_frames=args.max_frames, video_max_pixels=args.max_pixels,
                                  max_samples=args.max_samples, video=not args.blind)
@@ -135,24 +105,16 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from fourd_jax.train import plot
-
-    for path in plot.plot_metrics(args.workdir):
+    for path in _module("train.plot").plot_metrics(args.workdir):
         print(f"wrote {path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from fourd_jax import demo
-
-    demo.run(args.workdir, parse_config("fourd-jax demo", args.config_args, "configs/demo.py"))
+    _module("demo").run(args.workdir, parse_config("fourd-jax demo", args.config_args, "configs/demo.py"))
 
 
 def _probe(args: argparse.Namespace) -> None:
-    import json
-
-    from fourd_jax import probe
-
-    results = probe.run(args.data, preset=args.preset, steps=args.steps, seed=args.seed)
+    results = _module("probe").run(args.data, preset=args.preset, steps=args.steps, seed=args.seed)
     for reader in ("pixel_differences", "random_tower", "trained_tower"):
         r = results[reader]
         print(f"{reader:<18} {r['accuracy']:.1%} [{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] of {r['n']} camera questions "
@@ -162,8 +124,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace) -> None:
-    from fourd_jax import study
-
+    study = _module("study")
     config = parse_config("fourd-jax study", [f"--config=configs/study.py:{args.preset}", *args.config_args],
                           "configs/study.py")
     arms = tuple(a for a in args.arms.split(",") if a) if args.arms else study.ARMS
@@ -172,9 +133,6 @@ def _study(args: argparse.Namespace) -> None:
 
 def parse_config(prog: str, argv: list[str], default: str):
     """An ml_collections config from `--config path[:arg]` and `--config.key=value` overrides."""
-    from absl import flags
-    from ml_collections import config_flags
-
     values = flags.FlagValues()
     argv = [prog, *argv]
     try:
@@ -201,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Orbax")
     convert.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
-    convert.add_argument("src", help="HF directory (hf-to-jax) or Orbax checkpoint directory (jax-to-hf)")
+    convert.add_argument("src", help="HF directory (hf-to-jax), or an Orbax checkpoint directory or training "
+                                     "workdir (jax-to-hf)")
     convert.add_argument("dst", help="output directory")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                          help="parameter dtype when reading HF weights")
@@ -250,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     dift.add_argument("--workdir", required=True)
     dift.add_argument("--data", default=None, help="records from fourd-jax synth (default: config.data.path)")
     dift.add_argument("--steps", type=int, default=None, help="train until this global step")
-    dift.set_defaults(func=_dift, takes_config=True)
+    dift.set_defaults(func=lambda a: _train(a, "dift"), takes_config=True)
 
     rl = sub.add_parser("rl", help="4DRL: GRPO on text tokens from a DIFT run (resumes from WORKDIR)",
                         description="Flags after the named ones: --config configs/rl.py[:PRESET[,MESH]], "
@@ -260,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: config.model.init_from)")
     rl.add_argument("--data", default=None, help="records with a train/ split (default: the DIFT run's data)")
     rl.add_argument("--steps", type=int, default=None, help="train until this global step")
-    rl.set_defaults(func=_rl, takes_config=True)
+    rl.set_defaults(func=lambda a: _train(a, "rl"), takes_config=True)
 
     ev = sub.add_parser("eval", help="accuracy per sub-task of a checkpoint on a records split")
     ev.add_argument("--checkpoint", required=True, help="a training workdir, Orbax checkpoint or HF directory")

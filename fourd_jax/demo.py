@@ -21,10 +21,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from fourd_jax import checkpoint, study
+from fourd_jax import study
 from fourd_jax.convert import hf
 from fourd_jax.errors import InputError
 from fourd_jax.eval import report
+from fourd_jax.load import load_model
 from fourd_jax.model.config import PRESETS
 from fourd_jax.train import plot
 
@@ -43,6 +44,7 @@ def run(workdir: str | Path, config: Any) -> dict:
     if config.model not in PRESETS:
         raise InputError(f"config.model {config.model!r} is not one of {sorted(PRESETS)}.")
     workdir = Path(workdir)
+    study.check_stages(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -84,10 +86,10 @@ def run(workdir: str | Path, config: Any) -> dict:
     tables["rl"] = study.evaluate_arm(workdir / "rl", data, workdir / "eval_rl", config)
     say("eval after 4DRL (test split)", study.summary(tables["rl"]))
 
-    model, params = checkpoint.restore_params(workdir / "rl" / "checkpoints")
-    hf.save(model, params, workdir / "hf", tokenizer=tokenizer)
-    _, reloaded = hf.load(workdir / "hf")
-    if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+    policy = load_model(workdir / "rl")
+    hf.save(policy.model, policy.params, workdir / "hf", tokenizer=tokenizer)
+    reloaded = load_model(workdir / "hf").params
+    if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(policy.params),
                                                    jax.tree_util.tree_leaves(reloaded), strict=True)):
         raise RuntimeError("The Hugging Face export changed the parameters.")
     say("4DRL policy -> HF safetensors", "reloads bit for bit")

@@ -24,15 +24,17 @@ import numpy as np
 import optax
 
 from fourd_jax.data import records
-from fourd_jax.data.batching import media_arrays, vision_inputs
+from fourd_jax.data.batching import media_arrays
 from fourd_jax.data.processor import process
 from fourd_jax.data.qa.fourdthinker import split_moves
-from fourd_jax.data.sim.scene import MOVE_EFFECT
+from fourd_jax.data.taxonomy import MOVE_EFFECT
 from fourd_jax.errors import InputError
 from fourd_jax.eval.report import wilson_interval
+from fourd_jax.model.apply import init_params
 from fourd_jax.model.config import PRESETS
+from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.model.vision import VisionTower
-from fourd_jax.model.vlm import Qwen25VL, init_params
+from fourd_jax.model.vlm import Qwen25VL
 
 CAMERA_PARAMS = ("yaw", "pitch", "roll", "forward", "right", "up")
 BATCH = 16

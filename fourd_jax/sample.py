@@ -23,8 +23,9 @@ import numpy as np
 
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
+from fourd_jax.model.inputs import PreparedInputs, prepare_inputs
 from fourd_jax.model.text import KVCache, init_kv_cache
-from fourd_jax.model.vlm import PreparedInputs, Qwen25VL, prepare_inputs
+from fourd_jax.model.vlm import Qwen25VL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,14 @@ def tokenizer_stops(tokenizer: Any, stop_strings: Any = ()) -> tuple[tuple[int, 
     eos = tuple(sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
                         if isinstance(i, int) and i >= 0}))
     return eos, tuple(tuple(tokenizer.encode(text, add_special_tokens=False)) for text in stop_strings)
+
+
+def sampling_for(tokenizer: Any, model_config: Any, stop_strings: Any = (), **fields: Any) -> SamplingConfig:
+    """A SamplingConfig whose EOS ids and stop sequences come from the tokenizer (`tokenizer_stops`)
+    and whose padding is the model's; `fields`: the other SamplingConfig fields."""
+    eos, stops = tokenizer_stops(tokenizer, stop_strings)
+    return SamplingConfig(eos_token_ids=eos, stop_sequences=stops, pad_token_id=int(model_config.pad_token_id or 0),
+                          **fields)
 
 
 def check_left_padded(attention_mask: Any) -> None:

@@ -31,8 +31,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from fourd_jax.data.sim.scene import SceneConfig
+from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.tokenizer import build_tokenizer, record_texts
 from fourd_jax.errors import InputError
 from fourd_jax.eval import evaluate, report
+from fourd_jax.train import dift, rl
+from fourd_jax.train.settings import RunSettings
 
 ARMS = ("text_sft", "dift", "dift_no_latent", "rl_text", "rl_full", "blind")
 RL_ARMS = {"rl_text": False, "rl_full": True}  # arm -> the policy gradient reaches latent tokens
@@ -44,9 +49,6 @@ VIDEO_FREE = ("blind",)
 
 def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
     """Records of `config.num_scenes` scenes into ROOT/data (reused when its manifest matches)."""
-    from fourd_jax.data.sim.scene import SceneConfig
-    from fourd_jax.data.synth import SynthConfig, synthesize
-
     data = root / "data"
     scene = SceneConfig(num_frames=int(config.frames), image_size=(int(config.image_size),) * 2,
                         max_camera_moves=int(config.max_camera_moves),
@@ -61,8 +63,6 @@ def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
 
 def train_tokenizer(root: Path, data: Path, config: Any) -> Any:
     """The offline BPE (with the latent tokens) trained on the training texts, saved to ROOT/tokenizer."""
-    from fourd_jax.data.tokenizer import build_tokenizer, record_texts
-
     tokenizer = build_tokenizer(record_texts(data / "train"), vocab_size=int(config.tokenizer_vocab_size))
     tokenizer.save_pretrained(root / "tokenizer")
     return tokenizer
@@ -134,21 +134,27 @@ class Preempted(SystemExit):
     """The job was asked to stop (SIGTERM) during a training stage."""
 
 
+def check_stages(root: Path, config: Any, arms: tuple[str, ...] = ()) -> None:
+    """Validate every training stage a run will use (its warm-up and each arm's), so a bad value
+    fails in one sentence before the first stage starts."""
+    stages = [config.get("warmup"), config.dift, config.rl] + [arm_stage(arm, config) for arm in arms]
+    for stage in stages:
+        if stage is not None:
+            RunSettings.of(stage_settings(stage, config, root))
+
+
 def train_sft(workdir: Path, data: Path, root: Path, config: Any, stage: Any) -> list[dict]:
     """Train one supervised arm (`fourd-jax dift` with `stage`); its metrics rows."""
-    from fourd_jax.train import dift
-
     stage = stage_settings(stage, config, root)
-    _finished(dift.train(stage, workdir, data=str(data), progress=False), stage, workdir)
+    _finished(dift.train(RunSettings.of(stage), workdir, data=str(data), progress=False), stage, workdir)
     return metrics_rows(workdir)
 
 
 def train_rl(workdir: Path, init: Path, data: Path, root: Path, config: Any, stage: Any) -> list[dict]:
     """Train one 4DRL arm from the checkpoint in `init` (`fourd-jax rl`); its metrics rows."""
-    from fourd_jax.train import rl
-
     stage = stage_settings(stage, config, root)
-    _finished(rl.train(stage, workdir, init=str(init), data=str(data), progress=False), stage, workdir)
+    _finished(rl.train(RunSettings.of(stage), workdir, init=str(init), data=str(data), progress=False), stage,
+              workdir)
     return metrics_rows(workdir)
 
 
@@ -269,6 +275,7 @@ def write_report(root: Path, study: dict[str, Any]) -> None:
 
 
 def _plot(root: Path, study: dict[str, Any]) -> None:
+    # matplotlib is heavy and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,6 +326,7 @@ def run(workdir: str | Path, config: Any, seeds: int = 1, arms: tuple[str, ...] 
         raise InputError(f"unknown study arms {unknown}; choose from {ARMS}.")
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}.")
+    check_stages(Path(workdir), config, arms)
     root = Path(workdir)
     per_seed = []
     for k in range(seeds):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fourd_jax.data.qa.dsr import describe_directions, describe_magnitudes, describe_speed_comparison
+from fourd_jax.data.qa.dsr_describe import describe_directions, describe_magnitudes, describe_speed_comparison
 
 
 @dataclasses.dataclass

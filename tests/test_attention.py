@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fourd_jax.errors import InputError
+from fourd_jax.model.config import tiny
 from fourd_jax.model.layers import attention
 
 
@@ -61,9 +63,6 @@ def test_blockwise_attention_needs_memory_linear_in_the_length():
 
 
 def test_a_negative_attention_block_is_refused_in_one_sentence():
-    from fourd_jax.errors import InputError
-    from fourd_jax.model import tiny
-
     with pytest.raises(InputError, match=r"^Invalid model config: attention_block must be 0 \(off\) or a positive "
                                          r"block size, not -4\.$"):
         tiny(attention_block=-4)

@@ -1,8 +1,10 @@
 """HF <-> JAX conversion: lossless both ways, sharded files, published sizes, clear errors."""
 
 import dataclasses
+import gc
 import json
 import shutil
+import tracemalloc
 
 import flax.linen as nn
 import jax
@@ -11,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from reference import Row, build_hf_model, config_b, hf_logits, make_batch
+from reference import Row, build_hf_model, config_a, config_b, hf_logits, make_batch
 from safetensors.numpy import load_file, save_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from fourd_jax import hf
 from fourd_jax.convert.hf import CheckpointError, canonical_name, config_to_hf, hf_shape, tensor_slots
-from fourd_jax.model import Qwen25VL, abstract_params, init_params, qwen25vl_3b, qwen25vl_7b
+from fourd_jax.data.latent_tokens import LATENT_TOKENS, latent_token_ids
+from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
+from fourd_jax.model.apply import abstract_params, init_params
+from fourd_jax.model.config import qwen25vl_3b, qwen25vl_7b
+from fourd_jax.model.vlm import Qwen25VL
 
 
 def load_in_transformers(directory):
@@ -58,11 +64,6 @@ def test_jax_to_hf_to_jax_gives_identical_params(tmp_path):
 
 
 def test_save_writes_the_tokenizer_and_a_latent_model_transformers_loads(tmp_path):
-    from transformers import AutoTokenizer
-
-    from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
-    from fourd_jax.model.imagery import LATENT_TOKENS, latent_token_ids
-
     tok = build_tokenizer(["the camera pans left, then the red ball moves toward the camera"] * 10,
                           vocab_size=300)
     model = Qwen25VL(config_for_tokenizer(tok, config_b()))
@@ -82,9 +83,6 @@ def test_save_writes_the_tokenizer_and_a_latent_model_transformers_loads(tmp_pat
 def test_load_and_save_hold_at_most_one_host_copy(tmp_path):
     """hf.load reads tensor by tensor into one preallocated copy; hf.save materialises one shard
     at a time. tracemalloc sees numpy's host buffers (not XLA's device buffers)."""
-    import gc
-    import tracemalloc
-
     small = config_b()  # widened so that the fixed overhead of tracing is small beside the tensors
     model = Qwen25VL(dataclasses.replace(
         small, text=dataclasses.replace(small.text, hidden_size=512, intermediate_size=1024, num_heads=8,
@@ -215,8 +213,6 @@ def test_missing_config_and_params_mismatch_are_named(hf_dir, tmp_path):
 
 
 def test_tied_checkpoint_with_a_different_head_is_refused(tmp_path):
-    from reference import config_a
-
     model = build_hf_model(config_a())
     model.save_pretrained(tmp_path)
     rewrite(tmp_path, lambda t: t.update({"lm_head.weight": np.zeros_like(t["model.embed_tokens.weight"])}))

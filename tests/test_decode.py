@@ -10,8 +10,10 @@ import pytest
 import torch
 from reference import Row, make_batch, masked_max_diff, torch_inputs
 
-from fourd_jax.model import Qwen25VL, forward, init_kv_cache
+from fourd_jax.model.apply import forward
 from fourd_jax.model.rope import text_position_ids
+from fourd_jax.model.text import init_kv_cache
+from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import greedy_generate, prepare_prompt
 
 

@@ -15,9 +15,9 @@ from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
 from fourd_jax.eval import evaluate, report
-from fourd_jax.model import Qwen25VL
+from fourd_jax.model.apply import init_params
 from fourd_jax.model.config import PRESETS
-from fourd_jax.model.vlm import init_params
+from fourd_jax.model.vlm import Qwen25VL
 
 CHOICES = {"A": 1, "B": 2, "C": 3, "D": 4}
 

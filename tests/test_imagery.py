@@ -6,27 +6,21 @@ import numpy as np
 import pytest
 import torch
 from reference import Row, make_batch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fourd_jax.data.latent_tokens import LATENT_TOKENS, add_latent_tokens, expand_output_images, latent_token_ids
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
-from fourd_jax.model import Qwen25VL, init_params, tiny
-from fourd_jax.model.imagery import (
-    LATENT_TOKENS,
-    add_latent_imagery,
-    add_latent_tokens,
-    expand_output_images,
-    grow_embeddings,
-    imagery_targets,
-    latent_token_ids,
-)
+from fourd_jax.model.apply import init_params
+from fourd_jax.model.config import tiny
+from fourd_jax.model.imagery import add_latent_imagery, grow_embeddings, imagery_targets
+from fourd_jax.model.vlm import Qwen25VL
 
 CORPUS = ["How does the camera move between the first and the last frame? A. Pan Left B. Dolly In"] * 20
 
 
 def plain_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = ["[UNK]", "the", "camera", "moves", "left", "right"]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -43,8 +37,6 @@ def test_latent_tokens_are_added_once_and_survive_saving(tmp_path):
     assert text == "the camera <|latent_start|>" + "<|latent_pad|>" * 4 + "<|latent_end|> moves"
     assert tok(text)["input_ids"] == [1, 2, 6, 7, 7, 7, 7, 8, 3]
     tok.save_pretrained(tmp_path)
-    from transformers import AutoTokenizer
-
     assert latent_token_ids(AutoTokenizer.from_pretrained(tmp_path)) == ids
 
 

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fourd_jax import cli
 from fourd_jax.data import importers, records
+from fourd_jax.data.importers.rows import BadRow
+from fourd_jax.data.importers.text import answer_letter
+from fourd_jax.data.taxonomy import OBJECT_DISTANCES, OBJECT_SPEEDS
 from fourd_jax.errors import InputError
 
 RED_STEP = 8  # red value per frame index in the fixture videos; survives lossy coding after rounding
@@ -208,19 +212,19 @@ def test_text_input_and_answer_parsing():
         "D. Maintaining a Constant Speed\nAnswer with a letter.")
     assert question == "Watch the clip.\nWhat happens?" and rest == "Answer with a letter."
     assert options == ["Speeding Up", "Slowing Down", "Moving at Varying Speeds", "Maintaining a Constant Speed"]
-    assert importers._letter("C. moving at varying speeds.", options, "x") == "C"
-    assert importers._letter("Slowing Down", options, "x") == "B"
+    assert answer_letter("C. moving at varying speeds.", options, "x") == "C"
+    assert answer_letter("Slowing Down", options, "x") == "B"
     for bad in ("E", "C. Slowing Down", "faster"):
-        with pytest.raises(importers._BadRow):
-            importers._letter(bad, options, "x")
+        with pytest.raises(BadRow):
+            answer_letter(bad, options, "x")
 
 
 def test_subtask_rule():
     infer = importers.infer_subtask
     assert infer("?", ["Pan Left", "Dolly In, Tilt Up and Roll Clockwise", "Truck Right", "Pedestal Up"]) == (
         "camera_motion")
-    assert infer("?", list(importers.OBJECT_SPEEDS[:4])) == "object_speed"
-    assert infer("?", list(importers.OBJECT_DISTANCES[:4])) == "object_distance"
+    assert infer("?", list(OBJECT_SPEEDS[:4])) == "object_speed"
+    assert infer("?", list(OBJECT_DISTANCES[:4])) == "object_distance"
     assert infer("?", ["Moving Left", "Stationary", "Moving Up", "Moving Away from Camera"]) == "object_direction"
     assert infer("How does its speed change?", ["a", "b", "c", "d"]) == "object_speed"
     assert infer("How did the camera move?", ["a", "b", "c", "d"]) == "camera_motion"
@@ -356,7 +360,7 @@ def test_dsr_bench_rows(tmp_path):
 
 def test_dsr_bench_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    import pyarrow as pa  # local: heavy and optional, like parquet support itself
 
     write_video(tmp_path / "scene_01.mp4", num_frames=8)
     pq.write_table(pa.Table.from_pylist(bench_rows()[:1]), tmp_path / "benchmark.parquet")
@@ -404,8 +408,6 @@ def test_vlm4d_rows(tmp_path):
 
 
 def test_data_import_cli_writes_records_and_reports_skips(tmp_path, capsys):
-    from fourd_jax import cli
-
     write_video(tmp_path / "clips" / "a.mp4", num_frames=24)
     rows = [{"id": 1, "video": "clips/a.mp4", "question_type": "direction", "question": "Where?",
              "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"},

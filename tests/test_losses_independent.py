@@ -15,13 +15,14 @@ from reference import Row, make_batch
 from run_configs import load_config, tiny_records
 
 from fourd_jax import sharding
-from fourd_jax.data.batching import vision_inputs
 from fourd_jax.data.pipeline import build_dataset
-from fourd_jax.model import Qwen25VL
+from fourd_jax.model.apply import init_params
 from fourd_jax.model.config import PRESETS
-from fourd_jax.model.vlm import init_params
+from fourd_jax.model.inputs import vision_inputs
+from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
-from fourd_jax.train import dift, job, rl
+from fourd_jax.train import dift, rl
+from fourd_jax.train.settings import DiftLossConfig, GrpoConfig, RunSettings
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -56,10 +57,10 @@ def dift_case(tmp_path_factory):
     path, tokenizer = tiny_records(tmp_path_factory.mktemp("losses_data"), seed=5)
     config = load_config("dift", **{"data.seq_buckets": (1024,)})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer = dift.make_trainer(config, tokenizer, mesh)
+    trainer = dift.make_trainer(RunSettings.of(config), tokenizer, mesh)
     model, c = trainer.model, trainer.model.config
     params = jax.tree_util.tree_map(np.asarray, trainer.state.params)  # before any (donating) step
-    batch = next(b for b in build_dataset(path / "train", tokenizer, c, job.pipeline_config(config))
+    batch = next(b for b in build_dataset(path / "train", tokenizer, c, RunSettings.of(config).pipeline())
                  if b["latent_mask"].any())
     sizes = dift.StaticSizes.of(batch)
     ids, attention = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
@@ -132,7 +133,7 @@ def dift_case(tmp_path_factory):
             if (ce_weight, latent_weight) != (config.loss.ce_weight, config.loss.latent_weight):
                 run = load_config("dift", **{"data.seq_buckets": (1024,), "loss.ce_weight": ce_weight,
                                              "loss.latent_weight": latent_weight})
-                t = dift.make_trainer(run, tokenizer, mesh)
+                t = dift.make_trainer(RunSettings.of(run), tokenizer, mesh)
                 jax.tree_util.tree_map(np.testing.assert_array_equal,
                                        jax.tree_util.tree_map(np.asarray, t.state.params),
                                        params)  # the same initial params as the expected values'
@@ -184,7 +185,7 @@ def test_dift_total_is_the_configured_weighted_sum(dift_case, weights):
 def test_dift_config_weights_are_the_spec_recipe():
     config = load_config("dift")
     assert (config.loss.ce_weight, config.loss.latent_weight) == (0.1, 1.0)
-    assert (dift.DiftLossConfig().ce_weight, dift.DiftLossConfig().latent_weight) == (0.1, 1.0)
+    assert (DiftLossConfig().ce_weight, DiftLossConfig().latent_weight) == (0.1, 1.0)
 
 
 # ----------------------------------------------------------------------------- GRPO objective
@@ -245,7 +246,7 @@ def grpo(logp, old, ref, adv, mask, config):
 def test_grpo_objective_equals_numpy_ppo(estimator, aggregation):
     logp, old, ref = grpo_arrays()
     beta = 0.04
-    config = rl.GrpoConfig(num_generations=2, epsilon=EPS, beta=beta, kl_estimator=estimator,
+    config = GrpoConfig(num_generations=2, epsilon=EPS, beta=beta, kl_estimator=estimator,
                            aggregation=aggregation)
     want, want_grad, want_kl = np_grpo(logp, old, ref, ADVANTAGES, MASK, beta=beta, estimator=estimator,
                                        aggregation=aggregation)
@@ -266,7 +267,7 @@ def test_grpo_objective_equals_numpy_ppo(estimator, aggregation):
 
 def test_grpo_clipping_acts_on_both_sides():
     logp, old, _ = grpo_arrays()
-    config = rl.GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)
+    config = GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)
     value, grad, _ = grpo(logp, old, None, ADVANTAGES, MASK, config)
     n = MASK.sum(1, keepdims=True) * len(MASK)  # sequence-mean weights
     # Positive advantage, ratio 1.5 > 1 + eps: the loss holds at -(1 + eps) * A, no gradient.
@@ -287,7 +288,7 @@ def test_grpo_surrogate_raises_the_log_prob_of_positive_advantage_tokens():
     gradient step on the loss raises the log-probs of positive-advantage tokens and lowers the others."""
     logp, _, _ = grpo_arrays(1)
     for aggregation in ("sequence-mean", "token-mean"):
-        config = rl.GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0, aggregation=aggregation)
+        config = GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0, aggregation=aggregation)
         value, grad, _ = grpo(logp, None, None, ADVANTAGES, MASK, config)
         weights = MASK / MASK.sum(1, keepdims=True) / len(MASK) if aggregation == "sequence-mean" \
             else MASK / MASK.sum()
@@ -370,7 +371,7 @@ def test_logprob_drift_counts_drawn_tokens_only_even_with_the_latent_gradient(im
     forced = np.asarray(rollout.forced_mask)
     full = rollout.completion_mask  # rl.latent_gradient=True: every completion token
     assert (forced & np.asarray(full)).any()
-    grpo_config = rl.GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)  # the advantages are given
+    grpo_config = GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)  # the advantages are given
     _, aux = rl.grpo_loss(params, model=model, inputs=rl.scoring_inputs(prompt, rollout, 1), rollout=rollout,
                           mask=full, advantages=jnp.array([1.0, -1.0]), old_logprobs=None, ref_logprobs=None,
                           config=grpo_config)

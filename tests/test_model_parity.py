@@ -10,7 +10,12 @@ import torch
 from reference import Row, hf_logits, make_batch, masked_max_diff
 
 from fourd_jax.errors import InputError
-from fourd_jax.model import Qwen25VL, forward, get_rope_index
+from fourd_jax.model.apply import forward
+from fourd_jax.model.config import tiny
+from fourd_jax.model.inputs import prepare_vision
+from fourd_jax.model.positions import get_rope_index
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train.dift import latent_cosine_terms, token_cross_entropy
 
 TOL = 1e-4
 
@@ -109,8 +114,6 @@ def test_rope_index_equals_transformers_in_spatial_extent_mode(reference):
 
 def test_reference_positions_by_hand():
     """Qwen's rule: text after media resumes at (largest media position) + 1."""
-    from fourd_jax.model import tiny
-
     c = tiny()
     v, s, e = c.video_token_id, c.vision_start_token_id, c.vision_end_token_id
     # 2 text, start, a video of t=3 temporal patches on a 2x2 merged grid (12 tokens), end, 1 text.
@@ -170,8 +173,6 @@ def primitive_dtypes(jaxpr, names):
 def test_bfloat16_compute_keeps_softmax_norms_and_losses_in_float32(reference):
     """The dtype policy, read off the traced programs: with bf16 weights and compute, every
     exponential, logarithm, max-reduction (softmax) and rsqrt (RMSNorm) runs in float32."""
-    from fourd_jax.train.dift import latent_cosine_terms, token_cross_entropy
-
     name, _, _, model, params = reference
     low = Qwen25VL(model.config.replace(dtype="bfloat16", param_dtype="bfloat16"))
     cast = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
@@ -195,8 +196,6 @@ def test_vision_tower_matches_transformers(reference):
     name, torch_model, _, model, params = reference
     m = MEDIA[name]
     batch = make_batch(model.config, [Row([("video", m["video"], 1.0), ("image", m["image"])])])
-    from fourd_jax.model import prepare_vision
-
     # Two media of different sizes in one call: attention never crosses media items.
     vision = prepare_vision(model.config, batch["pixel_values"], batch["image_grid_thw"],
                             batch["pixel_values_videos"], batch["video_grid_thw"])

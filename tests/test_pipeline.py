@@ -8,16 +8,18 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from fourd_jax.data import records
-from fourd_jax.data.batching import imagery_segments, vision_inputs
+from fourd_jax.data.batching import imagery_segments
 from fourd_jax.data.features import FeatureConfig, featurize
+from fourd_jax.data.latent_tokens import LATENT_TOKENS
 from fourd_jax.data.pipeline import PipelineConfig, RecordSource, build_dataset
 from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
 from fourd_jax.errors import InputError
-from fourd_jax.model import tiny
-from fourd_jax.model.imagery import LATENT_TOKENS, chunk_means, segment_means
-from fourd_jax.model.rope import get_rope_index
+from fourd_jax.model.config import tiny
+from fourd_jax.model.imagery import chunk_means, segment_means
+from fourd_jax.model.inputs import vision_inputs
+from fourd_jax.model.positions import get_rope_index
 
 FEATURES = FeatureConfig(max_frames=6, video_max_pixels=112 * 112, imagery_max_pixels=112 * 112)
 
@@ -109,8 +111,9 @@ def test_batched_forward_equals_each_example_alone(data):
     import jax
 
     from fourd_jax.data.batching import collate
-    from fourd_jax.model import Qwen25VL, forward, init_params
+    from fourd_jax.model.apply import forward, init_params
     from fourd_jax.model.imagery import imagery_targets
+    from fourd_jax.model.vlm import Qwen25VL
     from fourd_jax.train.dift import StaticSizes, teacher_forced
 
     path, tok, config = data

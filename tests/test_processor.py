@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
 
 from fourd_jax.data.processor import expand_placeholders, patchify, process, smart_resize
 from fourd_jax.errors import InputError
@@ -30,13 +31,11 @@ def test_resized_image_patches_equal_transformers(size, max_pixels):
 
 
 def test_smart_resize_equals_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
-
     rs = np.random.RandomState(0)
     for _ in range(500):
         h, w = (int(v) for v in rs.randint(10, 3000, 2))
         lo, hi = int(rs.choice([3136, 128 * 784])), int(rs.choice([256 * 784, 768 * 784, 1280 * 784]))
-        assert smart_resize(h, w, 28, lo, hi) == reference(h, w, 28, lo, hi)
+        assert smart_resize(h, w, 28, lo, hi) == reference_smart_resize(h, w, 28, lo, hi)
 
 
 def test_video_patches_are_two_frame_images():

@@ -10,7 +10,9 @@ from independent_keys import SPEED_OF_MOTION, distance_key_holds, independent_di
 from fourd_jax.data.qa import fourdthinker as ft
 from fourd_jax.data.qa.dsr import dsr_questions
 from fourd_jax.data.qa.mllm4d import mllm4d_questions
-from fourd_jax.data.sim.scene import SceneConfig, camera_path, project, sample_scene
+from fourd_jax.data.sim.scene import SceneConfig, camera_path, project, sample_scene, speed_profile
+from fourd_jax.data.synth import SynthConfig
+from fourd_jax.data.taxonomy import CAMERA_MOVES, OPPOSITE_MOVE
 from fourd_jax.errors import InputError
 
 SEEDS = range(150)
@@ -34,7 +36,7 @@ def scenes():
 
 def test_camera_moves_follow_their_definitions():
     base = dict(position=np.zeros(3), yaw=0.4, pitch=-0.3, num_frames=3)
-    for move in ft.CAMERA_MOVES:
+    for move in CAMERA_MOVES:
         size = 20.0 if move.split()[0] in ("Pan", "Tilt", "Roll") else 1.0
         assert moves_from_poses(camera_path(((move, size),), **base)) == {move}
 
@@ -56,9 +58,9 @@ def test_camera_question_key_equals_the_motion_in_the_poses(scenes):
         assert all(not np.isnan(boxes[anchor, t, 0]) for t, _ in qa.imagery)
         # Distractors: every move flipped first, then each single flip, then random combinations.
         moves = qa.key.replace(" and ", ", ").split(", ")
-        flipped = [ft.join_moves([ft.OPPOSITE_MOVE[m] for m in moves])]
+        flipped = [ft.join_moves([OPPOSITE_MOVE[m] for m in moves])]
         if len(moves) > 1:
-            flipped += [ft.join_moves([ft.OPPOSITE_MOVE[m] if i == j else m for j, m in enumerate(moves)])
+            flipped += [ft.join_moves([OPPOSITE_MOVE[m] if i == j else m for j, m in enumerate(moves)])
                         for i in range(len(moves))]
         distractors = [o for o in qa.options if o != qa.key]
         assert distractors[:min(3, len(flipped))] == flipped[:3]
@@ -104,8 +106,6 @@ def test_object_question_keys_match_the_trajectories(scenes):
 @pytest.mark.parametrize("motion", ["constant", "accelerating", "decelerating", "accel_decel", "decel_accel",
                                     "varying"])
 def test_every_generated_speed_profile_is_classified(motion):
-    from fourd_jax.data.sim.scene import speed_profile
-
     rng = np.random.default_rng(3)
     tau = np.linspace(0, 1, 16)
     label = ft.classify_speed(speed_profile(motion, 0.5, tau, rng)[1:])
@@ -190,8 +190,6 @@ def test_a_bad_camera_vocabulary_is_one_sentence(kwargs, phrase):
 
 
 def test_fixed_camera_options_need_four_moves_and_one_move_scenes():
-    from fourd_jax.data.synth import SynthConfig
-
     with pytest.raises(InputError, match="fixed_camera_options needs"):
         SynthConfig(scene=SceneConfig(max_camera_moves=2, camera_moves=PAN_TILT), fixed_camera_options=True)
     with pytest.raises(InputError, match="fixed_camera_options needs"):

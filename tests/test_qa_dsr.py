@@ -15,14 +15,10 @@ import pytest
 from independent_keys import expected_key
 
 from fourd_jax.data.qa import dsr
-from fourd_jax.data.qa.dsr import (
-    ALL_SUBTASKS,
-    describe_directions,
-    describe_magnitudes,
-    describe_speed_comparison,
-    dsr_questions,
-)
+from fourd_jax.data.qa.dsr import dsr_questions
+from fourd_jax.data.qa.dsr_describe import describe_directions, describe_magnitudes, describe_speed_comparison
 from fourd_jax.data.sim.scene import SceneConfig, project, sample_scene
+from fourd_jax.data.taxonomy import DSR_SUBTASKS
 from fourd_jax.errors import InputError
 
 NUM_FRAMES = 10
@@ -186,7 +182,7 @@ def test_every_key_rederived_and_options_distinct(generated):
             assert count <= dsr.MAX_SEGMENTS
             for option in qa.options:  # distractors: within +-3 segments of the key, never over the limit
                 assert max(1, count - 3) <= len(re.findall(r"\(\d+\)", option)) <= min(count + 3, dsr.MAX_SEGMENTS)
-    assert set(counts) == set(ALL_SUBTASKS)
+    assert set(counts) == set(DSR_SUBTASKS)
     assert min(counts.values()) >= 50, counts
 
 

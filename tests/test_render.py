@@ -5,8 +5,11 @@ import pytest
 
 from fourd_jax.data.sim import render
 from fourd_jax.data.sim.scene import (
+    CATEGORIES,
     FRONT_COLOR,
+    MOTIONS,
     Scene,
+    SceneConfig,
     SceneObject,
     camera_rotation,
     intrinsics_for,
@@ -14,6 +17,7 @@ from fourd_jax.data.sim.scene import (
     sample_scene,
     world_to_camera,
 )
+from fourd_jax.data.synth import SynthConfig
 from fourd_jax.errors import InputError
 
 RED = (205, 45, 40)
@@ -245,8 +249,6 @@ def test_bad_inputs_are_rejected():
 
 
 def test_sampled_scenes_follow_their_config_and_motions():
-    from fourd_jax.data.sim.scene import CATEGORIES, MOTIONS, SceneConfig
-
     config = SceneConfig(num_frames=12)
     fronts = motions = 0
     seen_motions = set()
@@ -289,16 +291,11 @@ def test_sampled_scenes_follow_their_config_and_motions():
     ("static_probability", 1.5, "static_probability 1.5 must be within"),
 ])
 def test_bad_scene_configs_fail_in_one_sentence(field, value, message):
-    from fourd_jax.data.sim.scene import SceneConfig
-
     with pytest.raises(InputError, match=message):
         SceneConfig(**{field: value})
 
 
 def test_synth_refuses_dsr_questions_on_short_clips():
-    from fourd_jax.data.sim.scene import SceneConfig
-    from fourd_jax.data.synth import SynthConfig
-
     with pytest.raises(InputError, match="DSR questions need at least 8 frames per scene, not 6"):
         SynthConfig(scene=SceneConfig(num_frames=6))
     SynthConfig(scene=SceneConfig(num_frames=6), families=("4dthinker",))

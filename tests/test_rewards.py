@@ -6,18 +6,15 @@ import math
 
 import pytest
 
+from fourd_jax.answers import STOCK_PHRASES, extract_choice, solution_key
 from fourd_jax.train.rewards import (
-    LATENT_TOKENS,
-    STOCK_PHRASES,
     FourDThinkerWeights,
     STRewardWeights,
     center_score,
-    extract_choice,
     fourdthinker_accuracy,
     fourdthinker_format,
     fourdthinker_reward,
     parse_centers,
-    solution_key,
     st_accuracy,
     st_format,
     st_reward,
@@ -148,12 +145,6 @@ def test_extract_choice_edge_cases():
     assert extract_choice("<answer></answer>") is None
     # First answer span wins even when a later one has a letter of the set.
     assert extract_choice("<answer>C</answer> <answer>A</answer>") == "C"
-
-
-def test_latent_tokens_match_model():
-    from fourd_jax.model.imagery import LATENT_TOKENS as MODEL_LATENT_TOKENS
-
-    assert tuple(LATENT_TOKENS) == tuple(MODEL_LATENT_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """4DRL: group advantages, the text-only policy mask (zero gradient at latent positions), KL
 estimators, log-prob recomputation equal to the sampler's, the rewards wiring, exact resume."""
 
-import dataclasses
 import json
 
 import flax.linen as nn
@@ -15,7 +14,8 @@ from fourd_jax import sharding
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.errors import InputError
 from fourd_jax.sample import token_logprobs
-from fourd_jax.train import job, loop, rl
+from fourd_jax.train import loop, rl
+from fourd_jax.train.settings import GrpoConfig, RunSettings
 
 
 def rl_config(**overrides):
@@ -43,7 +43,7 @@ def test_kl_estimators():
     np.testing.assert_allclose(rl.kl_penalty(logp, ref, "k3"), k3, rtol=1e-6)
     assert (np.asarray(rl.kl_penalty(logp, ref, "k3")) >= 0).all()
     with pytest.raises(InputError, match="kl_estimator"):
-        rl.GrpoConfig(kl_estimator="k2")
+        GrpoConfig(kl_estimator="k2")
 
 
 @pytest.mark.parametrize("aggregation", ["sequence-mean", "token-mean"])
@@ -55,7 +55,7 @@ def test_policy_gradient_never_reaches_latent_positions(aggregation):
     assert np.asarray(mask).tolist() == [[1, 0, 0, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 1, 1]]
     logits = jax.random.normal(jax.random.key(0), (2, 8, 60))
     ref = token_logprobs(jax.random.normal(jax.random.key(1), (2, 8, 60)), tokens, 1.0)
-    config = rl.GrpoConfig(num_generations=2, beta=0.04, aggregation=aggregation)
+    config = GrpoConfig(num_generations=2, beta=0.04, aggregation=aggregation)
 
     def loss(logits):
         logp = token_logprobs(logits, tokens, 1.0)
@@ -72,8 +72,8 @@ def test_rl_step_scores_the_sampled_sequences(data, monkeypatch):
     path, tokenizer = data
     config = rl_config(**{"rl.num_iterations": 2, "rl.kl_estimator": "k3"})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer = rl.make_rl_trainer(config, tokenizer, mesh)
-    prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
+    trainer = rl.make_rl_trainer(RunSettings.of(config), tokenizer, mesh)
+    prompts = RunSettings.of(config).pipeline(supervised=False, left_pad=True)
     batch = next(iter(build_dataset(path / "train", tokenizer, trainer.model.config, prompts)))
     assert batch["rope_deltas"].shape == (2,) and (batch["attention_mask"][:, -1] == 1).all()
     assert batch["example_mask"].all()
@@ -121,7 +121,7 @@ def test_rl_step_scores_the_sampled_sequences(data, monkeypatch):
     # The direction: on the sampled sequences, the clipped surrogate + beta * k3 KL (old policy and
     # reference = the params that sampled), written here in numpy, is lower after the update.
     c, rollout = trainer.model.config, seen["rollout"]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(job.sharding_rules(config)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RunSettings.of(config).rules):
         score = jax.jit(lambda p, prompt, rollout: rl.completion_logprobs(
             p, trainer.model, rl.scoring_inputs(prompt, rollout, g), rollout.latent_inputs,
             rollout.tokens.shape[1], config.sample.temperature))
@@ -144,8 +144,9 @@ def test_rl_job_resumes_exactly(data, tmp_path):
     path, tokenizer = data
     from fourd_jax import checkpoint
     from fourd_jax.data.tokenizer import config_for_tokenizer
-    from fourd_jax.model import Qwen25VL, init_params
+    from fourd_jax.model.apply import init_params
     from fourd_jax.model.config import PRESETS
+    from fourd_jax.model.vlm import Qwen25VL
 
     # A workdir laid out as DIFT leaves it (checkpoints/, tokenizer/); the demo test runs the real DIFT -> RL.
     model = Qwen25VL(config_for_tokenizer(tokenizer, PRESETS["tiny"]()))
@@ -155,21 +156,21 @@ def test_rl_job_resumes_exactly(data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Sharded over all 8 test devices: 4 prompts over data x fsdp = 4, heads over tensor = 2.
     sharded = {"mesh.shape": (2, 2, 2), "data.batch_size": 4, "rl.num_generations": 2}
-    rl.train(rl_config(**sharded), straight, init=str(tmp_path / "dift"), data=str(path), steps=2,
+    rl.train(RunSettings.of(rl_config(**sharded)), straight, init=str(tmp_path / "dift"), data=str(path), steps=2,
              progress=False)
-    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), data=str(path), steps=1,
+    rl.train(RunSettings.of(rl_config(**sharded)), resumed, init=str(tmp_path / "dift"), data=str(path), steps=1,
              progress=False)
-    rl.train(rl_config(**sharded), resumed, init=str(tmp_path / "dift"), data=str(path), steps=2,
+    rl.train(RunSettings.of(rl_config(**sharded)), resumed, init=str(tmp_path / "dift"), data=str(path), steps=2,
              progress=False)
     rows = [[loop.without_timing(json.loads(line)) for line in (w / "metrics.jsonl").read_text().splitlines()]
             for w in (straight, resumed)]
     assert len(rows[0]) == 2 and rows[0] == rows[1]
     assert (resumed / "tokenizer" / "tokenizer.json").exists()
     with pytest.raises(InputError, match="does not exist"):
-        rl.train(rl_config(), tmp_path / "x", init=str(tmp_path / "missing"), progress=False)
+        rl.train(RunSettings.of(rl_config()), tmp_path / "x", init=str(tmp_path / "missing"), progress=False)
     (tmp_path / "bare").mkdir()  # a checkpoint directory with no tokenizer beside it
     with pytest.raises(InputError, match="no tokenizer found beside .*bare; pass --config.tokenizer"):
-        rl.train(rl_config(), tmp_path / "y", init=str(tmp_path / "bare"), progress=False)
+        rl.train(RunSettings.of(rl_config()), tmp_path / "y", init=str(tmp_path / "bare"), progress=False)
 
 
 def test_rl_presets_carry_the_4dthinker_recipe():
@@ -180,4 +181,4 @@ def test_rl_presets_carry_the_4dthinker_recipe():
         assert (c.sample.temperature, c.sample.top_p, c.optim.lr, c.data.max_frames) == (1.0, 0.9, 1e-6, 16)
         assert (c.reward.accuracy, c.reward.format) == (1.0, 0.2) and c.model.preset == preset
         assert c.mesh.shape == (4, 8, 1) and c.model.dtype == "bfloat16"
-        rl.grpo_config(c)  # a valid GrpoConfig
+        assert isinstance(RunSettings.of(c).rl, GrpoConfig)

@@ -11,8 +11,8 @@ from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.processor import process, smart_resize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
-from fourd_jax.model import tiny
-from fourd_jax.train import job
+from fourd_jax.model.config import tiny
+from fourd_jax.train.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,5 +89,5 @@ def test_rl_presets_set_the_cap_and_it_reaches_the_features():
     for preset in ("qwen25vl_3b", "qwen25vl_7b"):
         config = rl_config(preset)
         assert config.data.video_max_side == 448
-        assert job.pipeline_config(config, supervised=False).features.video_max_side == 448
-    assert job.pipeline_config(rl_config("tiny"), supervised=False).features.video_max_side == 0
+        assert RunSettings.of(config).pipeline(supervised=False).features.video_max_side == 448
+    assert RunSettings.of(rl_config("tiny")).pipeline(supervised=False).features.video_max_side == 0

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from reference import Row, make_batch
 
-from fourd_jax.model import Qwen25VL
+from fourd_jax.model.apply import init_params
 from fourd_jax.model.config import PRESETS
-from fourd_jax.model.vlm import init_params
+from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, filter_logits, generate, prepare_prompt
 from fourd_jax.train.rl import scoring_inputs
 

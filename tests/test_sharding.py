@@ -8,8 +8,12 @@ from flax import traverse_util
 from reference import Row, make_batch
 
 from fourd_jax import sharding
-from fourd_jax.model import Qwen25VL, abstract_params, forward, get_rope_index, init_params, qwen25vl_7b, tiny
-from fourd_jax.model.vlm import prepare_vision
+from fourd_jax.model.apply import abstract_params, forward, init_params
+from fourd_jax.model.config import qwen25vl_7b, tiny
+from fourd_jax.model.inputs import prepare_vision
+from fourd_jax.model.positions import get_rope_index
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train.settings import RunSettings
 
 
 def test_every_parameter_has_logical_names_covered_by_the_rules():
@@ -46,17 +50,16 @@ def test_a_config_can_remap_logical_names_and_bad_rules_fail_clearly():
     from jax.sharding import PartitionSpec as P
     from run_configs import load_config
 
-    from fourd_jax.train import job
 
     config = load_config("dift", **{"mesh.rules": (("mlp", ("fsdp", "tensor")), ("embed", None))})
-    rules = job.sharding_rules(config)
+    rules = RunSettings.of(config).rules
     assert dict(rules)["mlp"] == ("fsdp", "tensor") and dict(rules)["embed"] is None
     assert len(rules) == len(sharding.DEFAULT_RULES)
     model = Qwen25VL(tiny())
     shardings = sharding.param_shardings(abstract_params(model), sharding.make_mesh((1, 4, 2)), rules)
     up = shardings["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert up.spec == P(None, None, ("fsdp", "tensor"))  # [layers, embed, mlp]
-    assert job.sharding_rules(load_config("dift")) == sharding.DEFAULT_RULES
+    assert RunSettings.of(load_config("dift")).rules == sharding.DEFAULT_RULES
     with pytest.raises(sharding.ShardingError, match="names logical axis 'hidden', which the model does not use"):
         sharding.resolve_rules([("hidden", "fsdp")])
     with pytest.raises(sharding.ShardingError, match="maps 'mlp' to 'model', which is not a mesh axis"):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 from independent_keys import (
     SPEED_OF_MOTION,
     RecordScene,
@@ -16,13 +17,15 @@ from independent_keys import (
     independent_direction,
     moves_from_poses,
 )
+from PIL import Image
 
 from fourd_jax import cli
 from fourd_jax.data import records
-from fourd_jax.data.qa.dsr import ALL_SUBTASKS
+from fourd_jax.data.inspect import summarize
 from fourd_jax.data.sim.render import overlay_mask, render_scene
 from fourd_jax.data.sim.scene import SceneConfig, sample_scene
 from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.taxonomy import DSR_SUBTASKS
 
 CONFIG = SynthConfig(scene=SceneConfig(num_frames=10, image_size=(112, 112)), scenes_per_shard=3)
 
@@ -78,18 +81,12 @@ def test_inspect_cli_reports_counts_and_draws_a_sheet(synth_dir, tmp_path, capsy
     assert summary["per_subtask"] == dict(per_subtask) and len(per_subtask) > 10
     assert summary["answer_letters"] == {k: letters[k] for k in "ABCD"}
     assert sheet.stat().st_size > 10_000
-    from PIL import Image
-
     with Image.open(sheet) as image:
         assert image.size[0] > 500 and len(set(np.asarray(image.convert("L")).ravel().tolist())) > 50
 
 
 def test_inspect_names_a_bad_record(synth_dir, tmp_path):
-    from fourd_jax.data.inspect import summarize
-
     raw = [data for _, _, data in records.read_raw(synth_dir / "val")][:3]
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     writer = ArrayRecordWriter(str(tmp_path / "mixed.array_record"), "group_size:1")
     for item in (raw[0], raw[1][:50], raw[2]):
         writer.write(item)
@@ -107,9 +104,9 @@ def test_synth_cli_refuses_bad_arguments(tmp_path, capsys):
 
 
 def test_tfds_data_source_reads_the_same_records(synth_dir, tmp_path):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # local: heavy (TFDS), and only this test reads through it
 
-    from fourd_jax.data.tfds_builder import FourdRecords
+    from fourd_jax.data.tfds_builder import FourdRecords  # local: imports TFDS too
 
     FourdRecords(records_dir=synth_dir, data_dir=tmp_path).download_and_prepare()
     source = tfds.data_source("fourd_records", data_dir=tmp_path)
@@ -167,7 +164,7 @@ def test_every_key_is_rederived_from_the_stored_geometry(keyed_records):
             np.testing.assert_allclose(cam1, to_cam0(scene.cam_to_world[-1, :3, 3]), atol=0.006)
             np.testing.assert_allclose(obj0, to_cam0(scene.centers[obj, 0]), atol=0.006)
             np.testing.assert_allclose(obj1, to_cam0(scene.centers[obj, -1]), atol=0.006)
-    assert {subtask for family, subtask in seen if family == "dsr"} == set(ALL_SUBTASKS)
+    assert {subtask for family, subtask in seen if family == "dsr"} == set(DSR_SUBTASKS)
     assert {subtask for family, subtask in seen if family == "4dthinker"} == {
         "camera_motion", "object_direction", "object_distance", "object_speed"}
     assert seen[("mllm4d", "object_direction")] > 0

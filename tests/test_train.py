@@ -20,8 +20,9 @@ from run_configs import load_config, tiny_records
 from fourd_jax import sharding
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.errors import InputError
-from fourd_jax.train import dift, job, loop
+from fourd_jax.train import dift, loop
 from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.settings import RunSettings
 from fourd_jax.train.state import abstract_state, state_bytes_per_device
 
 REPO = Path(__file__).parents[1]
@@ -43,13 +44,13 @@ def host_batches(config, data, n):
     from fourd_jax.model.config import PRESETS
 
     model_config = config_for_tokenizer(tokenizer, PRESETS[config.model.preset]())
-    it = iter(build_dataset(path / "train", tokenizer, model_config, job.pipeline_config(config)))
+    it = iter(build_dataset(path / "train", tokenizer, model_config, RunSettings.of(config).pipeline()))
     batch = next(b for b in it if b["latent_mask"].any())
     return [batch] * n
 
 
 def run_steps(config, data, mesh, batches, metric="loss"):
-    trainer = dift.make_trainer(config, data[1], mesh)
+    trainer = dift.make_trainer(RunSettings.of(config), data[1], mesh)
     state, values = trainer.state, []
     for batch in batches:
         state, metrics = trainer.step_fn(state, batch)
@@ -76,8 +77,9 @@ def test_logits_in_the_loss_window_give_the_full_cross_entropy(data):
     import functools
 
     from fourd_jax.data.tokenizer import config_for_tokenizer
-    from fourd_jax.model import Qwen25VL, init_params
+    from fourd_jax.model.apply import init_params
     from fourd_jax.model.config import PRESETS
+    from fourd_jax.model.vlm import Qwen25VL
 
     config = dift_config()
     (batch,) = host_batches(config, data, 1)
@@ -103,7 +105,7 @@ def test_logits_in_the_loss_window_give_the_full_cross_entropy(data):
 
 def test_fsdp_8_holds_an_eighth_of_the_state_per_device(data):
     config = dift_config(**{"model.preset": "tiny8"})
-    trainer = dift.make_trainer(config, data[1], sharding.make_mesh((1, 8, 1)))
+    trainer = dift.make_trainer(RunSettings.of(config), data[1], sharding.make_mesh((1, 8, 1)))
     held = state_bytes_per_device(trainer.state)
     total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((trainer.state.params, trainer.state.opt_state)))
     assert len(held) == 8
@@ -129,7 +131,7 @@ def test_gradient_accumulation_equals_the_full_batch(data):
 def test_non_finite_steps_leave_the_state_and_stop_training(data, tmp_path):
     config = dift_config()
     batches = host_batches(config, data, 3)
-    trainer = dift.make_trainer(config, data[1], sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer = dift.make_trainer(RunSettings.of(config), data[1], sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     params = trainer.state.params
     poisoned = dict(params, language_model=dict(params["language_model"], norm={
         "weight": params["language_model"]["norm"]["weight"] * np.nan}))
@@ -156,9 +158,9 @@ def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_p
     path, _ = data
     config = dift_config(**{"tokenizer": str(path / "tokenizer")})
     straight, split = tmp_path / "straight", tmp_path / "split"
-    dift.train(config, straight, data=str(path), steps=6, progress=False)
-    dift.train(config, split, data=str(path), steps=3, progress=False)
-    dift.train(config, split, data=str(path), steps=6, progress=False)
+    dift.train(RunSettings.of(config), straight, data=str(path), steps=6, progress=False)
+    dift.train(RunSettings.of(config), split, data=str(path), steps=3, progress=False)
+    dift.train(RunSettings.of(config), split, data=str(path), steps=6, progress=False)
     rows = [[loop.without_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (straight, split)]
     assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == list(range(1, 7))
@@ -174,8 +176,8 @@ def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_p
 
     # The same checkpoint onto a (2, 2, 2) mesh: identical values, new placement.
     other = sharding.make_mesh((2, 2, 2))
-    trainer = dift.make_trainer(dift_config(**{"tokenizer": str(path / "tokenizer")}), data[1], other)
-    batches = iter(build_dataset(path / "train", data[1], trainer.model.config, job.pipeline_config(config)))
+    trainer = dift.make_trainer(RunSettings.of(dift_config(**{"tokenizer": str(path / "tokenizer")})), data[1], other)
+    batches = iter(build_dataset(path / "train", data[1], trainer.model.config, RunSettings.of(config).pipeline()))
     restored = Checkpointer(straight / "checkpoints").restore(
         abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, a)
@@ -203,7 +205,7 @@ def test_retention_keeps_the_last_and_the_best_checkpoint(tmp_path):
 def test_a_mesh_that_does_not_fit_is_one_sentence(data, tmp_path):
     config = dift_config(**{"mesh.shape": (3, 1, 1)})
     with pytest.raises(InputError, match=r"mesh_shape \(3, 1, 1\) needs 3 devices but 8 are available"):
-        dift.train(config, tmp_path, data=str(data[0]), steps=1, progress=False)
+        dift.train(RunSettings.of(config), tmp_path, data=str(data[0]), steps=1, progress=False)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -251,8 +253,8 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data, tmp
         path = {str(data[0])!r}
         tok = AutoTokenizer.from_pretrained(path + "/tokenizer")
         config = dift_config()
-        trainer = dift.make_trainer(config, tok, sharding.make_mesh((1, 1, 1)))
-        it = iter(build_dataset(path + "/train", tok, trainer.model.config, job.pipeline_config(config)))
+        trainer = dift.make_trainer(RunSettings.of(config), tok, sharding.make_mesh((1, 1, 1)))
+        it = iter(build_dataset(path + "/train", tok, trainer.model.config, RunSettings.of(config).pipeline()))
         ckpt = Checkpointer({str(tmp_path / 'ckpt')!r})
         state, _ = trainer.step_fn(trainer.state, next(it))
         ckpt.save(state, it, {{}}, trainer.model.config.to_dict(), wait=True)
@@ -321,7 +323,7 @@ def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsy
     path, tokenizer = data
     config = dift_config(**{"optim.warmup_steps": 0})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer = dift.make_trainer(config, tokenizer, mesh)
+    trainer = dift.make_trainer(RunSettings.of(config), tokenizer, mesh)
     checkpoint.save_params(tmp_path / "start", trainer.model, trainer.state.params)
     assert cli.main(["data", "targets", str(path), "--checkpoint", str(tmp_path / "start"), "--out",
                      str(tmp_path / "with_targets"), "--imagery-max-pixels", str(config.data.imagery_max_pixels)]) == 0
@@ -330,8 +332,8 @@ def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsy
     in_step = host_batches(config, data, 1)[0]
     config_pre = dift_config(**{"optim.warmup_steps": 0, "loss.imagery_targets": "precomputed",
                                 "model.init_from": str(tmp_path / "start")})
-    pre = dift.make_trainer(config_pre, tokenizer, mesh)
-    pipeline = job.pipeline_config(config_pre)
+    pre = dift.make_trainer(RunSettings.of(config_pre), tokenizer, mesh)
+    pipeline = RunSettings.of(config_pre).pipeline()
     batches = build_dataset(tmp_path / "with_targets" / "train", tokenizer, pre.model.config, pipeline)
     wanted = list(in_step["sample_id"])
     batch = next(b for b in batches if list(b["sample_id"]) == wanted)
@@ -341,7 +343,7 @@ def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsy
     np.testing.assert_allclose([float(b["loss"]), float(b["latent_loss"])], [float(a["loss"]), float(a["latent_loss"])],
                                rtol=1e-5)
     with pytest.raises(InputError, match="loss.imagery_targets must be 'in_step' or 'precomputed'"):
-        job.pipeline_config(dift_config(**{"loss.imagery_targets": "cached"}))
+        RunSettings.of(dift_config(**{"loss.imagery_targets": "cached"})).pipeline()
 
 
 def test_remat_blockwise_attention_and_bfloat16_compute_train_the_same_model(data):
@@ -352,7 +354,7 @@ def test_remat_blockwise_attention_and_bfloat16_compute_train_the_same_model(dat
     _, base, _ = run_steps(dift_config(), data, mesh, batch * 2)
     _, remat, _ = run_steps(dift_config(**{"model.remat_policy": "nothing_saveable"}), data, mesh, batch * 2)
     np.testing.assert_allclose(remat, base, rtol=1e-6)
-    trainer = dift.make_trainer(dift_config(**{"model.attention_block": 128}), data[1], mesh)
+    trainer = dift.make_trainer(RunSettings.of(dift_config(**{"model.attention_block": 128})), data[1], mesh)
     assert trainer.model.config.attention_block == 128 < batch[0]["input_ids"].shape[1]
     _, blocks, _ = run_steps(dift_config(**{"model.attention_block": 128}), data, mesh, batch * 2)
     np.testing.assert_allclose(blocks, base, rtol=1e-5)

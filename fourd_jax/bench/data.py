@@ -13,12 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fourd_jax.bench.report import record as record_row
+from fourd_jax.data.features import FeatureConfig
+from fourd_jax.data.pipeline import PipelineConfig, build_dataset
+from fourd_jax.data.sim.render import render_scene
 from fourd_jax.data.sim.scene import SceneConfig, sample_scene
+from fourd_jax.data.synth import SynthConfig, synthesize
+from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
+from fourd_jax.model.config import tiny
 
 
 def render_fps(num_scenes: int = 6, image_size: int = 224) -> float:
-    from fourd_jax.data.sim.render import render_scene
-
     config = SceneConfig(image_size=(image_size, image_size), min_objects=6, max_objects=6)
     scenes = [sample_scene(seed, config) for seed in range(num_scenes)]
     render_scene(scenes[0])  # warm-up
@@ -30,9 +35,6 @@ def render_fps(num_scenes: int = 6, image_size: int = 224) -> float:
 def pipeline_rate(path: Path, tokenizer: Any, model_config: Any, workers: int, batches: int,
                   batch_size: int) -> tuple[float, float]:
     """(samples/s after the first batch, seconds to the first batch)."""
-    from fourd_jax.data.features import FeatureConfig
-    from fourd_jax.data.pipeline import PipelineConfig, build_dataset
-
     config = PipelineConfig(batch_size=batch_size, num_epochs=None, num_workers=workers,
                             features=FeatureConfig(max_frames=16))
     start = time.perf_counter()
@@ -46,11 +48,6 @@ def pipeline_rate(path: Path, tokenizer: Any, model_config: Any, workers: int, b
 
 
 def run(num_scenes: int = 12, batches: int = 12, batch_size: int = 4, record: bool = True) -> dict[str, Any]:
-    from fourd_jax.bench.report import record as record_row
-    from fourd_jax.data.synth import SynthConfig, synthesize
-    from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
-    from fourd_jax.model import tiny
-
     fps = render_fps()
     print(f"render: {fps:.1f} frames/s at 224x224 with 6 objects ({fps / 20:.2f}x the 20 frames/s target)")
     result: dict[str, Any] = {"render frames/s": round(fps, 1)}

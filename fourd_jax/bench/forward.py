@@ -14,7 +14,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from fourd_jax.bench.report import median_time
+from fourd_jax.bench.report import record as record_row
+from fourd_jax.convert import hf
+from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig
+from fourd_jax.model.inputs import prepare_vision
+from fourd_jax.model.positions import get_rope_index
 
 SIZES = {
     "small": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv=2, vocab=8192,
@@ -46,8 +52,6 @@ def bench_config(size: str) -> ModelConfig:
 
 def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Two rows of text + image + text + video + text, as processor outputs."""
-    from fourd_jax.data.processor import patchify
-
     s = SIZES[size]
     rs = np.random.RandomState(seed)
     m2 = config.vision.spatial_merge_size**2
@@ -79,14 +83,9 @@ def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.n
 
 def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str, Any]:
     """Time both forwards; print and (optionally) record the ratio."""
+    # The baseline; heavy, and only the torch side needs it.
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from fourd_jax.bench.report import median_time
-    from fourd_jax.bench.report import record as record_row
-    from fourd_jax.convert import hf
-    from fourd_jax.model import rope
-    from fourd_jax.model.vlm import prepare_vision
 
     config = bench_config(size)
     torch.manual_seed(0)
@@ -99,7 +98,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str,
     torch_batch = {k: torch.tensor(v) for k, v in batch.items()}
 
     # transformers 5.x positions text after a video by its spatial extent; use the same positions.
-    positions, _ = rope.get_rope_index(
+    positions, _ = get_rope_index(
         config.replace(mrope_text_start="spatial_extent"), batch["input_ids"],
         batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"])
     vision = prepare_vision(config, batch["pixel_values"], batch["image_grid_thw"],

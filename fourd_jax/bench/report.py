@@ -12,6 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
+
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "PERFORMANCE.md"
 
 
@@ -27,8 +29,6 @@ def median_time(fn, repeats: int) -> float:
 
 def machine() -> str:
     """A short description of where a benchmark ran."""
-    import jax
-
     kinds = sorted({d.device_kind for d in jax.devices()})
     return f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {'/'.join(kinds)}"
 

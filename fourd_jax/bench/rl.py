@@ -28,7 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.report import median_time
+from fourd_jax.bench.report import record as record_row
 from fourd_jax.bench.sample import bench_prompts, reference_models
+from fourd_jax.data.batching import media_arrays
+from fourd_jax.model.inputs import vision_inputs
+from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
+from fourd_jax.train.optim import make_optimizer, trainable_mask
+from fourd_jax.train.rl import completion_logprobs, group_advantages, scoring_inputs, update_step
+from fourd_jax.train.settings import GrpoConfig, OptimSettings
+from fourd_jax.train.state import new_state
 
 FREEZE = (r"^visual/",)
 
@@ -42,9 +51,6 @@ def token_reward(tokens: np.ndarray) -> np.ndarray:
 def jax_prompt(model: Any, batch: dict[str, np.ndarray]) -> Any:
     """The prompts as the RL trainer feeds them: host positions, and each row's video laid out
     per example (what `scoring_inputs` repeats G times) rather than flat."""
-    from fourd_jax.data.batching import media_arrays, vision_inputs
-    from fourd_jax.sample import prepare_prompt
-
     flat = prepare_prompt(model, **batch)
     grids = batch["video_grid_thw"]
     patches = np.split(batch["pixel_values_videos"], np.cumsum(np.prod(grids, axis=1))[:-1])
@@ -57,9 +63,7 @@ def torch_grpo(torch_model: Any, batch: dict[str, np.ndarray], config: Any, grou
                lr: float, epsilon: float, beta: float):
     """A PyTorch GRPO step on `torch_model` (updated in place); returns (step callable, log-prob
     function of the policy on given completions [B * G, N] for the agreement check)."""
-    import torch
-
-    from fourd_jax.train.rl import group_advantages
+    import torch  # the baseline; heavy, and only the torch side needs it
 
     reference = copy.deepcopy(torch_model).eval()
     for p in reference.parameters():
@@ -124,15 +128,7 @@ def torch_grpo(torch_model: Any, batch: dict[str, np.ndarray], config: Any, grou
 def run(size: str = "small", repeats: int = 5, record: bool = True, group: int = 4,
         max_new_tokens: int = 64) -> dict[str, Any]:
     """Time both GRPO steps; print and (optionally) record the ratio."""
-    import ml_collections
-    import torch
-
-    from fourd_jax.bench.report import median_time
-    from fourd_jax.bench.report import record as record_row
-    from fourd_jax.sample import SamplingConfig, generate
-    from fourd_jax.train.optim import make_optimizer, trainable_mask
-    from fourd_jax.train.rl import GrpoConfig, completion_logprobs, group_advantages, scoring_inputs, update_step
-    from fourd_jax.train.state import new_state
+    import torch  # the baseline; heavy, and only the torch side needs it
 
     # The 4DThinker vocabulary: latent tokens (as in `bench train`), which the RL code expects.
     v = bench_config(size).text.vocab_size
@@ -145,9 +141,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
     grpo = GrpoConfig(num_generations=group, temperature=1.0)  # epsilon 0.2, beta 0.01, k1, sequence-mean
     torch_step, torch_logprobs = torch_grpo(torch_model, batch, config, group, n, lr, grpo.epsilon, grpo.beta)
 
-    optim = ml_collections.ConfigDict(dict(lr=lr, min_lr_ratio=1.0, warmup_steps=0, total_steps=10, weight_decay=0.01,
-                                           b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, freeze=FREEZE))
-    tx = make_optimizer(optim, params)
+    tx = make_optimizer(OptimSettings(lr=lr, total_steps=10, freeze=FREEZE), params)
     # The sampler of `fourd-jax rl`, imagery rule included: a row that samples <|latent_start|> gets
     # forced pads fed with hidden states. It rarely fires with random weights, and the tokens per
     # step are max_new_tokens either way, so torch (which has no such rule) does the same work.

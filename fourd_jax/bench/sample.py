@@ -19,7 +19,13 @@ import jax
 import numpy as np
 
 from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.report import median_time
+from fourd_jax.bench.report import record as record_row
+from fourd_jax.convert import hf
+from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
 
 
 def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
@@ -29,11 +35,9 @@ def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
     The JAX model positions text after a video as transformers 5.x does ("spatial_extent"), so
     both frameworks see the same M-RoPE positions.
     """
+    # The baseline; heavy, and only the torch side needs it.
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from fourd_jax.convert import hf
-    from fourd_jax.model.vlm import Qwen25VL
 
     torch.manual_seed(0)
     torch_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).eval()
@@ -50,8 +54,6 @@ def bench_prompts(config: ModelConfig, lengths: Sequence[int], video_rows: Seque
                   image: int = 112, seed: int = 0) -> dict[str, np.ndarray]:
     """Left-padded processor outputs: row i is `lengths[i]` text tokens, then (for i in
     `video_rows`) a `frames`-frame video of `image` px and 8 more text tokens."""
-    from fourd_jax.data.processor import patchify
-
     rs = np.random.RandomState(seed)
     m2 = config.vision.spatial_merge_size**2
     # Ordinary tokens only: below the special ids (incl. the latent ones `bench rl` adds).
@@ -82,11 +84,7 @@ def bench_prompts(config: ModelConfig, lengths: Sequence[int], video_rows: Seque
 
 def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64) -> dict[str, Any]:
     """Time greedy generation in both frameworks; print and (optionally) record the ratio."""
-    import torch
-
-    from fourd_jax.bench.report import median_time
-    from fourd_jax.bench.report import record as record_row
-    from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
+    import torch  # the baseline; heavy, and only the torch side needs it
 
     config = bench_config(size)
     torch_model, model, params = reference_models(config)

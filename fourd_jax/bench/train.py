@@ -18,17 +18,25 @@ from typing import Any
 import jax
 import numpy as np
 
+from fourd_jax import sharding
+from fourd_jax.batch import device_batch
 from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.report import median_time
+from fourd_jax.bench.report import record as record_row
+from fourd_jax.convert import hf
+from fourd_jax.data.batching import collate
+from fourd_jax.data.processor import process
+from fourd_jax.model.positions import get_rope_index
+from fourd_jax.train.dift import StaticSizes, train_step
+from fourd_jax.train.optim import make_optimizer, trainable_mask
+from fourd_jax.train.settings import DiftLossConfig, OptimSettings
+from fourd_jax.train.state import new_state
 
 LATENT = 4
 
 
 def dift_batch(config: Any, seed: int = 0) -> dict[str, Any]:
     """Features of 2 examples, collated as the pipeline does."""
-    from fourd_jax.data.batching import collate
-    from fourd_jax.data.processor import process
-    from fourd_jax.model.rope import get_rope_index
-
     rs = np.random.RandomState(seed)
     vc = config.vision
     examples = []
@@ -61,6 +69,7 @@ def dift_batch(config: Any, seed: int = 0) -> dict[str, Any]:
 
 def torch_step_fn(config: Any, batch: dict[str, Any], hf_dir: str, lr: float):
     """A PyTorch DIFT step on the same batch and weights; returns (step callable, first loss)."""
+    # The baseline; heavy, and only the torch side needs it.
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -119,17 +128,9 @@ def torch_step_fn(config: Any, batch: dict[str, Any], hf_dir: str, lr: float):
 
 
 def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
-    import ml_collections
+    # The baseline; heavy, and only the torch side needs it.
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from fourd_jax.bench.report import median_time
-    from fourd_jax.bench.report import record as record_row
-    from fourd_jax.convert import hf
-    from fourd_jax.train.dift import DiftLossConfig, StaticSizes, train_step
-    from fourd_jax.train.loop import device_batch
-    from fourd_jax.train.optim import make_optimizer, trainable_mask
-    from fourd_jax.train.state import new_state
 
     v = bench_config("small").text.vocab_size
     config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
@@ -142,11 +143,8 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
         model, params = hf.load(tmp)
         torch_step = torch_step_fn(config, batch, tmp, lr)
 
-    optim = ml_collections.ConfigDict(dict(lr=lr, min_lr_ratio=1.0, warmup_steps=0, total_steps=10, weight_decay=0.01,
-                                           b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, freeze=(r"^visual/",)))
+    optim = OptimSettings(lr=lr, total_steps=10)
     tx = make_optimizer(optim, params)
-    from fourd_jax import sharding
-
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable_mask(params, optim.freeze),
                                      loss_config=DiftLossConfig()), static_argnames=("sizes",), donate_argnums=0)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.vision import VisionLayout, num_patches, vision_layout
+from fourd_jax.model.layout import VisionLayout, num_patches, vision_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,69 @@ def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int
     return segments
 
 
+# ----------------------------------------------------------------------------- the batch schema
+# What `collate` returns: per-example arrays with the batch on axis 0 (position_ids [3, B, L] on axis
+# 1); `{video,imagery}_*` media arrays whose `*_frame_len` and the `loss_window` scalar are static
+# sizes of the compiled step; text fields (object arrays) that stay on the host for rewards and eval.
+
+BATCH_AXIS = {"position_ids": 1}
+MEDIA_PREFIXES = ("video", "imagery")
+
+
+def batch_axis(key: str) -> int:
+    """The axis of a per-example array that holds the batch."""
+    return BATCH_AXIS.get(key, 0)
+
+
+def device_arrays(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The numeric per-example arrays of a batch: what goes to the devices, split by example."""
+    rows = batch["input_ids"].shape[0]
+    return {key: value for key, value in batch.items()
+            if isinstance(value, np.ndarray) and value.dtype != object and value.ndim
+            and value.shape[batch_axis(key)] == rows}
+
+
+def _padded_keys(batch: dict[str, Any]) -> list[str]:
+    return sorted(k for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object and v.ndim)
+
+
+def shape_summary(batch: dict[str, Any]) -> np.ndarray:
+    """One process's sizes, for `pad_to_agreed`: every numeric array's shape (padded to 4 axes),
+    then (frame_len, any media used) per media prefix, then the loss window (-1 when absent)."""
+    shapes = [list(batch[k].shape) + [0] * (4 - batch[k].ndim) for k in _padded_keys(batch)]
+    media = [[int(batch[f"{p}_frame_len"]), int(batch[f"{p}_valid"].any())] for p in MEDIA_PREFIXES]
+    return np.concatenate([np.ravel(np.array(shapes, np.int64)), np.ravel(media),
+                           [int(batch.get("loss_window", -1))]]).astype(np.int64)
+
+
+def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any]:
+    """A process's batch padded to the largest shapes of every process's `shape_summary` [P, n].
+
+    Padding is zeros at the end of each axis: no attention, no loss, invalid media slots, rows past
+    every example's media (which read padding patches that nothing attends to). A process whose rows
+    have no media of a kind has an empty layout, which fits any frame size; the loss window becomes
+    the widest, which still holds every row's supervised positions.
+    """
+    keys = _padded_keys(batch)
+    summaries = np.asarray(summaries)
+    largest = summaries[:, :4 * len(keys)].max(axis=0).reshape(len(keys), 4)
+    out = dict(batch)
+    for i, prefix in enumerate(MEDIA_PREFIXES):
+        every = summaries[:, 4 * len(keys) + 2 * i: 4 * len(keys) + 2 * i + 2]
+        sizes = {int(f) for f, used in every if used}
+        if len(sizes) > 1:
+            raise RuntimeError(f"processes hold {prefix} frames of different sizes {sorted(sizes)}; use one frame "
+                               "size per run")
+        out[f"{prefix}_frame_len"] = np.int32(sizes.pop() if sizes else 0)
+    if "loss_window" in batch:
+        out["loss_window"] = np.int32(summaries[:, -1].max())
+    for key, want in zip(keys, largest, strict=True):
+        value = batch[key]
+        pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
+        out[key] = np.pad(value, pad) if any(p for _, p in pad) else value
+    return out
+
+
 def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, seq_buckets: Sequence[int],
             model_config: ModelConfig, latent_size: int, left_pad: bool = False) -> dict[str, Any]:
     """A fixed-shape batch of `batch_size` rows from the good examples (bad ones counted).
@@ -189,14 +252,3 @@ def loss_window(loss_mask: np.ndarray, length: int) -> tuple[np.ndarray, np.int3
             starts[row] = supervised[0]
             span = max(span, int(supervised[-1] - supervised[0]) + 1)
     return starts, np.int32(min(length, max(MIN_LOSS_WINDOW, 1 << (span - 1).bit_length())))
-
-
-def vision_inputs(batch: dict[str, Any], prefix: str):
-    """The model's per-example VisionInputs for the `video` or `imagery` arrays of a batch
-    (frame_len made static)."""
-    from fourd_jax.model.vlm import VisionInputs
-
-    layout = VisionLayout(*(batch[f"{prefix}_{f}"] for f in ("patch_index", "valid", "rotary_pos", "frame_id",
-                                                             "unit_slot")),
-                          frame_len=int(batch[f"{prefix}_frame_len"]))
-    return VisionInputs(batch[f"{prefix}_patches"], layout, num_image_tokens=0)

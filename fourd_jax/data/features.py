@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from fourd_jax.data.latent_tokens import OUTPUT_IMAGE, expand_output_images, latent_token_ids
 from fourd_jax.data.processor import expand_placeholders, process
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.imagery import OUTPUT_IMAGE, expand_output_images, latent_token_ids
-from fourd_jax.model.rope import get_rope_index
+from fourd_jax.model.positions import get_rope_index
 
 ASSISTANT_TURNS = ("imagery_trace", "text_trace", "answer", "conclusion", "option_lookup")
 INSTRUCTION = ("Think about the question with mental imagery inside <think> </think> tags, and give only the "

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fourd_jax.data import records
+from fourd_jax.data.taxonomy import LETTERS
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -35,8 +36,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "records": total,
         "bad_records": bad,
         "per_subtask": dict(sorted(per_task.items())),
-        "answer_letters": {k: letters[k] for k in "ABCD"},
-        "answer_letter_share": {k: round(letters[k] / total, 3) if total else 0.0 for k in "ABCD"},
+        "answer_letters": {k: letters[k] for k in LETTERS},
+        "answer_letter_share": {k: round(letters[k] / total, 3) if total else 0.0 for k in LETTERS},
     }
 
 
@@ -58,9 +59,9 @@ def first_sample(path: str | Path, with_imagery: bool = True) -> dict[str, Any]:
 
 def contact_sheet(sample: dict[str, Any], out_path: str | Path, max_frames: int = 8) -> Path:
     """Draw frames, imagery, question and trace of one sample into a PNG."""
-    import matplotlib
+    import matplotlib  # local: heavy, and only the contact sheet draws
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
     import matplotlib.pyplot as plt
 
     frames = [sample["frames"][i] for i in sample["shown_frames"]]
@@ -77,7 +78,7 @@ def contact_sheet(sample: dict[str, Any], out_path: str | Path, max_frames: int 
         ax.imshow(img)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    options = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", sample["options"], strict=True))
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, sample["options"], strict=True))
     text = (f"[{sample['family']} / {sample['subtask']}]  answer {sample['answer']}\n"
             + "\n".join(textwrap.wrap(sample["question"], 110)) + "\n" + options + "\n\n"
             + "\n".join(textwrap.wrap(sample["trace"], 130)[:12]))

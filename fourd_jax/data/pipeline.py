@@ -20,10 +20,12 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from fourd_jax.data import records
 from fourd_jax.data.batching import BadExample, collate
 from fourd_jax.data.features import FeatureConfig, featurize
+from fourd_jax.data.latent_tokens import latent_token_ids
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
 
@@ -130,8 +132,6 @@ class Collate:
 def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model_config: ModelConfig,
                   config: PipelineConfig = PipelineConfig()) -> grain.IterDataset:
     """The batched IterDataset for records under `path` (files or directories)."""
-    from fourd_jax.model.imagery import latent_token_ids
-
     latent_token_ids(tokenizer)  # one clear error up front for a tokenizer without latent tokens
     source = RecordSource(path, config.subtasks)
     ds = grain.MapDataset.source(source)
@@ -146,8 +146,6 @@ def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model
     batches = ds.to_iter_dataset(read).batch(config.batch_size, drop_remainder=config.drop_remainder,
                                          batch_fn=Collate(model_config, config))
     if config.num_workers > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; unparsed ones raise there
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))

@@ -2,8 +2,9 @@
 
 Frames [T, H, W, 3] uint8 are resized (`smart_resize`: sides multiples of 28, pixel count within
 [min_pixels, max_pixels], optionally longest side <= max_side; PIL bicubic as the reference image
-processor), normalised with the CLIP mean/std, the time axis padded to a multiple of the temporal
-patch by repeating the last frame, and cut into rows of C * T_patch * P * P values in the order
+processor), normalised with the family's mean/std (CLIP's for Qwen2.5-VL; `fourd_jax.families`
+finds the family by the type of the vision config), the time axis padded to a multiple of the
+temporal patch by repeating the last frame, and cut into rows of C * T_patch * P * P values in the order
 the reference processor uses: patches of one 2x2 merge unit are consecutive, merge units
 row-major, temporal patches outermost. Video frames go through the same resize as images (the
 reference video processor needs torchvision, which is not available here).
@@ -16,18 +17,18 @@ import math
 import numpy as np
 from PIL import Image
 
+from fourd_jax import families
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import VisionConfig
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-# Reference defaults: images [56*56, 28*28*1280] pixels; videos [128*28*28, 768*28*28] per frame.
-IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
-VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+# The default family's settings (Qwen2.5-VL): the defaults of the functions below.
+DEFAULTS = families.DEFAULT.processor
+IMAGE_PAD, VIDEO_PAD = DEFAULTS.image_token, DEFAULTS.video_token
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = DEFAULTS.image_min_pixels, DEFAULTS.image_max_pixels
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = DEFAULTS.video_min_pixels, DEFAULTS.video_max_pixels
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IMAGE_MIN_PIXELS,
+def smart_resize(height: int, width: int, factor: int = DEFAULTS.resize_factor, min_pixels: int = IMAGE_MIN_PIXELS,
                  max_pixels: int = IMAGE_MAX_PIXELS, max_side: int = 0) -> tuple[int, int]:
     """The size Qwen2.5-VL resizes an image to: sides multiples of `factor`, aspect kept as well as
     possible, pixel count within [min_pixels, max_pixels].
@@ -79,6 +80,12 @@ def process(frames: np.ndarray, config: VisionConfig, min_pixels: int, max_pixel
     return patchify(resize_frames(frames, size), config)
 
 
+def normalisation(config: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (mean, std) [3] float32 of the family `config` belongs to."""
+    settings = families.family_of(config).processor
+    return np.array(settings.image_mean, np.float32), np.array(settings.image_std, np.float32)
+
+
 def patchify(frames: np.ndarray, config: VisionConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 frames [T, H, W, 3] (H, W multiples of patch * merge) -> (rows [N, C*T*P*P], grid).
 
@@ -93,7 +100,8 @@ def patchify(frames: np.ndarray, config: VisionConfig) -> tuple[np.ndarray, tupl
         raise InputError(f"frame size {h}x{w} must be a multiple of {p * m} on both sides.")
     if t % tp:
         frames = np.concatenate([frames, np.repeat(frames[-1:], tp - t % tp, axis=0)])
-    x = (frames.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    mean, std = normalisation(config)
+    x = (frames.astype(np.float32) / 255.0 - mean) / std
     x = x.transpose(0, 3, 1, 2)  # [T, C, H, W]
     gt, gh, gw = x.shape[0] // tp, h // p, w // p
     x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
@@ -102,7 +110,7 @@ def patchify(frames: np.ndarray, config: VisionConfig) -> tuple[np.ndarray, tupl
 
 
 def expand_placeholders(
-    text: str, image_grids=(), video_grids=(), merge: int = 2
+    text: str, image_grids=(), video_grids=(), merge: int = DEFAULTS.merge_size
 ) -> str:
     """Repeat each `<|image_pad|>` / `<|video_pad|>` once per merged token of its grid, in order."""
     out = []

@@ -20,8 +20,10 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
+from fourd_jax.data.taxonomy import LETTERS
 from fourd_jax.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -135,7 +137,7 @@ def _check(sample: dict[str, Any]) -> None:
             raise RecordError(f"field '{key}' names {len(sample[key])} objects, 'object_ids' has {n_objects}")
     if len(sample["options"]) != 4:
         raise RecordError(f"field 'options' must hold 4 options, not {len(sample['options'])}")
-    if sample["answer"] not in "ABCD" or len(sample["answer"]) != 1:
+    if sample["answer"] not in LETTERS or len(sample["answer"]) != 1:
         raise RecordError(f"field 'answer' must be one of A-D, not {sample['answer']!r}")
     if sample["trace"].count("<output_image>") != len(sample["imagery"]):
         raise RecordError(
@@ -211,8 +213,6 @@ def decode(data: bytes, decode_images: bool = True) -> dict[str, Any]:
 
 def write(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
     """Write samples to one ArrayRecord file atomically (temporary name, then rename)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -247,8 +247,6 @@ def files(path: str | os.PathLike) -> list[Path]:
 def open_reader(file: str | os.PathLike) -> Any:
     """An ArrayRecordReader for `file`, or RecordError when the file is not a whole ArrayRecord file
     (the reader would otherwise report a truncated file as holding no records)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     try:
         reader = ArrayRecordReader(str(file))
     except Exception as e:  # noqa: BLE001 - the bindings raise RuntimeError / ValueError variants

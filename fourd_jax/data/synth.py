@@ -18,19 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from fourd_jax.data import records
 from fourd_jax.data.qa.common import QA
-from fourd_jax.data.qa.dsr import ALL_SUBTASKS as DSR_SUBTASKS
 from fourd_jax.data.qa.dsr import MIN_SCENE_FRAMES, dsr_questions
-from fourd_jax.data.qa.fourdthinker import SUBTASKS as FOURDTHINKER_SUBTASKS
 from fourd_jax.data.qa.fourdthinker import fourdthinker_questions
 from fourd_jax.data.qa.mllm4d import mllm4d_questions
 from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
 from fourd_jax.data.sim.scene import Scene, SceneConfig, sample_scene
+from fourd_jax.data.taxonomy import DSR_SUBTASKS, FOURDTHINKER_SUBTASKS, MLLM4D_SUBTASKS
 from fourd_jax.errors import InputError
 
-MLLM4D_SUBTASKS = ("object_direction",)
 FAMILIES = {"dsr": dsr_questions, "4dthinker": fourdthinker_questions, "mllm4d": mllm4d_questions}
 SPLITS = ("train", "val", "test")
 
@@ -152,8 +151,6 @@ def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: Synt
             jobs.append((out / split / f"{split}-{k:05d}-of-{len(shards):05d}{records.SUFFIX}", split, shard, seed,
                          config))
     totals: dict[str, Counter] = {split: Counter() for split in SPLITS}
-    from tqdm import tqdm
-
     bar = tqdm(total=len(jobs), desc="synth shards", unit="shard", disable=not progress)
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:

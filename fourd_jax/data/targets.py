@@ -17,12 +17,11 @@ import numpy as np
 
 from fourd_jax.data import records
 from fourd_jax.data.features import FeatureConfig, imagery_patches
+from fourd_jax.model.imagery import imagery_targets
 
 
 def write_imagery_targets(src: str | Path, out: str | Path, model: Any, params: Any, config: FeatureConfig) -> int:
     """Copy the records under `src` to `out` with `imagery_targets` added; returns how many got targets."""
-    from fourd_jax.model.imagery import imagery_targets
-
     src, out = Path(src), Path(out)
     written = 0
     for file in records.files(src):

@@ -12,9 +12,13 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fourd_jax.data import records
+from fourd_jax.data.features import INSTRUCTION
+from fourd_jax.data.latent_tokens import LATENT_TOKENS, add_latent_tokens
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.imagery import LATENT_TOKENS, add_latent_tokens
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -47,8 +51,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
 
     `vocab_size` counts ordinary tokens (bytes + merges); special tokens come after them.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # slow to import; only building a tokenizer needs it
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -70,9 +73,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
 def record_texts(path: Any) -> Iterator[str]:
     """The text a tokenizer should cover for records under `path`: questions, options, traces and
     the fixed instruction and answer wording of the conversation."""
-    from fourd_jax.data import records
-    from fourd_jax.data.features import INSTRUCTION
-
     yield INSTRUCTION
     for sample in records.read(path, decode_images=False):
         yield sample["question"]

@@ -26,16 +26,16 @@ import numpy as np
 from tqdm import tqdm
 
 from fourd_jax import sharding
+from fourd_jax.answers import extract_choice
+from fourd_jax.batch import check_batch_divides, completion_texts, prompt_inputs
 from fourd_jax.data import records
 from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.pipeline import PipelineConfig, build_dataset
 from fourd_jax.errors import InputError
 from fourd_jax.eval.report import UNREADABLE, Prediction, write_results
+from fourd_jax.load import check_latent_ids, find_model, load_model, load_tokenizer
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.sample import SamplingConfig, generate, tokenizer_stops
-from fourd_jax.train import loop
-from fourd_jax.train.rewards import extract_choice
-from fourd_jax.train.rl import decode_completions, prompt_inputs
+from fourd_jax.sample import SamplingConfig, generate, sampling_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +161,10 @@ def split_directory(data: str | Path) -> Path:
 
 
 def eval_sampling(model: Qwen25VL, tokenizer: Any, config: EvalConfig) -> SamplingConfig:
-    eos, stops = tokenizer_stops(tokenizer, config.stop_strings)
-    return SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=0.0, eos_token_ids=eos,
-                          stop_sequences=stops, pad_token_id=int(model.config.pad_token_id or 0),
-                          imagery=config.imagery, latent_size=config.latent_size,
-                          max_latent_blocks=config.max_latent_blocks)
+    """Greedy decoding with imagery blocks, stopping where the tokenizer and `stop_strings` say."""
+    return sampling_for(tokenizer, model.config, config.stop_strings, max_new_tokens=config.max_new_tokens,
+                        temperature=0.0, imagery=config.imagery, latent_size=config.latent_size,
+                        max_latent_blocks=config.max_latent_blocks)
 
 
 def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Path, config: EvalConfig,
@@ -182,7 +181,7 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
     if jax.process_count() > 1:
         raise InputError("fourd-jax eval runs in one process; evaluate on one host.")
     mesh = sharding.make_mesh((-1, 1, 1))  # parameters replicated, questions split over the devices
-    loop.check_batch_divides(config.batch_size, mesh)
+    check_batch_divides(config.batch_size, mesh, "--batch-size")
     rules = sharding.DEFAULT_RULES
     features = FeatureConfig(latent_size=config.latent_size, max_frames=config.max_frames,
                              video_max_pixels=config.video_max_pixels, max_length=max(config.seq_buckets),
@@ -205,7 +204,7 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             rollout = generate(params, prompt_inputs(batch, mesh, rules), jax.random.key(0), model=model,
                                config=sampling)
-        texts = decode_completions(tokenizer, loop.local_rows(rollout.tokens), loop.local_rows(rollout.completion_mask))
+        texts = completion_texts(tokenizer, rollout.tokens, rollout.completion_mask)
         for row in np.flatnonzero(real):
             letters = "ABCDEF"[: int(batch["num_options"][row])]
             out.append(Prediction(sample_id=str(batch["sample_id"][row]), family=str(batch["family"][row]),
@@ -244,29 +243,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     """Load a checkpoint (training workdir, Orbax directory or HF directory), answer the split,
     write O/results.json, results.csv, predictions.jsonl and accuracy.png; return the table
     (`report.accuracy_table`: unscored questions are in every denominator and listed under "unscored")."""
-    from transformers import AutoTokenizer
-
-    from fourd_jax import checkpoint as orbax_checkpoint
-    from fourd_jax.convert import hf
-    from fourd_jax.model.imagery import LATENT_TOKENS
-    from fourd_jax.train.job import resolve_checkpoint
-
-    source, found_tokenizer = resolve_checkpoint(checkpoint)
-    tokenizer_dir = tokenizer_dir or found_tokenizer
+    source = find_model(checkpoint)
+    tokenizer_dir = tokenizer_dir or source.tokenizer
     if not tokenizer_dir:
         raise InputError(f"no tokenizer found with {checkpoint}; pass --tokenizer DIR.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as e:
-        raise InputError(f"tokenizer {tokenizer_dir} could not be loaded ({str(e).splitlines()[0]}).") from None
-    if (Path(source) / "config.json").exists():
-        model, params = hf.load(source)
-    else:
-        model, params = orbax_checkpoint.restore_params(source)
-    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
-    if model.config.latent_token_ids is not None and ids != tuple(model.config.latent_token_ids):
-        raise InputError(f"tokenizer {tokenizer_dir} maps the latent tokens to {ids}, but the model expects "
-                         f"{tuple(model.config.latent_token_ids)}; pass the tokenizer the model was trained with.")
+    tokenizer = load_tokenizer(tokenizer_dir, "tokenizer")
+    loaded = load_model(source)
+    check_latent_ids(tokenizer, loaded.model.config, tokenizer_dir)
+    model, params = loaded.model, loaded.params
     records_dir = split_directory(data)
     predictions, unscored = predict(model, params, tokenizer, records_dir, config, progress=progress)
     if unscored:

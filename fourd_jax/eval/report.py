@@ -330,7 +330,8 @@ def _plot_accuracy(table: dict, path: Path) -> None:
 
 
 def _figure(bars_width: float):
-    # a bare Figure on an Agg canvas: no pyplot global state, no display needed, safe next to other plots
+    # A bare Figure on an Agg canvas: no pyplot global state, no display needed, safe next to other plots.
+    # matplotlib is heavy and only the plots need it, so it is imported here.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

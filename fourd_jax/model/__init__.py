@@ -1,23 +1,15 @@
-"""Qwen2.5-VL in Flax Linen, with 4DThinker latent-imagery inputs."""
+"""Qwen2.5-VL in Flax Linen, with 4DThinker latent-imagery inputs.
 
-from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig, qwen25vl_3b, qwen25vl_7b, tiny
-from fourd_jax.model.rope import get_rope_index
-from fourd_jax.model.text import KVCache, init_kv_cache
-from fourd_jax.model.vlm import (
-    ModelOutput,
-    PreparedInputs,
-    Qwen25VL,
-    VisionInputs,
-    abstract_params,
-    encode_vision,
-    forward,
-    init_params,
-    prepare_inputs,
-    prepare_vision,
-)
+Import from the defining modules; the package itself imports nothing, so the host-side modules
+(`config`, `layout`, `positions`) load without JAX or Flax:
 
-__all__ = [
-    "KVCache", "ModelConfig", "ModelOutput", "PreparedInputs", "Qwen25VL", "TextConfig", "VisionConfig",
-    "VisionInputs", "abstract_params", "encode_vision", "forward", "get_rope_index", "init_kv_cache", "init_params",
-    "prepare_inputs", "prepare_vision", "qwen25vl_3b", "qwen25vl_7b", "tiny",
-]
+    config     ModelConfig, TextConfig, VisionConfig and the presets (tiny, qwen25vl_3b, ...)
+    layout     VisionLayout, vision_layout, num_patches: the vision tower's padded media layout (numpy)
+    positions  get_rope_index: M-RoPE positions (numpy)
+    inputs     VisionInputs, prepare_vision, check_placeholders, PreparedInputs, prepare_inputs,
+               vision_inputs: host-side preparation of processor outputs and training batches
+    vlm        Qwen25VL (the Linen module), ModelOutput
+    apply      forward, encode_vision, init_params, abstract_params, dummy_inputs: jitted entry points
+    text       KVCache, init_kv_cache, the decoder; vision: the tower; rope: M-RoPE angles
+    imagery    grow_embeddings, add_latent_imagery, chunk_means, segment_means, imagery_targets
+"""

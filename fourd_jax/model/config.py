@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from fourd_jax.errors import InputError
 
@@ -21,6 +22,9 @@ from fourd_jax.errors import InputError
 #       (transformers 5.3 - 5.23). Identical for images; differs for videos whose temporal
 #       positions run past their spatial extent.
 MropeTextStart = Literal["max_position", "spatial_extent"]
+
+# The dtypes a config may name, as numpy dtypes (what `jnp.dtype` gives for these names).
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 REMAT_POLICIES = (
     "none",
@@ -146,7 +150,7 @@ class ModelConfig:
                 f"vision.out_hidden_size {v.out_hidden_size} must equal text.hidden_size {t.hidden_size}"
             )
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, name) not in tuple(DTYPES):
                 problems.append(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy must be one of {REMAT_POLICIES}, not {self.remat_policy!r}")
@@ -160,12 +164,12 @@ class ModelConfig:
             raise InputError("Invalid model config: " + "; ".join(problems) + ".")
 
     @property
-    def jnp_param_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
+    def jnp_param_dtype(self) -> np.dtype:
+        return DTYPES[self.param_dtype]
 
     @property
-    def jnp_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
+    def jnp_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
 
     @property
     def latent_token_ids(self) -> tuple[int, int, int] | None:

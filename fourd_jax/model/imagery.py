@@ -1,9 +1,10 @@
-"""4DThinker latent imagery (SPEC 3.1-3.2): the three latent tokens and their targets.
+"""4DThinker latent imagery (SPEC 3.1-3.2) on the model side: embeddings for the latent tokens, and
+their targets.
 
 A `<output_image>` marker in a reasoning trace becomes `<|latent_start|>`, `latent_size` x
-`<|latent_pad|>`, `<|latent_end|>`. During DIFT the pad positions are fed the *imagery targets*:
-the imagery image through the frozen vision tower and merger, cut into `latent_size` contiguous
-chunks, each mean-pooled.
+`<|latent_pad|>`, `<|latent_end|>` (the tokens and their text live in `fourd_jax.data.latent_tokens`).
+During DIFT the pad positions are fed the *imagery targets*: the imagery image through the frozen
+vision tower and merger, cut into `latent_size` contiguous chunks, each mean-pooled.
 """
 
 from __future__ import annotations
@@ -16,47 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.data.latent_tokens import DEFAULT_LATENT_SIZE, add_latent_tokens
 from fourd_jax.errors import InputError
+from fourd_jax.model.apply import encode_vision
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.vlm import Qwen25VL, encode_vision, prepare_vision
-
-LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
-LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
-OUTPUT_IMAGE = "<output_image>"
-DEFAULT_LATENT_SIZE = 4
-
-
-def latent_block(latent_size: int = DEFAULT_LATENT_SIZE) -> str:
-    """The token string one `<output_image>` becomes."""
-    return LATENT_START + LATENT_PAD * latent_size + LATENT_END
-
-
-def expand_output_images(text: str, latent_size: int = DEFAULT_LATENT_SIZE) -> str:
-    """Replace every `<output_image>` marker with a latent block."""
-    return text.replace(OUTPUT_IMAGE, latent_block(latent_size))
-
-
-def add_latent_tokens(tokenizer: Any) -> tuple[int, int, int]:
-    """Add the three latent tokens (as special tokens) to a HF tokenizer; return their ids.
-
-    Tokens already present keep their ids, so calling this twice is harmless.
-    """
-    missing = [t for t in LATENT_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return latent_token_ids(tokenizer)
-
-
-def latent_token_ids(tokenizer: Any) -> tuple[int, int, int]:
-    """Ids of the latent tokens; one clear error when the tokenizer lacks any of them."""
-    vocab = tokenizer.get_vocab()
-    absent = [t for t in LATENT_TOKENS if t not in vocab]
-    if absent:
-        raise InputError(
-            f"The tokenizer has no {', '.join(absent)} token(s); add them with "
-            "fourd_jax.model.imagery.add_latent_tokens(tokenizer) before training or decoding."
-        )
-    return tuple(vocab[t] for t in LATENT_TOKENS)  # type: ignore[return-value]
+from fourd_jax.model.inputs import prepare_vision
+from fourd_jax.model.vlm import Qwen25VL
 
 
 def grow_embeddings(
@@ -99,7 +65,7 @@ def add_latent_imagery(model: Qwen25VL, params: Any, tokenizer: Any) -> tuple[Qw
     num_old = len(tokenizer)
     ids = add_latent_tokens(tokenizer)
     config, params = grow_embeddings(model.config, params, ids, min(num_old, model.config.text.vocab_size))
-    return Qwen25VL(config), params
+    return type(model)(config), params
 
 
 def chunk_means(tokens: jax.Array, latent_size: int = DEFAULT_LATENT_SIZE) -> jax.Array:

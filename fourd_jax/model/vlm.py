@@ -2,45 +2,27 @@
 
 Call it with the arrays a `transformers` Qwen2.5-VL processor returns; media and position
 bookkeeping that depends on data values (grids, placeholder runs) is done on the host by
-`prepare_vision` and `rope.get_rope_index`. Under `jax.jit`, pass their results (`vision=`,
-`position_ids=`) so the traced function has static shapes.
+`fourd_jax.model.inputs` (`prepare_vision`, `prepare_inputs`) and `positions.get_rope_index`. Under
+`jax.jit`, pass their results (`vision=`, `position_ids=`) so the traced function has static shapes;
+`fourd_jax.model.apply` has the jitted entry points.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Any
 
 import chex
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.config import ModelConfig
+from fourd_jax.model.inputs import VisionInputs, check_placeholders, host_array, prepare_vision
 from fourd_jax.model.layers import Dense
+from fourd_jax.model.positions import get_rope_index
 from fourd_jax.model.text import KVCache, TextDecoder
-from fourd_jax.model.vision import VisionLayout, VisionTower, num_patches, vision_layout
-
-
-@flax.struct.dataclass
-class VisionInputs:
-    """The media of a batch, images first then videos, ready for the vision tower.
-
-    Flat: patches [N, C*T*P*P] with a layout over all media (host `prepare_vision`). Per example:
-    patches [B, P, C*T*P*P] with layouts [B, ...] (the training pipeline), so the batch axis can
-    be sharded; example b's merged tokens then fill row b's placeholders.
-    """
-
-    patches: jax.Array
-    layout: VisionLayout
-    # Static: the first num_image_tokens merged tokens fill image placeholders, the rest video
-    # ones. Grids are not kept, so batches of different media sizes (padded to a bucket) reuse
-    # one compiled program.
-    num_image_tokens: int = flax.struct.field(pytree_node=False, default=0)
+from fourd_jax.model.vision import VisionTower
 
 
 @flax.struct.dataclass
@@ -48,79 +30,6 @@ class ModelOutput:
     logits: jax.Array | None  # [B, L, vocab] (None when compute_logits=False)
     hidden_states: jax.Array  # [B, L, hidden], final (post-norm) hidden states
     kv_cache: KVCache | None
-
-
-def _host(x: Any, name: str) -> np.ndarray:
-    """A concrete numpy copy of x, or one clear error when x is a tracer."""
-    if isinstance(x, jax.core.Tracer):
-        raise TypeError(
-            f"`{name}` is traced (e.g. under jax.jit), but it must be concrete to compute positions "
-            "and media layout; compute them outside the jitted function with "
-            "fourd_jax.model.prepare_vision / fourd_jax.model.rope.get_rope_index and pass "
-            "`vision=` and `position_ids=`."
-        )
-    return np.asarray(x)
-
-
-def prepare_vision(
-    config: ModelConfig,
-    pixel_values: Any = None,
-    image_grid_thw: Any = None,
-    pixel_values_videos: Any = None,
-    video_grid_thw: Any = None,
-) -> VisionInputs | None:
-    """Check the media tensors against their grids and lay them out for the tower (host side)."""
-    parts, grids = [], {}
-    for pix_name, pix, grid_name, grid in (
-        ("pixel_values", pixel_values, "image_grid_thw", image_grid_thw),
-        ("pixel_values_videos", pixel_values_videos, "video_grid_thw", video_grid_thw),
-    ):
-        if pix is None and grid is None:
-            continue
-        if pix is None or grid is None:
-            raise InputError(f"`{pix_name}` and `{grid_name}` must be given together.")
-        grid = _host(grid, grid_name).astype(np.int64).reshape(-1, 3)
-        pix = jnp.asarray(pix)
-        if pix.ndim != 2 or pix.shape[1] != config.vision.patch_dim:
-            raise InputError(
-                f"`{pix_name}` must have shape [patches, {config.vision.patch_dim}], got {tuple(pix.shape)}."
-            )
-        if pix.shape[0] != num_patches(grid):
-            raise InputError(
-                f"`{pix_name}` has {pix.shape[0]} rows but `{grid_name}` describes {num_patches(grid)} patches."
-            )
-        parts.append(pix)
-        grids[grid_name] = tuple(tuple(int(v) for v in row) for row in grid.tolist())
-    if not parts:
-        return None
-    image_grids, video_grids = grids.get("image_grid_thw", ()), grids.get("video_grid_thw", ())
-    return VisionInputs(
-        patches=jnp.concatenate(parts) if len(parts) > 1 else parts[0],
-        layout=vision_layout(np.array(image_grids + video_grids), config.vision),
-        num_image_tokens=num_patches(np.array(image_grids)) // config.vision.spatial_merge_size**2
-        if image_grids else 0,
-    )
-
-
-def check_placeholders(config: ModelConfig, input_ids: Any, image_grid_thw: Any = None, video_grid_thw: Any = None,
-                       mm_token_type_ids: Any = None) -> None:
-    """Host-side check that placeholder tokens match the media grids (skipped for traced ids)."""
-    if isinstance(input_ids, jax.core.Tracer):
-        return  # shapes are the caller's contract under jit (see replace_rows)
-    ids = np.asarray(input_ids)
-    if mm_token_type_ids is not None:
-        expected = np.where(ids == config.image_token_id, 1, np.where(ids == config.video_token_id, 2, 0))
-        if not np.array_equal(_host(mm_token_type_ids, "mm_token_type_ids"), expected):
-            raise InputError("`mm_token_type_ids` disagrees with the image/video tokens in `input_ids`.")
-    merge = config.vision.spatial_merge_size**2
-    for kind, grid, token_id in (("image", image_grid_thw, config.image_token_id),
-                                 ("video", video_grid_thw, config.video_token_id)):
-        if grid is None:
-            continue  # like transformers: placeholders without media keep their token embeddings
-        n_tokens, n_features = int(np.sum(ids == token_id)), num_patches(_host(grid, f"{kind}_grid_thw")) // merge
-        if n_tokens != n_features:
-            raise InputError(f"input_ids has {n_tokens} {kind} placeholder tokens but the {kind} inputs give "
-                             f"{n_features} features.")
 
 
 def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Array:
@@ -225,15 +134,15 @@ class Qwen25VL(nn.Module):
                 raise InputError("Decoding into a non-empty KV cache needs explicit `position_ids`.")
             row_mask = attention_mask
             if kv_cache is not None and attention_mask is not None:
-                row_mask = _host(attention_mask, "attention_mask")[:, :length]
+                row_mask = host_array(attention_mask, "attention_mask")[:, :length]
             if vision is not None and not media_given:
                 raise InputError("With precomputed `vision=`, pass `position_ids=` too (see get_rope_index).")
-            position_ids, _ = rope.get_rope_index(
-                c, _host(host_ids, "input_ids"),
-                _host(image_grid_thw, "image_grid_thw") if image_grid_thw is not None else None,
-                _host(video_grid_thw, "video_grid_thw") if video_grid_thw is not None else None,
-                _host(second_per_grid_ts, "second_per_grid_ts") if second_per_grid_ts is not None else None,
-                None if row_mask is None else _host(row_mask, "attention_mask"),
+            position_ids, _ = get_rope_index(
+                c, host_array(host_ids, "input_ids"),
+                host_array(image_grid_thw, "image_grid_thw") if image_grid_thw is not None else None,
+                host_array(video_grid_thw, "video_grid_thw") if video_grid_thw is not None else None,
+                host_array(second_per_grid_ts, "second_per_grid_ts") if second_per_grid_ts is not None else None,
+                None if row_mask is None else host_array(row_mask, "attention_mask"),
             )
         input_ids = jnp.asarray(input_ids)
         position_ids = jnp.asarray(position_ids)
@@ -274,124 +183,3 @@ class Qwen25VL(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Input token embeddings [..., hidden]."""
         return self.language_model.embed(input_ids)
-
-
-@flax.struct.dataclass
-class PreparedInputs:
-    """A batch with everything that depends on data values computed on the host."""
-
-    input_ids: jax.Array  # [B, L]
-    attention_mask: jax.Array  # [B, L]
-    position_ids: jax.Array  # [3, B, L]
-    rope_deltas: jax.Array  # [B]; a token decoded into cache slot s sits at s + delta
-    vision: VisionInputs | None = None
-
-
-def prepare_inputs(
-    config: ModelConfig,
-    input_ids: Any,
-    attention_mask: Any = None,
-    pixel_values: Any = None,
-    image_grid_thw: Any = None,
-    pixel_values_videos: Any = None,
-    video_grid_thw: Any = None,
-    second_per_grid_ts: Any = None,
-    mm_token_type_ids: Any = None,
-) -> PreparedInputs:
-    """Check processor outputs and compute media layout and M-RoPE positions (host, numpy)."""
-    ids = np.asarray(input_ids)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
-    vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    check_placeholders(config, ids, image_grid_thw, video_grid_thw, mm_token_type_ids)
-    positions, deltas = rope.get_rope_index(config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask)
-    return PreparedInputs(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                          jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32), vision)
-
-
-def forward(
-    model: Qwen25VL,
-    params: Any,
-    *processor_outputs: Any,
-    latent_embeds: Any = None,
-    compute_logits: bool = True,
-    **processor_kwargs: Any,
-) -> ModelOutput:
-    """`model.apply` on processor outputs, with the device work jitted (cached per model).
-
-    Takes the arguments of `prepare_inputs` (input_ids, attention_mask, pixel_values, ...). The
-    host-side work runs in numpy; the rest is one compiled program, so repeated calls with the
-    same shapes do not re-trace. Eager `model.apply` compiles every primitive separately, which
-    is slow for more than a few calls.
-    """
-    batch = prepare_inputs(model.config, *processor_outputs, **processor_kwargs)
-    return _jitted_apply(model, compute_logits)(params, batch, latent_embeds)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_apply(model: Qwen25VL, compute_logits: bool):
-    def apply(params, batch: PreparedInputs, latent_embeds):
-        return model.apply({"params": params}, batch.input_ids, batch.attention_mask,
-                           position_ids=batch.position_ids, vision=batch.vision, latent_embeds=latent_embeds,
-                           compute_logits=compute_logits)
-
-    return jax.jit(apply)
-
-
-def encode_vision(model: Qwen25VL, params: Any, vision: VisionInputs) -> jax.Array:
-    """Merged visual tokens for `vision` through a jitted tower (cached per model)."""
-    return _jitted_encode(model)(params, vision)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_encode(model: Qwen25VL):
-    return jax.jit(lambda params, vision: model.apply({"params": params}, vision, method=Qwen25VL.encode_vision))
-
-
-def dummy_inputs(config: ModelConfig) -> dict[str, Any]:
-    """The smallest inputs that touch every parameter (one image of a single merged unit)."""
-    m = config.vision.spatial_merge_size
-    grid = np.array([[1, m, m]])
-    ids = np.array([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]])
-    return dict(
-        input_ids=ids,
-        position_ids=rope.get_rope_index(config, ids, grid)[0],
-        vision=prepare_vision(config, np.zeros((m * m, config.vision.patch_dim), np.float32), grid),
-    )
-
-
-def init_params(model: Qwen25VL, rng: jax.Array, *, mesh=None, rules=None):
-    """Randomly initialised parameters, from a jitted init (compiled once per model and mesh).
-
-    With a `mesh`, every parameter is created already sharded by the logical rules (default
-    `fourd_jax.sharding.DEFAULT_RULES`); no device ever holds the whole tree.
-    """
-    if mesh is None:
-        return _jitted_init(model, None, None)(rng)
-    from fourd_jax import sharding
-
-    rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
-    init = _jitted_init(model, mesh, rules)  # shardings are worked out outside the mesh context
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return init(rng)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model: Qwen25VL, mesh, rules):
-    inputs = dummy_inputs(model.config)
-
-    def init(key):
-        return nn.meta.unbox(model.init(key, **inputs)["params"])
-
-    if mesh is None:
-        return jax.jit(init)
-    from fourd_jax import sharding
-
-    return jax.jit(init, out_shardings=sharding.param_shardings(abstract_params(model), mesh, rules))
-
-
-def abstract_params(model: Qwen25VL):
-    """Shapes, dtypes and logical axis names of every parameter, without allocating any."""
-    inputs = dummy_inputs(model.config)
-    return jax.eval_shape(lambda key: model.init(key, **inputs), jax.random.key(0))["params"]

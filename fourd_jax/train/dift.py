@@ -11,48 +11,26 @@ gradient accumulation over micro-batches and data parallelism give the exact bat
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fourd_jax import sharding
-from fourd_jax.data.batching import vision_inputs
-from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.batch import device_batch
 from fourd_jax.errors import InputError
 from fourd_jax.model.imagery import segment_means
+from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.train import job, loop
+from fourd_jax.train import job, observe
+from fourd_jax.train.job import Trainer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
+from fourd_jax.train.settings import DiftLossConfig, RunSettings
 from fourd_jax.train.state import TrainState, guarded_update
-
-IMAGERY_TOWERS = ("live", "initial")
-
-
-@dataclasses.dataclass(frozen=True)
-class DiftLossConfig:
-    ce_weight: float = 0.1
-    latent_weight: float = 1.0
-    # Which vision tower makes the imagery targets: "live", the model's own (SPEC 3.3: it is frozen, so
-    # the targets are constants); "initial", a frozen copy of the tower the run started from, for runs
-    # that train the tower (a tower that both trains and makes its own targets makes them trivial).
-    imagery_tower: str = "live"
-
-    def __post_init__(self) -> None:
-        if self.imagery_tower not in IMAGERY_TOWERS:
-            raise InputError(f"loss.imagery_tower must be one of {IMAGERY_TOWERS}, not {self.imagery_tower!r}.")
-
-    @classmethod
-    def of(cls, config: Any) -> DiftLossConfig:
-        """The loss settings of a run's config (its `loss` fields)."""
-        return cls(float(config.loss.ce_weight), float(config.loss.latent_weight),
-                   str(config.loss.get("imagery_tower", "live")))
 
 
 def latent_cosine_terms(hidden: jax.Array, targets: jax.Array, latent_mask: jax.Array) -> jax.Array:
@@ -186,32 +164,17 @@ def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = Non
     return new_state, metrics
 
 
-# ----------------------------------------------------------------------------- the job
+# ----------------------------------------------------------------------------- the trainer
 
 
-@dataclasses.dataclass
-class Trainer:
-    """A model, its optimizer and sharded state on a mesh, and the steps that update and score it."""
-
-    model: Qwen25VL
-    tx: optax.GradientTransformation
-    shardings: TrainState
-    state: TrainState
-    step_fn: Any  # (state, host batch) -> (state, metrics)
-    eval_fn: Any  # (state, host batch) -> {"ce_sum", "latent_sum", "ce_count", "latent_count"}
-    schedule: optax.Schedule
-
-
-def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> Trainer:
-    """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step.
-    `rules`: the logical-axis rules (default: the config's, `job.sharding_rules`)."""
-    rules = job.sharding_rules(config) if rules is None else rules
-    model, params = job.model_and_params(config, tokenizer, mesh, rules)
-    loss_config = DiftLossConfig.of(config)
-    trainable = trainable_mask(params, tuple(config.optim.freeze))
+def make_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
+    """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step."""
+    rules, loss_config = settings.rules, settings.loss
+    model, params = job.model_and_params(settings, tokenizer, mesh)
+    trainable = trainable_mask(params, settings.optim.freeze)
     tower_trains = any(jax.tree_util.tree_leaves(trainable["visual"]))
-    in_step_imagery = (config.loss.imagery_targets == "in_step"
-                       and config.data.get("assistant", "imagery_trace") == "imagery_trace")
+    in_step_imagery = (loss_config.imagery_targets == "in_step"
+                       and settings.data.features.assistant == "imagery_trace")
     if tower_trains and loss_config.imagery_tower == "live" and loss_config.latent_weight and in_step_imagery:
         raise InputError("The vision tower trains (optim.freeze leaves parameters of visual/ trainable) and would "
                          "make its own imagery targets; set loss.imagery_tower='initial' (a frozen copy).")
@@ -219,10 +182,10 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> T
     # run rebuilds the same copy: the initial params come from the seed or from model.init_from.
     target_tower = (jax.tree_util.tree_map(jnp.copy, params["visual"]) if loss_config.imagery_tower == "initial"
                     else None)
-    tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
+    tx, shardings, state, schedule = job.optimizer_and_state(settings, model, params, mesh)
     step = jax.jit(functools.partial(
         train_step, model=model, tx=tx, trainable=trainable,
-        loss_config=loss_config, grad_accum=config.optim.grad_accum), static_argnames=("sizes",),
+        loss_config=loss_config, grad_accum=settings.optim.grad_accum), static_argnames=("sizes",),
         donate_argnums=0, out_shardings=(shardings, None))
 
     sums = jax.jit(lambda params, batch, tower, sizes: {**loss_sums(params, batch, model, sizes, tower),
@@ -231,21 +194,23 @@ def make_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> T
     def on_device(fn):
         def call(state, batch):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                return fn(state, loop.device_batch(batch, mesh, rules), target_tower, sizes=StaticSizes.of(batch))
+                return fn(state, device_batch(batch, mesh, rules), target_tower, sizes=StaticSizes.of(batch))
         return call
 
-    step_fn = on_device(step)
     eval_fn = on_device(lambda state, batch, tower, sizes: sums(state.params, batch, tower, sizes))
-    return Trainer(model, tx, shardings, state, step_fn, eval_fn, schedule)
+    return Trainer(model, tx, shardings, state, on_device(step), schedule, pipeline=settings.pipeline(),
+                   flops_fn=flops_fn(model.config),
+                   validation=lambda batches: validation(eval_fn, batches, loss_config))
 
 
-def validation(trainer: Trainer, batches: Any, loss_config: DiftLossConfig):
+def validation(eval_fn: Any, batches: Any, loss_config: DiftLossConfig):
     """evaluate(state) -> {"val_loss", "val_ce", "val_latent_loss"} over a fixed list of host batches,
-    each term averaged over all its tokens (as the training loss is over a batch)."""
+    each term averaged over all its tokens (as the training loss is over a batch). `eval_fn(state,
+    batch)`: the summed losses and their counts."""
     def evaluate(state: TrainState) -> dict[str, float]:
         total = {"ce_sum": 0.0, "latent_sum": 0.0, "ce_count": 0.0, "latent_count": 0.0}
         for batch in batches:
-            for key, value in jax.device_get(trainer.eval_fn(state, batch)).items():
+            for key, value in jax.device_get(eval_fn(state, batch)).items():
                 total[key] += float(value)
         ce = total["ce_sum"] / max(total["ce_count"], 1.0)
         latent = total["latent_sum"] / max(total["latent_count"], 1.0)
@@ -254,25 +219,19 @@ def validation(trainer: Trainer, batches: Any, loss_config: DiftLossConfig):
     return evaluate
 
 
-def train(config: Any, workdir: str | Path, data: str | None = None, steps: int | None = None,
+def flops_fn(model_config: Any):
+    """FLOPs of one training step on a host batch (text forward + backward, frozen vision forward)."""
+    def flops(batch: dict[str, Any]) -> float:
+        tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
+        patches = float(np.sum(batch["video_valid"]) + np.sum(batch["imagery_valid"])) * jax.process_count()
+        seq = batch["input_ids"].shape[1]
+        return (tokens * observe.decoder_flops_per_token(model_config, seq)
+                + patches * observe.vision_flops_per_patch(model_config))
+    return flops
+
+
+def train(settings: RunSettings, workdir: str | Path, data: str | None = None, steps: int | None = None,
           progress: bool = True) -> TrainState:
     """`fourd-jax dift`: train until global step `steps` (default optim.total_steps), resuming from
     the latest checkpoint in `workdir` if there is one."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    loop.check_batch_divides(config.data.batch_size, mesh)
-    data_dir = job.data_directory(config, workdir, data)
-    tokenizer = job.tokenizer(config, workdir, data_dir)
-    trainer = make_trainer(config, tokenizer, mesh)
-    batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, job.pipeline_config(config)))
-    checkpointer, state = job.checkpointed_state(config, workdir, trainer, batches, data_dir, mesh)
-    evaluate = None
-    if config.train.eval_batches and (data_dir / "val").is_dir():
-        val_config = dataclasses.replace(job.pipeline_config(config), shuffle=False, num_epochs=1)
-        val_batches = list(itertools.islice(build_dataset(data_dir / "val", tokenizer, trainer.model.config,
-                                                          val_config), config.train.eval_batches))
-        val_batches = loop.agree_batch_list(val_batches)
-        evaluate = validation(trainer, val_batches, DiftLossConfig.of(config))
-    return job.train_loop(config, workdir, trainer, batches, checkpointer, state, job.flops_fn(trainer.model.config),
-                          steps, progress, evaluate=evaluate)
+    return job.run(settings, workdir, make_trainer, data=data, steps=steps, progress=progress)

@@ -1,197 +1,154 @@
-"""What a training job assembles from its config before the loop: data, tokenizer, model, params.
+"""The training job both stages run, top to bottom:
 
-Shared by both stages. Every choice is written into the workdir (the tokenizer, the synthesised
-data) so a resumed run finds exactly what the first run used.
+    mesh -> data -> tokenizer -> trainer -> batches -> restore -> loop
+
+A stage (DIFT, GRPO) supplies only `make_trainer(settings, tokenizer, mesh) -> Trainer`: its model,
+optimizer, state and jitted step. Everything the job writes into the workdir (the tokenizer, the
+manifest, checkpoints, metrics) is written here, so a resumed run finds exactly what the first used.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
-import numpy as np
+import optax
 
-from fourd_jax.data.features import FeatureConfig
-from fourd_jax.data.pipeline import PipelineConfig
+from fourd_jax import sharding
+from fourd_jax.batch import agree_batch_list, check_batch_divides
+from fourd_jax.data import records
+from fourd_jax.data.latent_tokens import add_latent_tokens
+from fourd_jax.data.pipeline import PipelineConfig, build_dataset
+from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
 from fourd_jax.errors import InputError
+from fourd_jax.load import load_model, load_tokenizer
+from fourd_jax.model.apply import abstract_params, init_params
 from fourd_jax.model.config import PRESETS
-from fourd_jax.model.vlm import Qwen25VL, abstract_params, init_params
-from fourd_jax.train import observe
+from fourd_jax.model.imagery import add_latent_imagery
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train import loop, observe
+from fourd_jax.train.checkpoints import Checkpointer
+from fourd_jax.train.optim import learning_rate, make_optimizer
+from fourd_jax.train.settings import RunSettings
+from fourd_jax.train.state import TrainState, abstract_state, new_state, state_shardings
 
 
-def data_directory(config: Any, workdir: Path, data: str | None) -> Path:
-    """--data, else config.data.path, else records synthesised once into WORKDIR/data."""
-    path = data or config.data.path
-    if path:
-        path = Path(path)
-        if not (path / "train").is_dir():
-            raise InputError(f"data directory {path} has no train/ split (write one with fourd-jax synth).")
-        return path
-    path = workdir / "data"
-    if not (path / "manifest.json").exists():
-        from fourd_jax.data.sim.scene import SceneConfig
-        from fourd_jax.data.synth import SynthConfig, synthesize
+@dataclasses.dataclass
+class Trainer:
+    """What a stage hands the job: a model, its optimizer and sharded state on a mesh, the step that
+    updates them, and how its batches are read, counted and (optionally) validated."""
 
-        size = int(config.data.synth_image_size)
-        scene = SceneConfig(num_frames=int(config.data.synth_frames), image_size=(size, size))
-        if jax.process_index() == 0:
-            synthesize(path, int(config.data.synth_scenes), seed=int(config.seed), config=SynthConfig(scene=scene),
-                       progress=False)
+    model: Qwen25VL
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    state: TrainState
+    step_fn: Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]  # host batch in
+    schedule: optax.Schedule
+    pipeline: PipelineConfig  # how the training batches are read
+    flops_fn: Callable[[dict[str, Any]], float]  # FLOPs of one step on a host batch
+    # validation(fixed host batches) -> evaluate(state) -> metrics, or None for a stage without one
+    validation: Callable[[list[dict[str, Any]]], Callable[[TrainState], dict[str, float]]] | None = None
+
+
+def data_directory(settings: RunSettings, data: str | None) -> Path:
+    """--data, else data.path: a directory of records with a train/ split."""
+    path = data or settings.data.path
+    if not path:
+        raise InputError("no training data: pass --data DIR or --config.data.path=DIR (records from fourd-jax "
+                         "synth or fourd-jax data import).")
+    path = Path(path)
+    if not (path / "train").is_dir():
+        raise InputError(f"data directory {path} has no train/ split (write one with fourd-jax synth).")
     return path
 
 
-def tokenizer(config: Any, workdir: Path, data_dir: Path) -> Any:
-    """config.tokenizer, else WORKDIR/tokenizer (trained on the data the first time); either way a
-    copy ends up in WORKDIR/tokenizer."""
-    from transformers import AutoTokenizer
-
-    from fourd_jax.data.tokenizer import build_tokenizer, record_texts
-    from fourd_jax.model.imagery import add_latent_tokens
-
-    saved = workdir / "tokenizer"  # always kept with the run, so its checkpoints evaluate and export alone
-    if config.tokenizer:
-        tok = AutoTokenizer.from_pretrained(config.tokenizer)
+def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path) -> Any:
+    """`tokenizer`, else WORKDIR/tokenizer (trained on the data the first time); either way a copy
+    ends up in WORKDIR/tokenizer, so the run's checkpoints evaluate and export alone."""
+    saved = workdir / "tokenizer"
+    if settings.tokenizer:
+        tok = load_tokenizer(settings.tokenizer, "tokenizer")
         add_latent_tokens(tok)
         if jax.process_index() == 0 and not saved.exists():
             tok.save_pretrained(saved)
         return tok
     if not saved.exists():
-        tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=int(config.tokenizer_vocab_size))
+        tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=settings.tokenizer_vocab_size)
         if jax.process_index() == 0:
             tok.save_pretrained(saved)
         return tok
-    return AutoTokenizer.from_pretrained(saved)
+    return load_tokenizer(saved, "tokenizer")
 
 
-def sharding_rules(config: Any) -> Any:
-    """The run's logical-axis rules: the default table with the config's `mesh.rules` overrides."""
-    from fourd_jax import sharding
-
-    return sharding.resolve_rules(tuple(config.mesh.get("rules", ())))
-
-
-def model_and_params(config: Any, tok: Any, mesh: Any, rules: Any) -> tuple[Qwen25VL, Any]:
-    """The model for this tokenizer and its parameters, created or loaded already sharded."""
-    from fourd_jax import sharding
-    from fourd_jax.data.tokenizer import config_for_tokenizer
-    from fourd_jax.model.imagery import add_latent_imagery
-
-    numerics = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                    remat_policy=config.model.remat_policy, attention_block=int(config.model.get("attention_block", 0)))
-    source = config.model.init_from
-    if not source:
-        if config.model.preset not in PRESETS:
-            raise InputError(f"model.preset {config.model.preset!r} is not one of {sorted(PRESETS)}.")
-        model = Qwen25VL(config_for_tokenizer(tok, PRESETS[config.model.preset](**numerics)))
-        return model, init_params(model, jax.random.key(int(config.seed)), mesh=mesh, rules=rules)
-    from fourd_jax import checkpoint
-    from fourd_jax.convert import hf
-
-    if (Path(source) / "config.json").exists():
-        model, params = hf.load(source, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
-                                remat_policy=numerics["remat_policy"], attention_block=numerics["attention_block"])
-    else:
-        model, params = checkpoint.restore_params(source, **numerics)
+def model_and_params(settings: RunSettings, tok: Any, mesh: Any) -> tuple[Qwen25VL, Any]:
+    """The model for this tokenizer and its parameters: created from `model.preset`, or loaded from
+    `model.init_from` (given the latent tokens when it has none), already sharded."""
+    numerics = settings.model.numerics()
+    if not settings.model.init_from:
+        model = Qwen25VL(config_for_tokenizer(tok, PRESETS[settings.model.preset](**numerics)))
+        return model, init_params(model, jax.random.key(settings.seed), mesh=mesh, rules=settings.rules)
+    loaded = load_model(settings.model.init_from, what="model.init_from", **numerics)
+    model, params = loaded.model, loaded.params
     if model.config.latent_token_ids is None:
         model, params = add_latent_imagery(model, params, tok)
-    shardings = sharding.param_shardings(abstract_params(model), mesh, rules)
+    shardings = sharding.param_shardings(abstract_params(model), mesh, settings.rules)
     return model, jax.device_put(params, shardings)
 
 
-def resolve_checkpoint(path: str | Path | None, what: str = "--checkpoint") -> tuple[str, str]:
-    """(params directory, tokenizer directory or "") for a training workdir (its checkpoints/ and
-    tokenizer/), an Orbax checkpoint directory, or a Hugging Face directory (its own tokenizer)."""
-    source = Path(path or "")
-    if not str(path or "") or not source.exists():
-        raise InputError(f"{what} {str(path or '') or '(empty)'} does not exist.")
-    if (source / "checkpoints").is_dir():
-        tokenizer = source / "tokenizer"
-        return str(source / "checkpoints"), str(tokenizer) if tokenizer.is_dir() else ""
-    if (source / "config.json").exists():
-        return str(source), str(source) if (source / "tokenizer_config.json").exists() else ""
-    beside = source.parent / "tokenizer"  # WORKDIR/checkpoints -> WORKDIR/tokenizer
-    return str(source), str(beside) if beside.is_dir() else ""
+def optimizer_and_state(settings: RunSettings, model: Qwen25VL, params: Any, mesh: Any):
+    """(optimizer, state shardings, state at step 0, lr schedule) for `optim`, created sharded."""
+    tx = make_optimizer(settings.optim, params)
+    shardings = state_shardings(model, tx, mesh, settings.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(settings.rules):
+        state = jax.jit(lambda p: new_state(p, tx, settings.seed), out_shardings=shardings)(params)
+    return tx, shardings, state, learning_rate(settings.optim)
 
 
-def optimizer_and_state(config: Any, model: Qwen25VL, params: Any, mesh: Any, rules: Any):
-    """(optimizer, state shardings, state at step 0, lr schedule) for config.optim, created sharded."""
-    import flax.linen as nn
-    import ml_collections
-
-    from fourd_jax.train.optim import learning_rate, make_optimizer
-    from fourd_jax.train.state import new_state, state_shardings
-
-    optim = ml_collections.ConfigDict(dict(config.optim))
-    tx = make_optimizer(optim, params)
-    shardings = state_shardings(model, tx, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=shardings)(params)
-    return tx, shardings, state, learning_rate(optim)
+def validation_batches(settings: RunSettings, trainer: Trainer, data_dir: Path, tok: Any) -> list[dict[str, Any]]:
+    """The first `train.eval_batches` batches of the val/ split in file order, which every process
+    steps through together."""
+    config = dataclasses.replace(trainer.pipeline, shuffle=False, num_epochs=1)
+    batches = build_dataset(data_dir / "val", tok, trainer.model.config, config)
+    return agree_batch_list(list(itertools.islice(batches, settings.train.eval_batches)))
 
 
-def checkpointed_state(config: Any, workdir: Path, trainer: Any, batches: Any, data_dir: Path, mesh: Any):
-    """(Checkpointer of WORKDIR/checkpoints, the state to start from): the latest checkpoint
-    restored onto this mesh (with the data iterator's position) if there is one, else the
-    trainer's fresh state. Also writes WORKDIR/manifest.json."""
-    from fourd_jax.data import records
-    from fourd_jax.train.checkpoints import Checkpointer
-    from fourd_jax.train.state import abstract_state
+def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunSettings, Any, Any], Trainer],
+        data: str | None = None, steps: int | None = None, progress: bool = True) -> TrainState:
+    """Train the stage's `make_trainer` until global step `steps` (default optim.total_steps),
+    resuming from the latest checkpoint in `workdir` if there is one."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(settings.mesh_shape)
+    check_batch_divides(settings.data.batch_size, mesh)
+    data_dir = data_directory(settings, data)
+    tok = tokenizer(settings, workdir, data_dir)
+    trainer = make_trainer(settings, tok, mesh)
+    batches = iter(build_dataset(data_dir / "train", tok, trainer.model.config, trainer.pipeline))
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                best_metric=config.train.best_metric or None)
+    t = settings.train
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric)
     state = trainer.state
-    if checkpointer.latest_step() is not None:
+    if checkpointer.latest_step() is not None:  # restored onto this mesh, with the data iterator's position
         state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
-    observe.write_manifest(workdir, config.to_dict(), records.files(data_dir / "train"), mesh)
-    return checkpointer, state
-
-
-def train_loop(config: Any, workdir: Path, trainer: Any, batches: Any, checkpointer: Any, state: Any,
-               flops: Any, steps: int | None, progress: bool, evaluate: Any = None) -> Any:
-    """`loop.run` with the run's config (steps, checkpoints, non-finite limit, best metric) and its
-    metrics writer; closes the writer and the checkpointer however the loop ends."""
-    from fourd_jax.train import loop
+    observe.write_manifest(workdir, settings.as_dict(), records.files(data_dir / "train"), mesh)
+    evaluate = None
+    if trainer.validation is not None and t.eval_batches and (data_dir / "val").is_dir():
+        evaluate = trainer.validation(validation_batches(settings, trainer, data_dir, tok))
 
     metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
     try:
         return loop.run(
             state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
-            total_steps=int(steps or config.optim.total_steps), config=config.to_dict(),
-            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule, flops_fn=flops,
-            checkpoint_every=config.train.checkpoint_every, max_nonfinite=config.train.max_nonfinite,
-            peak_flops_per_device=config.train.peak_flops or None, best_metric=config.train.best_metric or None,
-            evaluate=evaluate, progress=progress)
+            total_steps=int(steps or settings.optim.total_steps), config=settings.as_dict(),
+            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule, flops_fn=trainer.flops_fn,
+            checkpoint_every=t.checkpoint_every, max_nonfinite=t.max_nonfinite, peak_flops_per_device=t.peak_flops,
+            best_metric=t.best_metric, evaluate=evaluate, progress=progress)
     finally:
         metrics.close()
         checkpointer.close()
-
-
-def pipeline_config(config: Any, supervised: bool = True) -> PipelineConfig:
-    d = config.data
-    sources = {"in_step": "pixels", "precomputed": "precomputed"}
-    if config.loss.imagery_targets not in sources:
-        raise InputError(f"loss.imagery_targets must be 'in_step' or 'precomputed', not "
-                         f"{config.loss.imagery_targets!r}.")
-    features = FeatureConfig(latent_size=int(d.latent_size), max_frames=int(d.max_frames),
-                             video_max_pixels=int(d.video_max_pixels), imagery_max_pixels=int(d.imagery_max_pixels),
-                             video_max_side=int(d.get("video_max_side", 0)),
-                             max_length=max(d.seq_buckets), supervised=supervised,
-                             imagery_source=sources[config.loss.imagery_targets],
-                             assistant=str(d.get("assistant", "imagery_trace")), video=bool(d.get("video", True)))
-    return PipelineConfig(batch_size=int(d.batch_size) // jax.process_count(), seq_buckets=tuple(d.seq_buckets),
-                          seed=int(config.seed), num_epochs=None, num_workers=int(d.num_workers),
-                          skip_bad_records=bool(d.skip_bad_records), subtasks=tuple(d.get("subtasks", ())),
-                          features=features)
-
-
-def flops_fn(model_config: Any):
-    """FLOPs of one training step on a host batch (text forward + backward, frozen vision forward)."""
-    def flops(batch: dict[str, Any]) -> float:
-        tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
-        patches = float(np.sum(batch["video_valid"]) + np.sum(batch["imagery_valid"])) * jax.process_count()
-        seq = batch["input_ids"].shape[1]
-        return (tokens * observe.decoder_flops_per_token(model_config, seq)
-                + patches * observe.vision_flops_per_patch(model_config))
-    return flops
 

@@ -20,11 +20,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
 
-from fourd_jax import sharding
-from fourd_jax.errors import InputError
+from fourd_jax.batch import agree_shapes
 from fourd_jax.train.checkpoints import Checkpointer
 from fourd_jax.train.observe import TIMING_KEYS, MetricsWriter, peak_flops
 from fourd_jax.train.state import TrainState
@@ -52,93 +50,6 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def agree_shapes(batch: dict[str, Any]) -> dict[str, Any]:
-    """Pad each process's batch arrays to the largest shape any process has (multi-host).
-
-    Every process buckets its own rows, so sequence and media sizes can differ between hosts; the
-    global arrays need one shape. Padding is zeros: no attention, no loss, invalid media slots,
-    rows past every example's media (which reads padding patches that nothing attends to).
-    """
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
-
-    keys = sorted(k for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object and v.ndim)
-    shapes = np.array([list(batch[k].shape) + [0] * (4 - batch[k].ndim) for k in keys])
-    largest = np.max(multihost_utils.process_allgather(shapes), axis=0)
-    out = dict(batch)
-    for prefix in ("video", "imagery"):
-        # A process whose rows have no media of a kind has an empty layout, which fits any frame size.
-        mine = np.array([int(batch[f"{prefix}_frame_len"]), int(batch[f"{prefix}_valid"].any())])
-        every = multihost_utils.process_allgather(mine)
-        sizes = {int(f) for f, used in every if used}
-        if len(sizes) > 1:
-            raise RuntimeError(f"processes hold {prefix} frames of different sizes {sorted(sizes)}; use one frame "
-                               "size per run")
-        out[f"{prefix}_frame_len"] = np.int32(sizes.pop() if sizes else 0)
-    if "loss_window" in batch:  # a wider window still holds every row's supervised positions
-        windows = multihost_utils.process_allgather(np.array([int(batch["loss_window"])]))
-        out["loss_window"] = np.int32(np.max(windows))
-    for key, want in zip(keys, largest, strict=True):
-        value = batch[key]
-        pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
-        out[key] = np.pad(value, pad) if any(p for _, p in pad) else value
-    return out
-
-
-def agree_batch_list(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A fixed list of host batches (e.g. validation) that every process can step through together.
-
-    Each process keeps the number of batches the process with the fewest has, and each batch is
-    padded to the shapes every process agrees on, so the collectives in the step line up.
-    """
-    if jax.process_count() == 1:
-        return list(batches)
-    from jax.experimental import multihost_utils
-
-    count = int(np.min(multihost_utils.process_allgather(np.array([len(batches)]))))
-    return [agree_shapes(batch) for batch in batches[:count]]
-
-
-def device_batch(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, jax.Array]:
-    """The numeric per-example arrays of a host batch as global arrays sharded over the batch axis.
-
-    Each process passes its own rows; `make_array_from_process_local_data` assembles the global
-    batch. position_ids carry the batch on axis 1.
-    """
-    out = {}
-    rows = batch["input_ids"].shape[0]
-    for key, value in batch.items():
-        if not isinstance(value, np.ndarray) or value.dtype == object or value.ndim == 0:
-            continue
-        axis = 1 if key == "position_ids" else 0
-        if value.shape[axis] == rows:
-            out[key] = shard_rows(value, mesh, rules, axis)
-    return out
-
-
-def shard_rows(value: np.ndarray, mesh: Mesh, rules, axis: int = 0) -> jax.Array:
-    """This process's rows of a per-example array as a global array split over the batch axes."""
-    spec = [None] * value.ndim
-    spec[axis] = sharding.batch_sharding(mesh, 1, rules).spec[0]
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), value)
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a global array sharded over its first (batch) axis."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    shards = {shard.index[0].start or 0: np.asarray(shard.data) for shard in x.addressable_shards}
-    return np.concatenate([shards[start] for start in sorted(shards)])
-
-
-def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % ways or global_batch % jax.process_count():
-        raise InputError(f"data.batch_size {global_batch} must be divisible by data x fsdp = {ways} and by the "
-                         f"{jax.process_count()} processes.")
-
-
 def run(
     *,
     state: TrainState,
@@ -163,8 +74,6 @@ def run(
     `evaluate(state)` (e.g. the validation loss) runs at every checkpoint step and the last step;
     its metrics join that step's row, and `best_metric` may name one of them.
     """
-    from tqdm import tqdm
-
     start_step = int(jax.device_get(state.step))
     peak = peak_flops(peak_flops_per_device)
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",

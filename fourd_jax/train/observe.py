@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPUs) need `train.peak_flops`.
 PEAK_FLOPS = {
@@ -35,8 +36,6 @@ class MetricsWriter:
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line)["step"] <= resume_from_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-
         self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_from_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

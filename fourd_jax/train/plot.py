@@ -20,6 +20,7 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     """One PNG with a panel per metric group; returns the files written."""
+    # matplotlib is heavy and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")

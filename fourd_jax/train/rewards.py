@@ -1,4 +1,4 @@
-"""Rule-based rewards for GRPO (4DRL) and the choice extractor used by evaluation.
+"""Rule-based rewards for GRPO (4DRL).
 
 Everything here is plain Python (numpy for one norm) and works on the *decoded* completion with
 special tokens kept, so latent tokens and tags are visible to the rules.
@@ -9,8 +9,8 @@ special tokens kept, so latent tokens and tags are visible to the rules.
   - `fourdthinker_format`: 1.0 iff `<think>...</think>` followed (after whitespace) by
     `<answer>...</answer>` occurs anywhere.
   - `fourdthinker_reward`: both components and the weighted total.
-  - `extract_choice`: the same letter reading for evaluation, with a restricted letter set and an
-    extra try with the latent tokens removed. The reward and the extractor share `_read_letter`.
+  The letter is read by `fourd_jax.answers.read_letter`, the rule evaluation's `extract_choice` uses
+  too (without its extra try on the text with the latent tokens removed).
 
 MLLM-4D ST-reward (reward = 0.2 format + 0.6 accuracy + 0.1 camera + 0.1 object, maximum 1.0):
   - `st_format`: 0.5 for `<thinking>` and `<answer>` spans, 0.4 for object and camera centres,
@@ -35,30 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Kept here (not imported from fourd_jax.model.imagery) so rewards load without JAX.
-LATENT_TOKENS = ("<|latent_start|>", "<|latent_pad|>", "<|latent_end|>")
-
-# Stock phrases deleted before looking for the letter, in deletion order. A phrase must come
-# before any phrase it contains ("The answer is" before "The answer"), else the shorter one would
-# leave a fragment behind; "Best answer:" must go because its "B" would be read as the choice.
-STOCK_PHRASES = (
-    "The best answer is",
-    "The correct answer is",
-    "The answer is",
-    "The answer",
-    "The best option is",
-    "The correct option is",
-    "Best answer:",
-    "Best option:",
-    "Answer:",
-    "Option:",
-)
+from fourd_jax.answers import read_letter, solution_key
 
 FOURDTHINKER_LETTERS = "ABCDEF"
-# Prose longer than this many words with no option letter yields no letter (upstream's rule).
-MAX_WORDS_WITHOUT_LETTER = 10
-
-_ANSWER_CONTENT = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL | re.IGNORECASE)
 _FOURDTHINKER_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 _ST_THINKING = re.compile(r"<thinking>.*?</thinking>", re.DOTALL)
@@ -94,55 +73,10 @@ _ST_DEFAULTS = STRewardWeights()
 # 4DThinker
 
 
-def _letter_in(text: str, letters: str) -> str | None:
-    """The first of `letters` in `text` after stock-phrase removal, under the word-count rule."""
-    for phrase in STOCK_PHRASES:
-        text = text.replace(phrase, "")
-    has_letter = any(ch in letters for ch in text)
-    # Upstream's rule, kept verbatim: long prose without a letter gives none (the search below
-    # would find none either, so it only documents intent).
-    if len(text.split()) > MAX_WORDS_WITHOUT_LETTER and not has_letter:
-        return None
-    return next((ch for ch in text if ch in letters), None)
-
-
-def _read_letter(completion: str, letters: str, strip_latents: bool) -> str | None:
-    """The option letter of a completion: answer span, then whole text, then (optionally) de-latented text."""
-    whole = completion.strip()
-    match = _ANSWER_CONTENT.search(completion)
-    tries = [match.group(1) if match else whole, whole]
-    if strip_latents:
-        # Evaluation also tries the text without latent tokens, as the upstream evaluator does.
-        bare = completion
-        for token in LATENT_TOKENS:
-            bare = bare.replace(token, "")
-        tries.append(bare.strip())
-    for text in tries:
-        letter = _letter_in(text, letters)
-        if letter is not None:
-            return letter
-    return None
-
-
-def extract_choice(completion: str, letters: str = "ABCD") -> str | None:
-    """The option letter (one of `letters`) a completion answers with, or None.
-
-    Reads the first `<answer>...</answer>` span (case-insensitive tags), else the whole completion;
-    then the whole completion; then the completion without latent tokens. Each try deletes the
-    stock phrases (`STOCK_PHRASES`) and returns the first character of `letters` in what remains.
-    """
-    return _read_letter(completion, letters, strip_latents=True)
-
-
-def solution_key(solution: str) -> str:
-    """The option letter of a solution string: its first character, upper-cased ("" if empty)."""
-    return solution.strip().upper()[:1]
-
-
 def fourdthinker_accuracy(completion: str, solution: str) -> float:
     """1.0 iff the letter read from the completion (A-F) equals the solution's key letter, else 0.0."""
     key = solution_key(solution)
-    predicted = _read_letter(completion, FOURDTHINKER_LETTERS, strip_latents=False)
+    predicted = read_letter(completion, FOURDTHINKER_LETTERS, strip_latents=False)
     return 1.0 if key and predicted == key else 0.0
 
 

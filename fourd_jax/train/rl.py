@@ -15,7 +15,6 @@ there (`Rollout.latent_inputs`), not the pad token's embedding.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -26,38 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fourd_jax import sharding
-from fourd_jax.data.batching import vision_inputs
-from fourd_jax.data.pipeline import build_dataset
+from fourd_jax.batch import completion_texts, prompt_inputs, shard_rows
 from fourd_jax.errors import InputError
-from fourd_jax.model.vlm import PreparedInputs, Qwen25VL
-from fourd_jax.sample import Rollout, SamplingConfig, generate, token_logprobs, tokenizer_stops
-from fourd_jax.train import job, loop, observe, rewards
+from fourd_jax.load import find_model
+from fourd_jax.model.inputs import PreparedInputs
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.sample import Rollout, generate, sampling_for, token_logprobs
+from fourd_jax.train import job, observe, rewards
+from fourd_jax.train.job import Trainer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
+from fourd_jax.train.settings import GrpoConfig, RewardSettings, RunSettings
 from fourd_jax.train.state import TrainState, guarded_update
-
-
-@dataclasses.dataclass(frozen=True)
-class GrpoConfig:
-    num_generations: int = 8  # G rollouts per prompt
-    epsilon: float = 0.2  # PPO clip
-    beta: float = 0.01  # KL weight (0 = no reference forward)
-    kl_estimator: str = "k1"  # "k1": logp - ref_logp (4DThinker); "k3": exp(ref - logp) - (ref - logp) - 1
-    num_iterations: int = 1  # updates per rollout batch (old log-probs cached from the first)
-    aggregation: str = "sequence-mean"  # or "token-mean"
-    temperature: float = 1.0  # the policy's temperature: sampling and scoring use the same one
-    # True: the policy gradient also reaches the latent-block tokens (start, pads, end), the choice the
-    # 4DThinker paper argues against (the `fourd-jax study` ablation); their inputs stay the fed states.
-    latent_gradient: bool = False
-
-    def __post_init__(self):
-        if self.kl_estimator not in ("k1", "k3"):
-            raise InputError(f"rl.kl_estimator must be 'k1' or 'k3', not {self.kl_estimator!r}.")
-        if self.aggregation not in ("sequence-mean", "token-mean"):
-            raise InputError(f"rl.aggregation must be 'sequence-mean' or 'token-mean', not {self.aggregation!r}.")
-        if self.num_iterations < 1 or self.num_generations < 2:
-            raise InputError("rl.num_iterations must be >= 1 and rl.num_generations >= 2 (a group needs a spread).")
-
 
 # ----------------------------------------------------------------------------- pure pieces
 
@@ -196,7 +174,8 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
 # ----------------------------------------------------------------------------- rewards on the host
 
 
-def sample_reward(family: str, completion: str, answer: str, trace: str, config: Any) -> dict[str, float]:
+def sample_reward(family: str, completion: str, answer: str, trace: str, config: RewardSettings
+                  ) -> dict[str, float]:
     """The configured reward of one completion. MLLM-4D samples get the ST-reward, whose centre
     truths are read from the sample's reference trace; the rest get the 4DThinker reward."""
     if family == "mllm4d":
@@ -208,67 +187,23 @@ def sample_reward(family: str, completion: str, answer: str, trace: str, config:
                                        format_weight=config.format)
 
 
-def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-    """Completion texts with special tokens kept (what the rewards read)."""
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=False) for row, m in zip(tokens, mask, strict=True)]
+# ----------------------------------------------------------------------------- the trainer
 
 
-# ----------------------------------------------------------------------------- the job
-
-
-def prompt_inputs(batch: dict[str, Any], mesh: Any, rules: Any) -> PreparedInputs:
-    """A left-padded host batch of prompts as sharded device inputs for the sampler."""
-    arrays = loop.device_batch(batch, mesh, rules)
-    video = vision_inputs({**batch, **arrays}, "video")
-    return PreparedInputs(arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"],
-                          arrays["rope_deltas"], video)
-
-
-def sampling_config(config: Any, model: Qwen25VL, tokenizer: Any, temperature: float | None = None
-                    ) -> SamplingConfig:
-    """The sampler settings of config.sample (EOS from the tokenizer, stop strings tokenized)."""
-    s = config.sample
-    eos, stops = tokenizer_stops(tokenizer, s.stop_strings)
-    return SamplingConfig(max_new_tokens=int(s.max_new_tokens),
-                          temperature=float(s.temperature if temperature is None else temperature),
-                          top_p=float(s.top_p), top_k=int(s.top_k), eos_token_ids=eos, stop_sequences=stops,
-                          pad_token_id=int(model.config.pad_token_id or 0), imagery=bool(s.imagery),
-                          latent_size=int(config.data.latent_size), max_latent_blocks=int(s.max_latent_blocks))
-
-
-@dataclasses.dataclass
-class RlTrainer:
-    """A policy, its frozen reference, optimizer and sharded state, and the step that updates them."""
-
-    model: Qwen25VL
-    tx: optax.GradientTransformation
-    shardings: TrainState
-    state: TrainState
-    reference: Any  # params of the frozen reference policy (None when beta == 0)
-    step_fn: Any  # (state, host batch of prompts) -> (state, metrics)
-    schedule: optax.Schedule
-
-
-def grpo_config(config: Any) -> GrpoConfig:
-    r = config.rl
-    return GrpoConfig(num_generations=int(r.num_generations), epsilon=float(r.epsilon), beta=float(r.beta),
-                      kl_estimator=str(r.kl_estimator), num_iterations=int(r.num_iterations),
-                      aggregation=str(r.aggregation), temperature=float(config.sample.temperature),
-                      latent_gradient=bool(r.get("latent_gradient", False)))
-
-
-def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -> RlTrainer:
-    """Policy from config.model.init_from (the DIFT checkpoint), its reference copy, and the step.
-    `rules`: the logical-axis rules (default: the config's, `job.sharding_rules`)."""
-    rules = job.sharding_rules(config) if rules is None else rules
-    grpo = grpo_config(config)
-    model, params = job.model_and_params(config, tokenizer, mesh, rules)
-    tx, shardings, state, schedule = job.optimizer_and_state(config, model, params, mesh, rules)
+def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
+    """Policy from model.init_from (the DIFT checkpoint), its reference copy, and the step."""
+    rules, grpo = settings.rules, settings.rl
+    model, params = job.model_and_params(settings, tokenizer, mesh)
+    tx, shardings, state, schedule = job.optimizer_and_state(settings, model, params, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         reference = jax.jit(lambda p: p, out_shardings=shardings.params)(params) if grpo.beta else None
-    sampling = sampling_config(config, model, tokenizer)
+    knobs = settings.sample
+    sampling = sampling_for(tokenizer, model.config, knobs.stop_strings, max_new_tokens=knobs.max_new_tokens,
+                            temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
+                            imagery=knobs.imagery, latent_size=settings.data.features.latent_size,
+                            max_latent_blocks=knobs.max_latent_blocks)
     update = jax.jit(functools.partial(update_step, model=model, tx=tx,
-                                       trainable=trainable_mask(params, tuple(config.optim.freeze)), config=grpo),
+                                       trainable=trainable_mask(params, settings.optim.freeze), config=grpo),
                      donate_argnums=0, out_shardings=(shardings, None))
     score = jax.jit(lambda p, prompt, rollout: completion_logprobs(
         p, model, scoring_inputs(prompt, rollout, grpo.num_generations), rollout.latent_inputs,
@@ -280,14 +215,13 @@ def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -
             prompt = prompt_inputs(batch, mesh, rules)
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             rollout = generate(state.params, prompt, key, model=model, config=sampling, num_samples=g)
-            texts = decode_completions(tokenizer, loop.local_rows(rollout.tokens),
-                                       loop.local_rows(rollout.completion_mask))
+            texts = completion_texts(tokenizer, rollout.tokens, rollout.completion_mask)
             scored = [sample_reward(str(batch["family"][i // g]), text, str(batch["answer"][i // g]),
-                                    str(batch["trace"][i // g]), config.reward) for i, text in enumerate(texts)]
+                                    str(batch["trace"][i // g]), settings.reward) for i, text in enumerate(texts)]
             real = np.repeat(np.asarray(batch["example_mask"], bool), g)
             reward = np.array([s["reward"] for s in scored], np.float32)
             advantages = group_advantages(reward, g) * real  # padding rows of a short batch teach nothing
-            adv = loop.shard_rows(advantages, mesh, rules)
+            adv = shard_rows(advantages, mesh, rules)
             ref = score(reference, prompt, rollout) if grpo.beta else None
             state, metrics = update(state, prompt, rollout, adv, ref)
         metrics = dict(metrics)
@@ -299,7 +233,9 @@ def make_rl_trainer(config: Any, tokenizer: Any, mesh: Any, rules: Any = None) -
                 metrics[f"reward_{part}"] = float(np.mean(values))
         return state, metrics
 
-    return RlTrainer(model, tx, shardings, state, reference, step_fn, schedule)
+    return Trainer(model, tx, shardings, state, step_fn, schedule,
+                   pipeline=settings.pipeline(supervised=False, left_pad=True),
+                   flops_fn=flops_fn(model.config, grpo, knobs.max_new_tokens))
 
 
 def flops_fn(model_config: Any, grpo: GrpoConfig, max_new_tokens: int):
@@ -314,29 +250,18 @@ def flops_fn(model_config: Any, grpo: GrpoConfig, max_new_tokens: int):
     return flops
 
 
-def train(config: Any, workdir: str | Path, init: str | None = None, data: str | None = None,
+def train(settings: RunSettings, workdir: str | Path, init: str | None = None, data: str | None = None,
           steps: int | None = None, progress: bool = True) -> TrainState:
-    """`fourd-jax rl`: GRPO from the DIFT checkpoint `init` until global step `steps` (default
-    optim.total_steps), resuming from the latest checkpoint in `workdir` if there is one."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    source, init_tokenizer = job.resolve_checkpoint(init or config.model.init_from, "--init")
-    with config.unlocked():
-        config.model.init_from = source
-        if not config.tokenizer:
-            if not init_tokenizer:
-                raise InputError(f"no tokenizer found beside {source}; pass --config.tokenizer=DIR (the one the "
-                                 "DIFT run used).")
-            config.tokenizer = init_tokenizer
-        if not data and not config.data.path and init and (Path(init) / "data" / "train").is_dir():
-            config.data.path = str(Path(init) / "data")  # the DIFT run's records
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    loop.check_batch_divides(config.data.batch_size, mesh)  # prompts are split over the batch axes
-    data_dir = job.data_directory(config, workdir, data)
-    tokenizer = job.tokenizer(config, workdir, data_dir)
-    trainer = make_rl_trainer(config, tokenizer, mesh)
-    prompts = dataclasses.replace(job.pipeline_config(config, supervised=False), left_pad=True)
-    batches = iter(build_dataset(data_dir / "train", tokenizer, trainer.model.config, prompts))
-    checkpointer, state = job.checkpointed_state(config, workdir, trainer, batches, data_dir, mesh)
-    flops = flops_fn(trainer.model.config, grpo_config(config), int(config.sample.max_new_tokens))
-    return job.train_loop(config, workdir, trainer, batches, checkpointer, state, flops, steps, progress)
+    """`fourd-jax rl`: GRPO from the DIFT checkpoint `init` (default model.init_from) until global step
+    `steps` (default optim.total_steps), resuming from the latest checkpoint in `workdir` if there is
+    one. Without a tokenizer or data of its own, the run takes those of the DIFT workdir."""
+    source = find_model(init or settings.model.init_from, "--init")
+    changes: dict[str, Any] = {"model.init_from": source.weights}
+    if not settings.tokenizer:
+        if not source.tokenizer:
+            raise InputError(f"no tokenizer found beside {source.weights}; pass --config.tokenizer=DIR (the one the "
+                             "DIFT run used).")
+        changes["tokenizer"] = source.tokenizer
+    if not data and not settings.data.path and init and (Path(init) / "data" / "train").is_dir():
+        changes["data.path"] = str(Path(init) / "data")  # the DIFT run's records
+    return job.run(settings.replace(**changes), workdir, make_rl_trainer, data=data, steps=steps, progress=progress)

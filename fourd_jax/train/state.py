@@ -12,7 +12,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fourd_jax import sharding
-from fourd_jax.model.vlm import Qwen25VL, abstract_params
+from fourd_jax.model.apply import abstract_params
+from fourd_jax.model.vlm import Qwen25VL
 
 
 @flax.struct.dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-LETTERS = "ABCD"
+from fourd_jax.data.taxonomy import LETTERS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ slot, at its own centre, with the optical axis as its facing direction. Absolute
 express everything in the agent's pose at one frame t (any shown frame, possibly outside the
 interval); relative ones re-evaluate the agent's pose at every frame.
 
-Measures (keys come from the describers below, thresholds of SPEC 4):
+Measures (keys come from the describers of `dsr_describe`, thresholds of SPEC 4):
 - dis: |p1 - p2| per frame (the agent plays no part; abs and rel differ only in wording).
 - dir: p1 - p2 per frame in the agent frame.
 - ori: the slot entity's forward axis per frame in the agent frame.
@@ -29,15 +29,9 @@ Choices where SPEC 4 is silent:
   "where is A relative to the camera, from the camera's perspective" can be asked.
 - Named objects (slots and an object agent) must be visible at the interval's first frame
   (frame T-3 for dir_pred, frame t for non_temp); the camera is always available.
-- A falling run may step down to a value below the 0.1 floor but not continue from one: SPEC's
-  "each value >= 0.1" read as "each value a fall starts from". Without that, a drop such as
-  [1, 0.05] would fit no rule. Band edges are inclusive ([0.8 v, 1.2 v] is constant, compared
-  with a 1e-9 relative tolerance so decimal edges such as 1.5 -> 1.8 stay in), so every step fits
-  exactly one rule.
-- Every non-zero vector gets a direction code: after normalising, its largest component is at
-  least 1/sqrt(3) > 0.3. A vector shorter than ZERO_LENGTH has no direction; the describer
-  rejects it and the question generator drops the candidate (SPEC: "a zero vector drops the
-  question").
+- A vector shorter than ZERO_LENGTH has no direction (the describers of `dsr_describe`, which
+  also hold SPEC 4's segmentation rules, reject it); the question generator drops the candidate
+  (SPEC: "a zero vector drops the question").
 - Distractors are cut on their segment lists and then rendered, so a cut comparison reads
   "(1) The former is always faster." like a key of one segment would.
 - A sub-task is skipped when no candidate (interval, agent, slots) gives a valid key with at
@@ -48,210 +42,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fourd_jax.data.qa.common import QA, box_text, place_key, redraw_distinct
+from fourd_jax.data.qa.dsr_describe import DESCRIBERS, ZERO_LENGTH
 from fourd_jax.data.sim.scene import Scene
+from fourd_jax.data.taxonomy import DSR_SUBTASKS
 from fourd_jax.errors import InputError
 
-__all__ = [
-    "ALL_SUBTASKS", "QA", "describe_directions", "describe_magnitudes", "describe_speed_comparison",
-    "direction_codes", "dsr_questions", "magnitude_segments", "speed_comparison_runs",
-]
-
-ALL_SUBTASKS = (
-    "abs_dis", "abs_dir", "abs_ori", "abs_spd", "abs_spd_comp", "abs_dir_pred",
-    "rel_dis", "rel_dir", "rel_ori", "rel_spd", "rel_spd_comp", "rel_dir_pred", "non_temp",
-)
-MAGNITUDE_EPS = 0.2
-DIRECTION_EPS = 0.3
-SPEED_RATIO = 1.2
-FLOOR = 0.1
 MAX_SEGMENTS = 15
 MIN_INTERVAL_FRAMES = 4
 MIN_SCENE_FRAMES = 8
-ZERO_LENGTH = 1e-6  # metres (or unit-vector length): shorter vectors have no direction
-RANDOM_MAGNITUDE_MAX = 2.0
 CAMERA = -1  # entity code of the camera; objects are their index in scene.objects
-AXIS_WORDS = (("Front", "Behind"), ("Left", "Right"), ("Above", "Below"))
 _INTERVAL_DRAWS = 3
-
-# Ratio edges are compared with this relative tolerance. 1.2 * 1.5 is 1.7999999999999998 in binary
-# floating point, so a plain `1.8 <= 1.2 * 1.5` puts a value exactly on the +20% edge out of the
-# band (and makes it "rising"), while upstream's values, rounded to 0.1, keep decimal edges such as
-# 1.5 -> 1.8, 1.0 -> 1.2, 2.0 -> 2.4 and 1.0 -> 0.8 in the band. A value within EDGE_RTOL (relative
-# to the bound) of `ratio * ref` counts as *on* the edge: inside the constant band, and neither
-# rising (> 1.2x, strict) nor falling (< 0.8x, strict). 1e-9 is far above float64 rounding of one
-# product (~1e-16) and far below any real difference the 0.1-rounded data can express.
-EDGE_RTOL = 1e-9
-
-
-def _above(x: float, bound: float) -> bool:
-    """x > bound, by more than the edge tolerance (bound = ratio * a non-negative value)."""
-    return x > bound + EDGE_RTOL * bound
-
-
-def _below(x: float, bound: float) -> bool:
-    """x < bound, by more than the edge tolerance (bound = ratio * a non-negative value)."""
-    return x < bound - EDGE_RTOL * bound
-
-
-# ----------------------------------------------------------------------------- describers
-
-
-def magnitude_segments(values: Sequence[float]) -> list[str]:
-    """Phrases (without numbering) for a distance or speed series, SPEC 4 rules with eps 0.2.
-
-    A constant run holds while values stay in [0.8, 1.2] x its first value (or both are < 0.1);
-    a rising run continues while each value is > 1.2 x the previous and ends at its peak; a
-    falling run continues while each value is < 0.8 x the previous and the previous is >= 0.1.
-    Values on an edge (within `EDGE_RTOL` of it, e.g. 1.5 -> 1.8) are in the band, neither rising
-    nor falling.
-    """
-    v = [float(x) for x in values]
-    if len(v) < 2 or not all(np.isfinite(x) and x >= 0 for x in v):
-        raise InputError(f"a magnitude series needs at least 2 finite non-negative values, got {v}.")
-    lo, hi = 1.0 - MAGNITUDE_EPS, 1.0 + MAGNITUDE_EPS
-    last = len(v) - 1
-
-    def in_band(x: float, start: float) -> bool:
-        return not (_above(x, hi * start) or _below(x, lo * start)) or (x < FLOOR and start < FLOOR)
-
-    phrases: list[str] = []
-    i = 0
-    while i < last:
-        start = v[i]
-        j = i + 1
-        while j <= last and in_band(v[j], start):
-            j += 1
-        if j > i + 1:
-            if j > last:
-                phrases.append("Keep nearly constant.")
-            else:
-                phrases.append(f"Keep nearly constant and then become {'larger' if v[j] > start else 'smaller'}.")
-            i = j  # the next run starts at the first value out of the band
-        elif _above(v[i + 1], hi * start):
-            j = i + 1
-            while j < last and _above(v[j + 1], hi * v[j]):
-                j += 1
-            phrases.append("Become larger.")
-            i = j  # the next run starts at the peak
-        else:
-            # Out of the band and not rising means v[i+1] < lo * start with start >= FLOOR.
-            j = i + 1
-            while j < last and v[j] >= FLOOR and _below(v[j + 1], lo * v[j]):
-                j += 1
-            phrases.append("Become smaller.")
-            i = j
-    return phrases
-
-
-def direction_codes(vectors: np.ndarray) -> list[str]:
-    """Direction codes ("Front|Left", ...) of vectors [K, 3] in agent axes, equal neighbours merged.
-
-    Each vector is normalised; a component > 0.3 or < -0.3 names Front/Behind (x), Left/Right
-    (y), Above/Below (z), joined by "|" in that order. Raises InputError for a vector shorter
-    than ZERO_LENGTH (it has no direction); any longer vector has a code.
-    """
-    vectors = np.asarray(vectors, dtype=np.float64)
-    if vectors.ndim != 2 or vectors.shape[1] != 3 or len(vectors) == 0:
-        raise InputError(f"direction vectors must be [K, 3] with K >= 1, got shape {vectors.shape}.")
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.all(norms >= ZERO_LENGTH):
-        raise InputError(f"direction vector {int(np.argmin(norms))} is (nearly) zero and has no direction.")
-    codes: list[str] = []
-    for unit in vectors / norms[:, None]:
-        words = [pos if c > 0 else neg
-                 for c, (pos, neg) in zip(unit, AXIS_WORDS, strict=True) if abs(c) > DIRECTION_EPS]
-        code = "|".join(words)
-        if not codes or codes[-1] != code:
-            codes.append(code)
-    return codes
-
-
-def speed_comparison_runs(former: Sequence[float], latter: Sequence[float]) -> list[str]:
-    """Per-step labels "former" / "same" / "latter" (which is faster), equal neighbours merged.
-
-    Both < 0.1 is "same"; otherwise former > 1.2 x latter is "former", latter > 1.2 x former is
-    "latter" (ratio < 1/1.2 without dividing by a zero speed), anything else "same".
-    """
-    a = np.asarray(former, dtype=np.float64)
-    b = np.asarray(latter, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise InputError(f"speed series must be 1-D of equal non-zero length, got {a.shape} and {b.shape}.")
-    runs: list[str] = []
-    for x, y in zip(a, b, strict=True):
-        if x < FLOOR and y < FLOOR:
-            label = "same"
-        elif x > SPEED_RATIO * y:
-            label = "former"
-        elif y > SPEED_RATIO * x:
-            label = "latter"
-        else:
-            label = "same"
-        if not runs or runs[-1] != label:
-            runs.append(label)
-    return runs
-
-
-def _numbered(phrases: Sequence[str]) -> str:
-    return " ".join(f"({k}) {p}" for k, p in enumerate(phrases, start=1))
-
-
-def _render_directions(codes: Sequence[str]) -> str:
-    return _numbered([f"{code}." for code in codes])
-
-
-# Upstream writes the single-run latter case as "The latter is always faster." without "(1)";
-# we number it like the other single-run phrases so no option gives itself away by its form.
-_SINGLE_RUN = {
-    "former": "The former is always faster.", "same": "Their speed is nearly the same.",
-    "latter": "The latter is always faster.",
-}
-_MULTI_RUN = {"former": "The former is faster.", "same": "Nearly the same.", "latter": "The latter is faster."}
-
-
-def _render_comparison(runs: Sequence[str]) -> str:
-    table = _SINGLE_RUN if len(runs) == 1 else _MULTI_RUN
-    return _numbered([table[r] for r in runs])
-
-
-def describe_magnitudes(values: Sequence[float]) -> str:
-    """SPEC 4 text for a distance or speed series, e.g. "(1) Become larger. (2) Keep nearly constant."."""
-    return _numbered(magnitude_segments(values))
-
-
-def describe_directions(vectors: np.ndarray) -> str:
-    """SPEC 4 text for direction vectors [K, 3] in agent axes, e.g. "(1) Front|Left. (2) Right|Above."."""
-    return _render_directions(direction_codes(vectors))
-
-
-def describe_speed_comparison(former: Sequence[float], latter: Sequence[float]) -> str:
-    """SPEC 4 text comparing two speed series step by step, e.g. "(1) The former is always faster."."""
-    return _render_comparison(speed_comparison_runs(former, latter))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Describer:
-    """How one kind of key is segmented, rendered and imitated with random data."""
-
-    segments: Callable[[Any], list[str]]
-    render: Callable[[Sequence[str]], str]
-    random_like: Callable[[np.random.Generator, Any], Any]
-
-
-_DESCRIBERS = {
-    "magnitude": _Describer(
-        magnitude_segments, _numbered, lambda rng, v: rng.uniform(0.0, RANDOM_MAGNITUDE_MAX, size=len(v))),
-    "direction": _Describer(
-        direction_codes, _render_directions, lambda rng, v: rng.uniform(-1.0, 1.0, size=np.shape(v))),
-    "comparison": _Describer(
-        lambda pair: speed_comparison_runs(*pair), _render_comparison,
-        lambda rng, pair: tuple(rng.uniform(0.0, RANDOM_MAGNITUDE_MAX, size=len(pair[0])) for _ in range(2))),
-}
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -427,7 +233,7 @@ def _distractors(rng: np.random.Generator, kind: str, data: Any, key_segments: l
     """Three distinct wrong options: random data like `data` through the same describer, cut to a
     segment count within +-3 of the key's (and at most MAX_SEGMENTS, like any key); a draw with
     too few segments is drawn again."""
-    describer = _DESCRIBERS[kind]
+    describer = DESCRIBERS[kind]
     count = len(key_segments)
     low, high = max(1, count - 3), min(count + 3, MAX_SEGMENTS)
 
@@ -449,13 +255,13 @@ def _question_for(
     data = _key_data(scene, measure, setup)
     if _has_zero_vector(kind, data):
         return None
-    segments = _DESCRIBERS[kind].segments(data)
+    segments = DESCRIBERS[kind].segments(data)
     if len(segments) > MAX_SEGMENTS:
         return None
     distractors = _distractors(rng, kind, data, segments)
     if distractors is None:
         return None
-    key = _DESCRIBERS[kind].render(segments)
+    key = DESCRIBERS[kind].render(segments)
     options, answer = place_key(key, distractors, rng)
     t_count = scene.num_frames
     meta = {
@@ -492,7 +298,7 @@ def _one_question(scene: Scene, boxes: np.ndarray, subtask: str, rng: np.random.
 
 
 def dsr_questions(
-    scene: Scene, boxes: np.ndarray, rng: np.random.Generator, subtasks: Sequence[str] = ALL_SUBTASKS
+    scene: Scene, boxes: np.ndarray, rng: np.random.Generator, subtasks: Sequence[str] = DSR_SUBTASKS
 ) -> list[QA]:
     """At most one DSR question per requested sub-task about `scene`, in the order requested.
 
@@ -508,7 +314,7 @@ def dsr_questions(
         raise InputError(f"DSR questions need at least {MIN_SCENE_FRAMES} frames, the scene has {scene.num_frames}.")
     unknown = [s for s in subtasks if s not in _SUBTASKS]
     if unknown:
-        raise InputError(f"unknown DSR sub-task {unknown[0]!r}; expected one of {', '.join(ALL_SUBTASKS)}.")
+        raise InputError(f"unknown DSR sub-task {unknown[0]!r}; expected one of {', '.join(DSR_SUBTASKS)}.")
     questions = []
     for subtask in subtasks:
         qa = _one_question(scene, boxes, subtask, rng)

@@ -22,23 +22,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from fourd_jax.data.qa.common import LETTERS, QA, box_text, evenly_spaced, pick_distractors, place_key, visible_frames
-from fourd_jax.data.sim.scene import CAMERA_MOVES, MOVE_EFFECT, OPPOSITE_MOVE, Scene, world_to_camera
+from fourd_jax.data.qa.common import QA, box_text, evenly_spaced, pick_distractors, place_key, visible_frames
+from fourd_jax.data.sim.scene import Scene, world_to_camera
+from fourd_jax.data.taxonomy import (
+    CAMERA_MOVES,
+    LETTERS,
+    MOVE_EFFECT,
+    OBJECT_DIRECTIONS,
+    OBJECT_DISTANCES,
+    OBJECT_SPEEDS,
+    OPPOSITE_MOVE,
+)
 from fourd_jax.errors import InputError
 
-DIRECTIONS = (
-    "Moving Left", "Moving Right", "Moving Up", "Moving Down", "Moving Left-Up", "Moving Left-Down",
-    "Moving Right-Up", "Moving Right-Down", "Moving Toward Camera", "Moving Away from Camera", "Stationary",
-)
-SPEEDS = (
-    "Speeding Up", "Slowing Down", "Maintaining a Constant Speed", "First Speeding Up, Then Slowing Down",
-    "First Slowing Down, Then Speeding Up", "Moving at Varying Speeds",
-)
-DISTANCES = (
-    "Getting Closer to Camera", "Getting Farther from Camera", "Maintaining Roughly the Same Distance",
-    "First Getting Closer, Then Farther", "First Getting Farther, Then Closer",
-)
-SUBTASKS = ("camera_motion", "object_direction", "object_distance", "object_speed")
 FORMS = {"direct": 0.32, "bbox": 0.45, "distance": 0.20, "speed": 0.03}
 OBJECT_QUESTIONS = 2  # per video (SPEC 3.6: two forms drawn)
 FORM_DRAWS = 6
@@ -249,15 +245,15 @@ def object_question(scene: Scene, boxes: np.ndarray, obj: int, form: str, rng: n
         return None
     name = scene.objects[obj].name
     if form in ("direct", "bbox"):
-        key, classes, subtask = classify_direction(series["displacement_cam"]), DIRECTIONS, "object_direction"
+        key, classes, subtask = classify_direction(series["displacement_cam"]), OBJECT_DIRECTIONS, "object_direction"
         subject = (f"the {name}" if form == "direct"
                    else f"the object at {box_text(boxes[obj, 0])} in the first frame")
         question = f"In which direction is {subject} moving during the video?"
     elif form == "distance":
-        key, classes, subtask = classify_distance(series["distances"]), DISTANCES, "object_distance"
+        key, classes, subtask = classify_distance(series["distances"]), OBJECT_DISTANCES, "object_distance"
         question = f"How does the distance between the {name} and the camera change during the video?"
     else:
-        key, classes, subtask = classify_speed(series["speeds"]), SPEEDS, "object_speed"
+        key, classes, subtask = classify_speed(series["speeds"]), OBJECT_SPEEDS, "object_speed"
         question = f"How does the speed of the {name} change during the video?"
     if key is None or (subtask != "object_direction" and scene.objects[obj].motion == "static"):
         return None

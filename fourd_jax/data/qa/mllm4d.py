@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from fourd_jax.data.qa.common import QA, pick_distractors, place_key, visible_frames
-from fourd_jax.data.qa.fourdthinker import DIRECTIONS, classify_direction, object_series
+from fourd_jax.data.qa.fourdthinker import classify_direction, object_series
 from fourd_jax.data.sim.scene import Scene, world_to_camera
+from fourd_jax.data.taxonomy import OBJECT_DIRECTIONS
 
 
 def center_text(point: np.ndarray | None) -> str:
@@ -47,7 +48,7 @@ def direction_question(scene: Scene, boxes: np.ndarray, obj: int, rng: np.random
     key = classify_direction(object_series(scene, obj)["displacement_cam"])
     if key is None:
         return None
-    options, letter = place_key(key, pick_distractors(key, DIRECTIONS, rng), rng)
+    options, letter = place_key(key, pick_distractors(key, OBJECT_DIRECTIONS, rng), rng)
     name = scene.objects[obj].name
     sentence = f"Comparing the {name}'s centre at the first and last frame, it is {key.lower()}."
     return QA("mllm4d", "object_direction", f"In which direction is the {name} moving during the video?",

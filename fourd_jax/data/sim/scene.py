@@ -21,27 +21,10 @@ import dataclasses
 
 import numpy as np
 
+from fourd_jax.data.taxonomy import CAMERA_MOVES, MOVE_EFFECT
 from fourd_jax.errors import InputError
 
-CAMERA_MOVES = (
-    "Pan Right", "Pan Left", "Dolly In", "Dolly Out", "Roll Clockwise", "Roll Counter-Clockwise",
-    "Tilt Up", "Tilt Down", "Pedestal Up", "Pedestal Down", "Truck Left", "Truck Right",
-)
-OPPOSITE_MOVE = {
-    "Pan Right": "Pan Left", "Dolly In": "Dolly Out", "Roll Clockwise": "Roll Counter-Clockwise",
-    "Tilt Up": "Tilt Down", "Pedestal Up": "Pedestal Down", "Truck Left": "Truck Right",
-}
-OPPOSITE_MOVE.update({v: k for k, v in list(OPPOSITE_MOVE.items())})
-# Each move changes one camera parameter: (parameter, sign). Angles in degrees, distances in metres.
-MOVE_EFFECT = {
-    "Pan Left": ("yaw", 1.0), "Pan Right": ("yaw", -1.0),
-    "Tilt Up": ("pitch", 1.0), "Tilt Down": ("pitch", -1.0),
-    "Roll Clockwise": ("roll", 1.0), "Roll Counter-Clockwise": ("roll", -1.0),
-    "Dolly In": ("forward", 1.0), "Dolly Out": ("forward", -1.0),
-    "Truck Right": ("right", 1.0), "Truck Left": ("right", -1.0),
-    "Pedestal Up": ("up", 1.0), "Pedestal Down": ("up", -1.0),
-}
-ROTATION_PARAMS = ("yaw", "pitch", "roll")
+ROTATION_PARAMS = ("yaw", "pitch", "roll")  # MOVE_EFFECT parameters in degrees; the others in metres
 MIN_CAMERA_HEIGHT = 0.8  # metres; camera heights start in [1.8, 3.0]
 
 # Categories: shape and (length along heading, width, height) ranges in metres.

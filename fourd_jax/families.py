@@ -1,0 +1,129 @@
+"""Model families: what differs from one vision-language architecture to the next, in one table.
+
+Each family names its config type and presets, its Linen module, its Hugging Face name table and
+config mapping, the `model_type` its HF checkpoints declare, and the settings of its processor. Code
+is named by dotted path ("module:attribute") and imported on first use, so this registry imports
+neither JAX nor the model: the host-side data code reads it freely. Adding an architecture (e.g.
+Qwen3-VL) means writing its modules and adding one entry to FAMILIES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from fourd_jax.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorSettings:
+    """How a family's processor turns frames into patch rows and placeholder tokens."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_min_pixels: int
+    image_max_pixels: int
+    video_min_pixels: int  # per frame
+    video_max_pixels: int  # per frame
+    image_token: str
+    video_token: str
+
+    @property
+    def resize_factor(self) -> int:
+        """Frame sides are resized to multiples of this: one merge unit of patches."""
+        return self.patch_size * self.merge_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One architecture; its code is named by "module:attribute" (or "module") paths, imported on
+    first use."""
+
+    name: str
+    title: str  # as it appears in messages
+    hf_model_type: str  # the `model_type` of its transformers config.json
+    config: str  # the frozen config dataclass
+    vision_config: str  # the vision tower's part of it (what the processor is given)
+    presets: str  # {name: function(**overrides) -> config}
+    module: str  # the Linen module, built as module(config)
+    hf_names: str  # the `convert.tables.NameTable` of its HF tensors
+    hf_config: str  # a module with config_from_hf(hf_config, source, **overrides) and config_to_hf(config)
+    processor: ProcessorSettings
+
+    def config_type(self) -> type:
+        return resolve(self.config)
+
+    def preset_table(self) -> dict[str, Any]:
+        return resolve(self.presets)
+
+    def module_type(self) -> type:
+        return resolve(self.module)
+
+    def name_table(self) -> Any:
+        return resolve(self.hf_names)
+
+    def hf_config_mapping(self) -> Any:
+        return resolve(self.hf_config)
+
+    def owns(self, obj: Any) -> bool:
+        """Whether obj is (an instance of) this family's config, vision config or module, judged by
+        name so that nothing is imported."""
+        cls = obj if isinstance(obj, type) else type(obj)
+        ours = (self.config, self.vision_config, self.module)
+        return any(f"{c.__module__}:{c.__qualname__}" in ours for c in cls.__mro__)
+
+
+def resolve(dotted: str) -> Any:
+    """The object a "module:attribute" path names (the module itself for a bare "module")."""
+    module, _, attribute = dotted.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+QWEN2_5_VL = Family(
+    name="qwen2_5_vl",
+    title="Qwen2.5-VL",
+    hf_model_type="qwen2_5_vl",
+    config="fourd_jax.model.config:ModelConfig",
+    vision_config="fourd_jax.model.config:VisionConfig",
+    presets="fourd_jax.model.config:PRESETS",
+    module="fourd_jax.model.vlm:Qwen25VL",
+    hf_names="fourd_jax.convert.qwen25vl:NAMES",
+    hf_config="fourd_jax.convert.qwen25vl",
+    # The reference processor: CLIP normalisation; images [56*56, 28*28*1280] pixels, videos
+    # [128*28*28, 768*28*28] per frame.
+    processor=ProcessorSettings(
+        patch_size=14, merge_size=2, temporal_patch_size=2,
+        image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+        image_min_pixels=56 * 56, image_max_pixels=28 * 28 * 1280,
+        video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28,
+        image_token="<|image_pad|>", video_token="<|video_pad|>",
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL,)}
+# What a checkpoint without a family of its own (an Orbax ModelConfig) and the processor defaults are.
+DEFAULT = QWEN2_5_VL
+
+
+def hf_model_types() -> tuple[str, ...]:
+    """Every `model_type` a Hugging Face checkpoint may declare."""
+    return tuple(f.hf_model_type for f in FAMILIES.values())
+
+
+def for_hf_model_type(model_type: Any) -> Family | None:
+    """The family whose HF checkpoints declare `model_type`, or None."""
+    return next((f for f in FAMILIES.values() if f.hf_model_type == model_type), None)
+
+
+def family_of(obj: Any) -> Family:
+    """The family of a config, vision config or module (instance or type)."""
+    family = next((f for f in FAMILIES.values() if f.owns(obj)), None)
+    if family is None:
+        name = (obj if isinstance(obj, type) else type(obj)).__qualname__
+        raise InputError(f"{name} belongs to no model family in fourd_jax.families.FAMILIES.")
+    return family
