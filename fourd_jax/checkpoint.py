@@ -1,7 +1,7 @@
 """Orbax checkpoints of model parameters, laid out so training checkpoints extend them.
 
 A checkpoint directory is an `ocp.CheckpointManager` root; each step holds named items:
-`params` (the parameter pytree) and `model` (the ModelConfig as JSON). Training adds its own
+`params` (the parameter pytree) and `model` (the config as JSON, with its family's name). Training adds its own
 items (optimizer state, data iterator, ...) beside these, so `fourd-jax convert jax-to-hf` can
 export any of them by restoring only these two.
 """
@@ -22,6 +22,7 @@ from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
+FAMILY_KEY = "family"  # in the model item, beside the config's fields
 
 
 class CheckpointNotFound(InputError, FileNotFoundError):
@@ -34,10 +35,16 @@ def save_params(directory: str | os.PathLike, model: Any, params: Any, step: int
     with ocp.CheckpointManager(directory) as manager:
         manager.save(step, args=ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(params),
-            MODEL_ITEM: ocp.args.JsonSave(model.config.to_dict()),
+            MODEL_ITEM: ocp.args.JsonSave(model_item(model.config)),
         }))
         manager.wait_until_finished()
     return directory
+
+
+def model_item(config: Any) -> dict[str, Any]:
+    """The `model` item of a checkpoint: the config as JSON, with the name of its family
+    (`fourd_jax.families`), so that a restore builds the right module."""
+    return {FAMILY_KEY: families.family_of(config).name, **config.to_dict()}
 
 
 def latest_step(directory: str | os.PathLike) -> int:
@@ -58,8 +65,8 @@ def restore_params(
     """(model, params) from checkpoint `step` (default: the latest).
 
     `shardings` (a pytree of Shardings like params) restores straight onto a mesh, which may
-    differ from the one that saved. The config is read as the default family's
-    (`fourd_jax.families.DEFAULT`: a checkpoint does not name its family).
+    differ from the one that saved. The model is built by the family the checkpoint names (the
+    default family, `fourd_jax.families.DEFAULT`, for checkpoints that name none).
     """
     directory = Path(directory).absolute()
     step = latest_step(directory) if step is None else step
@@ -67,8 +74,13 @@ def restore_params(
         if step not in manager.all_steps():
             raise CheckpointNotFound(f"{directory} has no step {step} (it has {manager.all_steps()}).")
         meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
-        family = families.DEFAULT
-        config = family.config_type().from_dict(meta[MODEL_ITEM])
+        fields = dict(meta[MODEL_ITEM])
+        name = fields.pop(FAMILY_KEY, families.DEFAULT.name)  # checkpoints written before families: the default
+        family = families.FAMILIES.get(name)
+        if family is None:
+            raise InputError(f"{directory} step {step} holds a model of family {name!r}, which is not one of "
+                             f"{sorted(families.FAMILIES)}.")
+        config = family.config_type().from_dict(fields)
         if config_overrides:
             config = config.replace(**config_overrides)
         model = family.module_type()(config)

@@ -23,12 +23,13 @@ def _module(name: str) -> Any:
 
 def _convert(args: argparse.Namespace) -> None:
     load, hf, checkpoint = _module("load"), _module("convert.hf"), _module("checkpoint")
-    loaded = load.load_model(args.src, what="src", step=args.step,
-                             param_dtype=args.dtype if args.direction == "hf-to-jax" else None)
+    source = load.find_model(args.src, what="src")
     wanted = "hf" if args.direction == "hf-to-jax" else "orbax"
-    if loaded.source.kind != wanted:
-        raise InputError(f"src {args.src} is {'a Hugging Face' if loaded.source.kind == 'hf' else 'an Orbax'} "
+    if source.kind != wanted:  # refused before anything is read
+        raise InputError(f"src {args.src} is {'a Hugging Face' if source.kind == 'hf' else 'an Orbax'} "
                          f"directory; {args.direction} reads {'a Hugging Face' if wanted == 'hf' else 'an Orbax'} one.")
+    loaded = load.load_model(source, what="src", step=args.step,
+                             param_dtype=args.dtype if args.direction == "hf-to-jax" else None)
     if args.direction == "hf-to-jax":
         out = checkpoint.save_params(args.dst, loaded.model, loaded.params)
         print(f"wrote Orbax checkpoint {out} (step 0) from {args.src}")

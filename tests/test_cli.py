@@ -31,7 +31,7 @@ def test_convert_hf_to_jax_and_back(reference, tmp_path, capsys):
 def test_bad_input_is_one_sentence_on_stderr(tmp_path, capsys):
     assert cli.main(["convert", "hf-to-jax", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fourd-jax convert: error: {tmp_path / 'nowhere'} is not a directory."
+    assert err == f"fourd-jax convert: error: src {tmp_path / 'nowhere'} does not exist."
     (tmp_path / "empty").mkdir()
     assert cli.main(["convert", "jax-to-hf", str(tmp_path / "empty"), str(tmp_path / "y")]) == 2
     assert "holds no complete Orbax checkpoint" in capsys.readouterr().err

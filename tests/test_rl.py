@@ -13,6 +13,7 @@ from run_configs import load_config, tiny_records
 from fourd_jax import sharding
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.errors import InputError
+from fourd_jax.load import find_model
 from fourd_jax.sample import token_logprobs
 from fourd_jax.train import loop, rl
 from fourd_jax.train.settings import GrpoConfig, RunSettings
@@ -171,6 +172,14 @@ def test_rl_job_resumes_exactly(data, tmp_path):
     (tmp_path / "bare").mkdir()  # a checkpoint directory with no tokenizer beside it
     with pytest.raises(InputError, match="no tokenizer found beside .*bare; pass --config.tokenizer"):
         rl.train(RunSettings.of(rl_config()), tmp_path / "y", init=str(tmp_path / "bare"), progress=False)
+    # Without --data, a run takes the records its --init workdir trained on, as that run's manifest names them.
+    assert json.loads((straight / "manifest.json").read_text())["data"] == str(path.absolute())
+    with pytest.raises(InputError, match="no training data: pass --data DIR"):
+        rl.train(RunSettings.of(rl_config(**sharded)), tmp_path / "z", init=str(tmp_path / "dift"), progress=False)
+    assert rl.trained_on(find_model(tmp_path / "dift")) == ""
+    (tmp_path / "dift" / "manifest.json").write_text(json.dumps({"data": str(path)}))
+    for init in (tmp_path / "dift", tmp_path / "dift" / "checkpoints"):
+        assert rl.trained_on(find_model(init)) == str(path)
 
 
 def test_rl_presets_carry_the_4dthinker_recipe():

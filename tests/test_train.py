@@ -249,6 +249,7 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data, tmp
         from fourd_jax.data.pipeline import build_dataset
         from fourd_jax.train import dift, job
         from fourd_jax.train.checkpoints import Checkpointer
+        from fourd_jax.train.settings import RunSettings
         from transformers import AutoTokenizer
         path = {str(data[0])!r}
         tok = AutoTokenizer.from_pretrained(path + "/tokenizer")
@@ -342,7 +343,8 @@ def test_precomputed_imagery_targets_give_the_in_step_loss(data, tmp_path, capsy
     _, b = pre.step_fn(pre.state, batch)
     np.testing.assert_allclose([float(b["loss"]), float(b["latent_loss"])], [float(a["loss"]), float(a["latent_loss"])],
                                rtol=1e-5)
-    with pytest.raises(InputError, match="loss.imagery_targets must be 'in_step' or 'precomputed'"):
+    with pytest.raises(InputError,
+                       match=r"loss.imagery_targets must be one of \('in_step', 'precomputed'\), not 'cached'"):
         RunSettings.of(dift_config(**{"loss.imagery_targets": "cached"})).pipeline()
 
 

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from fourd_jax import sharding
+from fourd_jax import checkpoint, sharding
 from fourd_jax.batch import agree_batch_list, check_batch_divides
 from fourd_jax.data import records
 from fourd_jax.data.latent_tokens import add_latent_tokens
@@ -135,7 +135,7 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     state = trainer.state
     if checkpointer.latest_step() is not None:  # restored onto this mesh, with the data iterator's position
         state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
-    observe.write_manifest(workdir, settings.as_dict(), records.files(data_dir / "train"), mesh)
+    observe.write_manifest(workdir, settings.as_dict(), data_dir, records.files(data_dir / "train"), mesh)
     evaluate = None
     if trainer.validation is not None and t.eval_batches and (data_dir / "val").is_dir():
         evaluate = trainer.validation(validation_batches(settings, trainer, data_dir, tok))
@@ -145,9 +145,9 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
         return loop.run(
             state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
             total_steps=int(steps or settings.optim.total_steps), config=settings.as_dict(),
-            model_config=trainer.model.config.to_dict(), schedule=trainer.schedule, flops_fn=trainer.flops_fn,
-            checkpoint_every=t.checkpoint_every, max_nonfinite=t.max_nonfinite, peak_flops_per_device=t.peak_flops,
-            best_metric=t.best_metric, evaluate=evaluate, progress=progress)
+            model_config=checkpoint.model_item(trainer.model.config), schedule=trainer.schedule,
+            flops_fn=trainer.flops_fn, checkpoint_every=t.checkpoint_every, max_nonfinite=t.max_nonfinite,
+            peak_flops_per_device=t.peak_flops, best_metric=t.best_metric, evaluate=evaluate, progress=progress)
     finally:
         metrics.close()
         checkpointer.close()

@@ -91,8 +91,9 @@ def file_digest(paths: list[Path]) -> dict[str, str]:
     return out
 
 
-def write_manifest(workdir: str | Path, config: dict, data_files: list[Path], mesh: Any) -> Path:
-    """What a reproducibility study needs to rerun: versions, config, seed, data hashes, devices."""
+def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_files: list[Path], mesh: Any) -> Path:
+    """What a reproducibility study needs to rerun: versions, config, seed, the records directory
+    and its hashes, devices."""
     path = Path(workdir) / "manifest.json"
     if jax.process_index() != 0:
         return path
@@ -104,7 +105,8 @@ def write_manifest(workdir: str | Path, config: dict, data_files: list[Path], me
             versions[package] = None
     manifest = {
         "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-        "config": config, "seed": config.get("seed"), "data_files": file_digest(data_files),
+        "config": config, "seed": config.get("seed"), "data": str(Path(data_dir).absolute()),
+        "data_files": file_digest(data_files),
         "mesh_shape": dict(mesh.shape), "process_count": jax.process_count(),
         "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -16,6 +16,7 @@ there (`Rollout.latent_inputs`), not the pad token's embedding.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import optax
 
 from fourd_jax.batch import completion_texts, prompt_inputs, shard_rows
 from fourd_jax.errors import InputError
-from fourd_jax.load import find_model
+from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import Rollout, generate, sampling_for, token_logprobs
@@ -250,6 +251,15 @@ def flops_fn(model_config: Any, grpo: GrpoConfig, max_new_tokens: int):
     return flops
 
 
+def trained_on(source: ModelSource) -> str:
+    """The records directory the run that wrote `source` trained on (its workdir's manifest.json),
+    or "" when that is not known (an HF directory, a checkpoint without its workdir)."""
+    manifest = Path(source.weights).parent / "manifest.json"
+    if source.kind != "orbax" or not manifest.is_file():
+        return ""
+    return str(json.loads(manifest.read_text()).get("data", ""))
+
+
 def train(settings: RunSettings, workdir: str | Path, init: str | None = None, data: str | None = None,
           steps: int | None = None, progress: bool = True) -> TrainState:
     """`fourd-jax rl`: GRPO from the DIFT checkpoint `init` (default model.init_from) until global step
@@ -262,6 +272,6 @@ def train(settings: RunSettings, workdir: str | Path, init: str | None = None, d
             raise InputError(f"no tokenizer found beside {source.weights}; pass --config.tokenizer=DIR (the one the "
                              "DIFT run used).")
         changes["tokenizer"] = source.tokenizer
-    if not data and not settings.data.path and init and (Path(init) / "data" / "train").is_dir():
-        changes["data.path"] = str(Path(init) / "data")  # the DIFT run's records
+    if not data and not settings.data.path:
+        changes["data.path"] = trained_on(source)
     return job.run(settings.replace(**changes), workdir, make_rl_trainer, data=data, steps=steps, progress=progress)
