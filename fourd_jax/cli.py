@@ -15,6 +15,37 @@ from ml_collections import config_flags
 from fourd_jax.errors import InputError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: message`), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def whole_number(minimum: int):
+    """An argparse type: an int >= minimum, or one sentence saying what the flag must be."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, not {value}")
+        return value
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {value}")
+    return value
+
+
 def _module(name: str) -> Any:
     """A fourd_jax module, imported when its subcommand runs: `fourd-jax synth`, `data inspect` and
     `data import` then load no JAX, and each command pays only for its own stack."""
@@ -87,7 +118,7 @@ def _data(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace, stage: str) -> None:
     """`fourd-jax dift` / `rl`: the config validated into typed settings, the cluster joined, the stage run."""
-    config = parse_config(f"fourd-jax {stage}", args.config_args, f"configs/{stage}.py")
+    config = parse_config(f"fourd-jax {stage}", args.config_args, stage)
     settings = _module("train.settings").RunSettings.of(config)
     _module("distributed").initialize(config.distributed)
     extra = {"init": args.init} if stage == "rl" else {}
@@ -111,7 +142,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    _module("demo").run(args.workdir, parse_config("fourd-jax demo", args.config_args, "configs/demo.py"))
+    _module("demo").run(args.workdir, parse_config("fourd-jax demo", args.config_args, "demo"))
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -126,33 +157,71 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _study(args: argparse.Namespace) -> None:
     study = _module("study")
-    config = parse_config("fourd-jax study", [f"--config=configs/study.py:{args.preset}", *args.config_args],
-                          "configs/study.py")
+    config = parse_config("fourd-jax study", [f"--config=study:{args.preset}", *args.config_args], "study")
     arms = tuple(a for a in args.arms.split(",") if a) if args.arms else study.ARMS
     study.run(args.workdir, config, seeds=args.seeds, arms=arms)
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def config_file(spec: str) -> str:
+    """`NAME[:ARG]` for a config shipped with the package (`dift`, `rl`, `demo`, `study`), which works
+    from any directory, or `PATH[:ARG]` for a config file; one sentence when it is neither."""
+    name, sep, arg = spec.partition(":")
+    packaged = PACKAGED_CONFIGS / f"{name}.py"
+    if name and "/" not in name and not name.endswith(".py") and packaged.is_file():
+        return f"{packaged}{sep}{arg}"
+    if not Path(name).is_file():
+        known = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if p.stem != "__init__")
+        raise InputError(f"config {name!r} is neither a config file nor one of the packaged configs {known}.")
+    return spec
+
+
+def with_config_files(argv: list[str]) -> list[str]:
+    """argv with each `--config SPEC` / `--config=SPEC` value resolved by `config_file`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [arg, config_file(argv[i + 1])]
+            i += 2
+            continue
+        out.append(f"--config={config_file(arg.split('=', 1)[1])}" if arg.startswith("--config=") else arg)
+        i += 1
+    return out
+
+
 def parse_config(prog: str, argv: list[str], default: str):
-    """An ml_collections config from `--config path[:arg]` and `--config.key=value` overrides."""
+    """An ml_collections config from `--config NAME|PATH[:arg]` (default: the packaged config
+    `default`) and `--config.key=value` overrides; bad input is one sentence."""
     values = flags.FlagValues()
-    argv = [prog, *argv]
+    argv = [prog, *with_config_files(argv)]
     try:
         # Overrides are read from argv when the flag is defined, so both steps can refuse input.
-        config_flags.DEFINE_config_file("config", default, "config file: path[:arg]", flag_values=values,
-                                        sys_argv=argv)
+        config_flags.DEFINE_config_file("config", config_file(default), "config file: NAME|PATH[:arg]",
+                                        flag_values=values, sys_argv=argv)
         values(argv)
     except (AttributeError, KeyError) as e:
-        raise InputError(f"the config has no field {str(e).strip(chr(34))} (from a --config.KEY override).") from None
+        # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...?")) for an unknown field.
+        key = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+        field, _, hint = str(key.args[0] if key.args else key).partition("\n")
+        hint = f" {hint.strip()}" if hint.strip() else ""
+        raise InputError(f"the config has no field {field.strip(chr(39))!r} (from a --config.KEY override).{hint}"
+                         ) from None
     except flags.Error as e:
-        raise InputError(str(e)) from None
-    except FileNotFoundError:
-        raise InputError(f"config file {values['config'].serialize()!r} not found; run from the "
-                         "repository root or pass --config PATH.") from None
+        # A config's own InputError (an unknown preset or mesh) is the innermost of the exceptions absl and
+        # ml_collections wrap it in; its sentence is what the user needs.
+        cause, inner = e, e.__context__
+        while inner is not None:
+            cause = inner if isinstance(inner, InputError) else cause
+            inner = inner.__context__
+        raise InputError(str(cause).splitlines()[0]) from None
     return values.config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fourd-jax",
         description="JAX/Flax 4DThinker: Qwen2.5-VL that thinks with 4D imagery.",
     )
@@ -165,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="output directory")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                          help="parameter dtype when reading HF weights")
-    convert.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    convert.add_argument("--step", type=whole_number(0), default=None, help="checkpoint step (default: latest)")
     convert.add_argument("--tokenizer", default=None, help="tokenizer directory to copy into the HF output")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB)")
     convert.set_defaults(func=_convert)
@@ -173,20 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against PyTorch, recorded in docs/PERFORMANCE.md")
     bench.add_argument("what", choices=["forward", "data", "train", "sample", "rl"])
     bench.add_argument("--size", default="small", choices=["small", "tiny"])
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=whole_number(1), default=5)
     bench.add_argument("--no-record", action="store_true", help="print only, do not write docs/")
     bench.set_defaults(func=_bench)
 
     synth = sub.add_parser("synth", help="render procedural 4D scenes and write question records")
     synth.add_argument("--out", required=True, help="output directory (train/, val/, test/, manifest.json)")
-    synth.add_argument("--num-scenes", type=int, required=True)
+    synth.add_argument("--num-scenes", type=whole_number(1), required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--workers", type=int, default=1, help="worker processes")
-    synth.add_argument("--frames", type=int, default=16, help="frames per scene")
-    synth.add_argument("--fps", type=float, default=2.0)
-    synth.add_argument("--image-size", type=int, default=224, help="square frame side in pixels")
+    synth.add_argument("--workers", type=whole_number(1), default=1, help="worker processes")
+    synth.add_argument("--frames", type=whole_number(1), default=16, help="frames per scene")
+    synth.add_argument("--fps", type=positive_number, default=2.0)
+    synth.add_argument("--image-size", type=whole_number(1), default=224, help="square frame side in pixels")
     synth.add_argument("--families", default="dsr,4dthinker,mllm4d", help="comma-separated question families")
-    synth.add_argument("--scenes-per-shard", type=int, default=25)
+    synth.add_argument("--scenes-per-shard", type=whole_number(1), default=25)
     synth.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="inspect or import 4D records, or precompute their DIFT imagery targets")
@@ -196,30 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--format", choices=["4dthinker", "dsr", "dsr_bench", "vlm4d"], help="import: source format")
     data.add_argument("--out", default=None, help="import: output .array_record file")
     data.add_argument("--root", default=None, help="import: directory media paths are relative to")
-    data.add_argument("--max-frames", type=int, default=None, help="import: frames kept per video")
+    data.add_argument("--max-frames", type=whole_number(1), default=None, help="import: frames kept per video")
     data.add_argument("--strict", action="store_true", help="import: stop at the first bad row instead of skipping")
     data.add_argument("--checkpoint", default=None, help="targets: the HF or Orbax checkpoint DIFT starts from")
-    data.add_argument("--latent-size", type=int, default=4, help="targets: latent pads per imagery image")
-    data.add_argument("--imagery-max-pixels", type=int, default=256 * 28 * 28,
+    data.add_argument("--latent-size", type=whole_number(1), default=4, help="targets: latent pads per imagery image")
+    data.add_argument("--imagery-max-pixels", type=whole_number(1), default=256 * 28 * 28,
                       help="targets: imagery resize bound (as data.imagery_max_pixels in the DIFT config)")
     data.set_defaults(func=_data)
 
     dift = sub.add_parser("dift", help="Dynamic-Imagery Fine-Tuning (resumes from WORKDIR)",
-                          description="Flags after the named ones: --config configs/dift.py[:PRESET[,MESH]], "
+                          description="Flags after the named ones: --config dift[:PRESET[,MESH]] (or a config file), "
                                       "--config.KEY=VALUE.")
     dift.add_argument("--workdir", required=True)
     dift.add_argument("--data", default=None, help="records from fourd-jax synth (default: config.data.path)")
-    dift.add_argument("--steps", type=int, default=None, help="train until this global step")
+    dift.add_argument("--steps", type=whole_number(1), default=None, help="train until this global step")
     dift.set_defaults(func=lambda a: _train(a, "dift"), takes_config=True)
 
     rl = sub.add_parser("rl", help="4DRL: GRPO on text tokens from a DIFT run (resumes from WORKDIR)",
-                        description="Flags after the named ones: --config configs/rl.py[:PRESET[,MESH]], "
+                        description="Flags after the named ones: --config rl[:PRESET[,MESH]] (or a config file), "
                                     "--config.KEY=VALUE.")
     rl.add_argument("--workdir", required=True)
     rl.add_argument("--init", default=None, help="the DIFT workdir, or a checkpoint / HF directory "
                                                  "(default: config.model.init_from)")
     rl.add_argument("--data", default=None, help="records with a train/ split (default: the DIFT run's data)")
-    rl.add_argument("--steps", type=int, default=None, help="train until this global step")
+    rl.add_argument("--steps", type=whole_number(1), default=None, help="train until this global step")
     rl.set_defaults(func=lambda a: _train(a, "rl"), takes_config=True)
 
     ev = sub.add_parser("eval", help="accuracy per sub-task of a checkpoint on a records split")
@@ -227,11 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="records (DIR/test is used when DIR holds splits)")
     ev.add_argument("--out", required=True, help="where results.json, results.csv and accuracy.png go")
     ev.add_argument("--tokenizer", default=None, help="default: the one saved with the checkpoint")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--max-frames", type=int, default=16)
-    ev.add_argument("--max-pixels", type=int, default=448 * 448, help="per frame, after smart_resize")
-    ev.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    ev.add_argument("--batch-size", type=whole_number(1), default=8)
+    ev.add_argument("--max-new-tokens", type=whole_number(1), default=64)
+    ev.add_argument("--max-frames", type=whole_number(1), default=16)
+    ev.add_argument("--max-pixels", type=whole_number(1), default=448 * 448, help="per frame, after smart_resize")
+    ev.add_argument("--max-samples", type=whole_number(0), default=0, help="0 = all")
     ev.add_argument("--blind", action="store_true",
                     help="show no video (the blind control: for a model trained with --config.data.video=False)")
     ev.set_defaults(func=_eval)
@@ -244,14 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Synthesise scenes, train a tiny VLM from scratch (a letter-only reading warm-up,"
                                       " DIFT, 4DRL) and the blind control (the same training with no video: whatever "
                                       "it reaches is answer bias), evaluate all three on held-out scenes. Flags after "
-                                      "--workdir: --config configs/demo.py[:arg], --config.KEY=VALUE.")
+                                      "--workdir: --config demo[:arg] (or a config file), --config.KEY=VALUE.")
     demo.add_argument("--workdir", default="workdir_demo")
     demo.set_defaults(func=_demo, takes_config=True)
 
     probe = sub.add_parser("probe", help="can the camera's motion be read from the video? (linear probes, no LM)")
     probe.add_argument("data", help="records from fourd-jax synth (train/, val/ and test/ are used)")
     probe.add_argument("--preset", default="tiny", help="the model preset whose vision tower is probed")
-    probe.add_argument("--steps", type=int, default=1000, help="training steps of the trained-tower reader")
+    probe.add_argument("--steps", type=whole_number(1), default=1000, help="training steps of the trained-tower reader")
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--out", default="", help="write the results as JSON here")
     probe.set_defaults(func=_probe)
@@ -265,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--preset", choices=["cpu", "accelerator"], default="cpu",
                        help="cpu: <= 90 min on 2 cores for one seed; accelerator: sized for one GPU or TPU host")
     study.add_argument("--workdir", required=True)
-    study.add_argument("--seeds", type=int, default=1, help="seeds (data and initialisation) per arm")
+    study.add_argument("--seeds", type=whole_number(1), default=1, help="seeds (data and initialisation) per arm")
     study.add_argument("--arms", default="", help="comma-separated subset of the arms (default: all)")
     study.set_defaults(func=_study, takes_config=True)
     return parser

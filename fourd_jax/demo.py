@@ -40,7 +40,7 @@ def first_vs_last(log: list[dict], key: str) -> tuple[float, float]:
 
 
 def run(workdir: str | Path, config: Any) -> dict:
-    """Run the demo with the settings of `configs/demo.py`; write `workdir/results.json`."""
+    """Run the demo with the settings of the packaged `demo` config; write `workdir/results.json`."""
     if config.model not in PRESETS:
         raise InputError(f"config.model {config.model!r} is not one of {sorted(PRESETS)}.")
     workdir = Path(workdir)

@@ -1,6 +1,6 @@
 """`fourd-jax study`: the ablations the papers left open, on the same data, model and budget per arm.
 
-Arms (configs/study.py names them; each is the demo's stage config with one change):
+Arms (the packaged config `study` names them; each is the demo's stage config with one change):
     text_sft        CE only, on traces with the imagery blocks removed        (a)
     dift            CE + latent cosine (the method's first stage)              (b)
     dift_no_latent  imagery blocks kept, latent_weight 0                       (c)

@@ -2,7 +2,7 @@
 # Run `fourd-jax` on one GPU node (all its GPUs in one process, e.g. 8xH100 with mesh preset 8xh100).
 #
 #   launch/gpu_node.sh WORKDIR ARGS...
-#   e.g. launch/gpu_node.sh runs/7b dift --config configs/dift.py:qwen25vl_7b,8xh100 --data data/dift
+#   e.g. launch/gpu_node.sh runs/7b dift --config dift:qwen25vl_7b,8xh100 --data data/dift
 #
 # Expects: NVIDIA drivers and CUDA 12; installs this checkout with jax[cuda12] into .venv-gpu once.
 set -euo pipefail

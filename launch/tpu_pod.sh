@@ -3,7 +3,7 @@
 #
 #   launch/tpu_pod.sh create  NAME ZONE ACCELERATOR [VERSION]   # e.g. my-run us-east5-a v5p-64
 #   launch/tpu_pod.sh setup   NAME ZONE                         # copy this checkout, install it on all workers
-#   launch/tpu_pod.sh run     NAME ZONE WORKDIR -- ARGS...      # e.g. -- dift --config configs/dift.py:qwen25vl_7b,v5p-64
+#   launch/tpu_pod.sh run     NAME ZONE WORKDIR -- ARGS...      # e.g. -- dift --config dift:qwen25vl_7b,v5p-64
 #   launch/tpu_pod.sh logs    NAME ZONE WORKDIR                 # collect each worker's log into ./logs/NAME/
 #   launch/tpu_pod.sh delete  NAME ZONE
 #

@@ -1,18 +1,13 @@
-"""What the training tests share: the repository's run configs (configs/*.py) with dotted-key
+"""What the training tests share: the packaged run configs (fourd_jax/configs/*.py) with dotted-key
 overrides, and a small synthetic record set with its tokenizer."""
 
-import importlib.util
+import importlib
 from pathlib import Path
-
-REPO = Path(__file__).parents[1]
 
 
 def load_config(name: str, preset: str = "tiny", **overrides):
-    """configs/NAME.py:get_config(preset) with overrides such as {"optim.lr": 1e-3}."""
-    spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
+    """fourd_jax/configs/NAME.py:get_config(preset) with overrides such as {"optim.lr": 1e-3}."""
+    config = importlib.import_module(f"fourd_jax.configs.{name}").get_config(preset)
     for key, value in overrides.items():
         target = config
         *path, last = key.split(".")

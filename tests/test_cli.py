@@ -46,7 +46,7 @@ def test_console_script_help_lists_the_commands():
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(Path(__file__).parents[1])  # configs/ is resolved from the repository root
+    monkeypatch.chdir(tmp_path)  # the packaged configs are found from any directory
     small = ["--config.num_scenes=10", "--config.split_fractions=(0.5, 0.1, 0.4)",
              "--config.eval_max_new_tokens=12", "--config.dift.optim.total_steps=2",
              "--config.dift.train.checkpoint_every=2", "--config.dift.data.seq_buckets=(1024,)",

@@ -47,7 +47,7 @@ def find_last(row: np.ndarray, pattern: list[int]) -> int:
 
 # ----------------------------------------------------------------------------- DIFT
 
-LATENT_SIZE = 4  # configs/dift.py data.latent_size
+LATENT_SIZE = 4  # fourd_jax/configs/dift.py data.latent_size
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,8 @@ SMALL = ["--config.num_scenes=10", "--config.split_fractions=(0.5, 0.1, 0.4)",
 
 
 @pytest.fixture(autouse=True)
-def repository_root(monkeypatch):
-    monkeypatch.chdir(Path(__file__).parents[1])  # configs/ is resolved from the repository root
+def away_from_the_repository(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the packaged configs are found from any directory
 
 
 def test_every_arm_runs_and_is_reported(tmp_path, capsys):

@@ -52,6 +52,16 @@ class EvalConfig:
     max_samples: int = 0  # the first this many records (scored or not) in file order; 0 = the whole split
     video: bool = True  # False: the blind control (no video tokens), for a model trained with data.video=False
 
+    def __post_init__(self) -> None:
+        minimums = {"batch_size": 1, "max_new_tokens": 1, "max_frames": 1, "video_max_pixels": 1, "latent_size": 1,
+                    "max_latent_blocks": 0, "max_samples": 0}
+        for field, minimum in minimums.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise InputError(f"eval {field} must be a whole number >= {minimum}, not {value!r}.")
+        if not self.seq_buckets or any(not isinstance(b, int) or b < 1 for b in self.seq_buckets):
+            raise InputError(f"eval seq_buckets must be positive whole numbers, not {self.seq_buckets!r}.")
+
 
 # VLM4D real items with an id up to this are exo-centric, the rest ego-centric (SPEC 5).
 VLM4D_EXO_MAX_ID = 922

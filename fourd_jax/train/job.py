@@ -121,11 +121,13 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
         data: str | None = None, steps: int | None = None, progress: bool = True) -> TrainState:
     """Train the stage's `make_trainer` until global step `steps` (default optim.total_steps),
     resuming from the latest checkpoint in `workdir` if there is one."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InputError(f"steps must be a whole number >= 1, not {steps!r}.")
     mesh = sharding.make_mesh(settings.mesh_shape)
     check_batch_divides(settings.data.batch_size, mesh)
     data_dir = data_directory(settings, data)
+    workdir = Path(workdir)  # made only once the run's inputs are known to be usable
+    workdir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer(settings, workdir, data_dir)
     trainer = make_trainer(settings, tok, mesh)
     batches = iter(build_dataset(data_dir / "train", tok, trainer.model.config, trainer.pipeline))
@@ -144,7 +146,7 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     try:
         return loop.run(
             state=state, step_fn=trainer.step_fn, batches=batches, checkpointer=checkpointer, metrics=metrics,
-            total_steps=int(steps or settings.optim.total_steps), config=settings.as_dict(),
+            total_steps=settings.optim.total_steps if steps is None else steps, config=settings.as_dict(),
             model_config=checkpoint.model_item(trainer.model.config), schedule=trainer.schedule,
             flops_fn=trainer.flops_fn, checkpoint_every=t.checkpoint_every, max_nonfinite=t.max_nonfinite,
             peak_flops_per_device=t.peak_flops, best_metric=t.best_metric, evaluate=evaluate, progress=progress)

@@ -1,4 +1,4 @@
-"""A training run's settings: the `configs/*.py` ConfigDict turned once, at start-up, into typed,
+"""A training run's settings: the `fourd_jax/configs/*.py` ConfigDict turned once, at start-up, into typed,
 validated values that flow one way (cli -> job -> trainer -> step).
 
 `RunSettings.of(config)` checks every value and fails with one sentence naming the field before
@@ -204,7 +204,7 @@ class RunSettings:
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict) -> RunSettings:
-        """The validated settings of a `configs/dift.py` or `configs/rl.py` config."""
+        """The validated settings of a `dift` or `rl` config (fourd_jax/configs/)."""
         config = copy.deepcopy(config)
         model = ModelSettings(
             preset=str(config.model.preset), init_from=str(config.model.init_from),

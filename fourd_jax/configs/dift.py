@@ -1,11 +1,13 @@
-"""DIFT (Dynamic-Imagery Fine-Tuning) runs: `fourd-jax dift --config configs/dift.py:PRESET`.
+"""DIFT (Dynamic-Imagery Fine-Tuning) runs: `fourd-jax dift --config dift:PRESET`.
 
 Presets: tiny (CPU demo and tests), qwen25vl_3b, qwen25vl_7b (the 4DThinker recipe, SPEC 3.3).
-A mesh preset can follow a comma: `configs/dift.py:qwen25vl_7b,v5p-64`. Any field can be
+A mesh preset can follow a comma: `dift:qwen25vl_7b,v5p-64`. Any field can be
 overridden with --config.FIELD=VALUE.
 """
 
 import ml_collections
+
+from fourd_jax.errors import InputError
 
 # (data, fsdp, tensor) per hardware slice; -1 = all remaining devices.
 MESHES = {
@@ -108,9 +110,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 500
         c.mesh.shape = MESHES["v5p-8"]
     elif preset != "tiny":
-        raise ValueError(f"unknown preset {preset!r}; choose tiny, qwen25vl_3b or qwen25vl_7b")
+        raise InputError(f"unknown preset {preset!r}; choose tiny, qwen25vl_3b or qwen25vl_7b.")
     if mesh:
         if mesh not in MESHES:
-            raise ValueError(f"unknown mesh preset {mesh!r}; choose from {sorted(MESHES)}")
+            raise InputError(f"unknown mesh preset {mesh!r}; choose from {sorted(MESHES)}.")
         c.mesh.shape = MESHES[mesh]
     return c

@@ -1,19 +1,17 @@
 """Settings of `fourd-jax demo` (the end-to-end CPU job: synthesize -> DIFT -> 4DRL -> eval).
 
-    fourd-jax demo --workdir W [--config configs/demo.py:tiny] [--config.dift.optim.total_steps=120]
+    fourd-jax demo --workdir W [--config demo:tiny] [--config.dift.optim.total_steps=120]
 """
-
-import importlib.util
-from pathlib import Path
 
 import ml_collections
 
+from fourd_jax.configs import dift, rl
+
+STAGES = {"dift": dift, "rl": rl}
+
 
 def stage_config(name: str, preset: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"{name}_config", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return STAGES[name].get_config(preset)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

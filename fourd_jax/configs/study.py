@@ -5,21 +5,18 @@
 Every arm gets the same data, model and budget: the supervised arms train config.dift (changed
 in one field each) from the same reading warm-up (config.warmup; the blind arm from its twin
 without video), the RL arms train config.rl from the dift arm's checkpoint. The cpu preset is
-the demo's recipe (configs/demo.py) and runs in <= 90 min on 2 cores with one seed; the
+the demo's recipe (`demo`) and runs in <= 90 min on 2 cores with one seed; the
 accelerator preset is sized for one GPU or TPU host.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from fourd_jax.configs import demo
+from fourd_jax.errors import InputError
 
 
 def demo_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("demo_config", Path(__file__).with_name("demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return demo.get_config()
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
@@ -37,5 +34,5 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         config.rl.data.batch_size = 16
         config.rl.optim.total_steps *= 4
     elif arg != "cpu":
-        raise ValueError(f"unknown study preset {arg!r}; choose cpu or accelerator")
+        raise InputError(f"unknown study preset {arg!r}; choose cpu or accelerator.")
     return config

@@ -1,4 +1,4 @@
-"""4DRL (GRPO) runs: `fourd-jax rl --config configs/rl.py:PRESET --init DIFT_WORKDIR`.
+"""4DRL (GRPO) runs: `fourd-jax rl --config rl:PRESET --init DIFT_WORKDIR`.
 
 Built on the DIFT config of the same preset (model, data, mesh, distributed and checkpoint
 settings mean the same there), with the 4DThinker RL recipe (SPEC 3.5) for qwen25vl_3b / _7b:
@@ -6,17 +6,13 @@ G = 8 rollouts at temperature 1.0, top-p 0.9, beta 0.01 with the k1 estimator, o
 lr 1e-6, at most 16 frames with the longest side <= 448.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from fourd_jax.configs import dift
 
 
 def dift_config(arg: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("dift_config", Path(__file__).with_name("dift.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return dift.get_config(arg)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -1,0 +1,95 @@
+"""Bad arguments and configs through the installed `fourd-jax` script: each is refused in one line on
+stderr, exits 2, and leaves nothing behind; the packaged configs are found from any directory."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("fourd-jax")  # the entry point pip installed beside python
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+CASES = [
+    # Numbers mean what they say: each refused before anything is built or written.
+    (["dift", "--workdir", "w", "--steps", "0"],
+     "fourd-jax dift: error: argument --steps: must be a whole number >= 1, not 0"),
+    (["dift", "--workdir", "w", "--steps", "-5"],
+     "fourd-jax dift: error: argument --steps: must be a whole number >= 1, not -5"),
+    (["rl", "--workdir", "w", "--steps", "two"],
+     "fourd-jax rl: error: argument --steps: must be a whole number >= 1, not 'two'"),
+    (["dift", "--workdir", "w", "--config.optim.lr=-1"],
+     "fourd-jax dift: error: optim.lr must be a number >= 0, not -1.0."),
+    (["dift", "--workdir", "w", "--config.data.batch_size=0"],
+     "fourd-jax dift: error: data.batch_size must be a whole number >= 1, not 0."),
+    (["eval", "--checkpoint", "c", "--data", "d", "--out", "o", "--max-samples", "-1"],
+     "fourd-jax eval: error: argument --max-samples: must be a whole number >= 0, not -1"),
+    (["eval", "--checkpoint", "c", "--data", "d", "--out", "o", "--batch-size", "0"],
+     "fourd-jax eval: error: argument --batch-size: must be a whole number >= 1, not 0"),
+    (["synth", "--out", "s", "--num-scenes", "0"],
+     "fourd-jax synth: error: argument --num-scenes: must be a whole number >= 1, not 0"),
+    (["synth", "--out", "s", "--num-scenes", "2", "--fps", "0"],
+     "fourd-jax synth: error: argument --fps: must be a number > 0, not 0.0"),
+    # Config keys and presets: a clean sentence, not ml_collections' text or traceback.
+    (["dift", "--workdir", "w", "--config.optim.lrr=1"],
+     "fourd-jax dift: error: the config has no field 'lrr' (from a --config.KEY override). "
+     'Did you mean "lr" instead of "lrr"?'),
+    (["dift", "--workdir", "w", "--config", "dift:huge"],
+     "fourd-jax dift: error: unknown preset 'huge'; choose tiny, qwen25vl_3b or qwen25vl_7b."),
+    (["rl", "--workdir", "w", "--config=rl:tiny,v9"], "fourd-jax rl: error: unknown mesh preset 'v9'; choose from "),
+    (["dift", "--workdir", "w", "--config", "configs/dift.py:tiny"],
+     "fourd-jax dift: error: config 'configs/dift.py' is neither a config file nor one of the packaged configs "
+     "['demo', 'dift', 'rl', 'study']."),
+    (["study", "--workdir", "w", "--config.nope=1"],
+     "fourd-jax study: error: the config has no field 'nope' (from a --config.KEY override)."),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
+def test_bad_arguments_are_one_line_and_leave_nothing(args, expected, tmp_path):
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected), lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_data_names_the_flag_and_makes_no_workdir(tmp_path):
+    result = run_cli(["dift", "--workdir", "w", "--config", "dift:tiny"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("fourd-jax dift: error: no training data: pass --data DIR or "
+                                     "--config.data.path=DIR (records from fourd-jax synth or fourd-jax data import).")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_file_of_ones_own_still_works(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from fourd_jax.configs import dift\n\n\ndef get_config(arg='tiny'):\n"
+        "    c = dift.get_config(arg)\n    c.data.batch_size = 0\n    return c\n")
+    result = run_cli(["dift", "--workdir", "w", "--config", "mine.py:tiny"], tmp_path)
+    assert result.stderr.strip() == "fourd-jax dift: error: data.batch_size must be a whole number >= 1, not 0."
+
+
+def test_the_library_refuses_the_same_numbers(tmp_path):
+    from run_configs import load_config
+
+    from fourd_jax.errors import InputError
+    from fourd_jax.eval.evaluate import EvalConfig
+    from fourd_jax.train import dift
+    from fourd_jax.train.settings import RunSettings
+
+    for field, value in (("batch_size", 0), ("max_samples", -1), ("max_new_tokens", 0), ("batch_size", 1.5)):
+        with pytest.raises(InputError, match=f"^eval {field} must be a whole number"):
+            EvalConfig(**{field: value})
+    settings = RunSettings.of(load_config("dift"))
+    for steps in (0, -5):
+        with pytest.raises(InputError, match=f"^steps must be a whole number >= 1, not {steps}.$"):
+            dift.train(settings, tmp_path / "w", data=str(tmp_path), steps=steps)
+    assert not (tmp_path / "w").exists()
