@@ -73,7 +73,10 @@ def restore_params(
     with ocp.CheckpointManager(directory) as manager:
         if step not in manager.all_steps():
             raise CheckpointNotFound(f"{directory} has no step {step} (it has {manager.all_steps()}).")
-        meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001 - a missing or damaged model item
+            raise CheckpointNotFound(f"{directory} step {step} does not restore ({first_line(e)}).") from None
         fields = dict(meta[MODEL_ITEM])
         name = fields.pop(FAMILY_KEY, families.DEFAULT.name)  # checkpoints written before families: the default
         family = families.FAMILIES.get(name)
@@ -91,7 +94,18 @@ def restore_params(
         if shardings is not None:
             abstract = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{
+                PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
+            raise CheckpointNotFound(f"{directory} step {step} does not restore ({first_line(e)}).") from None
     return model, restored[PARAMS_ITEM]
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's type and first non-empty line, shortened: what a one-line report can carry
+    (tensorstore's messages name the file that is missing or damaged)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 

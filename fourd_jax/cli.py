@@ -15,11 +15,15 @@ from ml_collections import config_flags
 from fourd_jax.errors import InputError
 
 
+class UsageError(Exception):
+    """A command line argparse refuses; `main` prints it as one line and returns 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: message`), like every other bad input."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def whole_number(minimum: int):
@@ -85,7 +89,8 @@ def _synth(args: argparse.Namespace) -> None:
     scene = scene_module.SceneConfig(num_frames=args.frames, fps=args.fps, image_size=(args.image_size,) * 2)
     config = synth.SynthConfig(scene=scene, families=tuple(args.families.split(",")),
                                scenes_per_shard=args.scenes_per_shard)
-    manifest = synth.synthesize(args.out, args.num_scenes, args.seed, config, workers=args.workers)
+    manifest = synth.synthesize(args.out, args.num_scenes, args.seed, config, workers=args.workers,
+                                overwrite=args.overwrite)
     counts = ", ".join(f"{split} {info['records']}" for split, info in manifest["splits"].items())
     print(f"wrote {args.num_scenes} scenes to {args.out}: records {counts}")
 
@@ -114,6 +119,8 @@ def _data(args: argparse.Namespace) -> None:
                                                             max_frames=args.max_frames,
                                                             skip_bad_records=not args.strict)
         print(stats.summary())
+        for line in stats.first_skipped:
+            print(f"  skipped {line}")
 
 
 def _train(args: argparse.Namespace, stage: str) -> None:
@@ -131,7 +138,8 @@ def _eval(args: argparse.Namespace) -> None:
     config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                  max_frames=args.max_frames, video_max_pixels=args.max_pixels,
                                  max_samples=args.max_samples, video=not args.blind)
-    table = evaluate.evaluate(args.checkpoint, args.data, args.out, config, tokenizer_dir=args.tokenizer)
+    table = evaluate.evaluate(args.checkpoint, args.data, args.out, config, tokenizer_dir=args.tokenizer,
+                              split=args.split)
     print(report.compare_table({"accuracy": table}))
     print(f"wrote {args.out}/results.json, results.csv, predictions.jsonl, accuracy.png")
 
@@ -256,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=whole_number(1), default=224, help="square frame side in pixels")
     synth.add_argument("--families", default="dsr,4dthinker,mllm4d", help="comma-separated question families")
     synth.add_argument("--scenes-per-shard", type=whole_number(1), default=25)
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier synth output in --out (default: --out must be new or empty)")
     synth.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="inspect or import 4D records, or precompute their DIFT imagery targets")
@@ -293,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy per sub-task of a checkpoint on a records split")
     ev.add_argument("--checkpoint", required=True, help="a training workdir, Orbax checkpoint or HF directory")
-    ev.add_argument("--data", required=True, help="records (DIR/test is used when DIR holds splits)")
+    ev.add_argument("--data", required=True, help="records: a directory with splits (see --split), or a directory "
+                                                  "or file of records")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"],
+                    help="the split scored when --data holds splits (default: test)")
     ev.add_argument("--out", required=True, help="where results.json, results.csv and accuracy.png go")
     ev.add_argument("--tokenizer", default=None, help="default: the one saved with the checkpoint")
     ev.add_argument("--batch-size", type=whole_number(1), default=8)
@@ -341,9 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    if rest and not getattr(args, "takes_config", False):
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "takes_config", False):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     args.config_args = rest
     try:
         args.func(args)

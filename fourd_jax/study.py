@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,6 +57,15 @@ def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
     synth = SynthConfig(scene=scene, families=tuple(config.families), subtasks=tuple(config.subtasks),
                         split_fractions=tuple(config.split_fractions),
                         fixed_camera_options=bool(config.fixed_camera_options))
+    manifest_path = data / "manifest.json"
+    if manifest_path.is_file():  # an earlier run's records: reused only if they are what this config asks for
+        manifest = json.loads(manifest_path.read_text())
+        wanted = {"num_scenes": int(config.num_scenes), "seed": int(config.seed),
+                  "config": json.loads(json.dumps(dataclasses.asdict(synth)))}
+        if {key: manifest.get(key) for key in wanted} == wanted:
+            return data, manifest
+        raise InputError(f"{data} holds records of another synth config (num_scenes, seed or scene settings "
+                         "differ); use a new --workdir.")
     manifest = synthesize(data, int(config.num_scenes), seed=int(config.seed), config=synth,
                           workers=int(config.get("synth_workers", 1)), progress=False)
     return data, manifest

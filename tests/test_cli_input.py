@@ -93,3 +93,18 @@ def test_the_library_refuses_the_same_numbers(tmp_path):
         with pytest.raises(InputError, match=f"^steps must be a whole number >= 1, not {steps}.$"):
             dift.train(settings, tmp_path / "w", data=str(tmp_path), steps=steps)
     assert not (tmp_path / "w").exists()
+
+
+def test_eval_refuses_to_score_another_split_without_a_word(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "val").mkdir()
+    result = run_cli(["eval", "--checkpoint", "c", "--data", "d", "--out", "o"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("fourd-jax eval: error: --data d has no test/ split (it has train/, val/); "
+                                     "pass --split val to score that one.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    from fourd_jax.eval.evaluate import split_directory
+
+    assert split_directory(tmp_path / "d", "val") == tmp_path / "d" / "val"
+    (tmp_path / "plain").mkdir()
+    assert split_directory(tmp_path / "plain") == tmp_path / "plain"  # records without splits are scored as they are

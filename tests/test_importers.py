@@ -416,9 +416,32 @@ def test_data_import_cli_writes_records_and_reports_skips(tmp_path, capsys):
     (tmp_path / "vlm4d.json").write_text(json.dumps(rows))
     out = tmp_path / "imported.array_record"
     assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "vlm4d", "--out", str(out)]) == 0
-    assert "written 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert "written 1" in printed[0]
+    assert printed[1:] == [f"  skipped unreadable media: {tmp_path / 'vlm4d.json'} row 2: " + printed[1].split(
+        "row 2: ", 1)[1]] and "missing.mp4" in printed[1]  # each skipped row with its reason
     (sample,) = records.read(out)
     assert sample["answer"] == "C" and frame_indices(sample["frames"]) == [0, 8, 16]
     assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "vlm4d", "--out",
                      str(tmp_path / "strict.array_record"), "--strict"]) == 2
     assert "row 2" in capsys.readouterr().err
+
+
+def test_an_import_that_keeps_nothing_fails_and_writes_nothing(tmp_path, capsys):
+    """The wrong --format, or rows that all fail, is an error naming the first failing row; the output
+    is not created, and an existing file there is left as it was."""
+    rows = [{"id": i, "video": "clips/missing.mp4", "question_type": "direction", "question": "Where?",
+             "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"} for i in (1, 2)]
+    (tmp_path / "vlm4d.json").write_text(json.dumps(rows))
+    out = tmp_path / "out.array_record"
+    assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "4dthinker", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fourd-jax data: error: no record kept from {tmp_path / 'vlm4d.json'} as format "
+                          "'4dthinker' (read 2, written 0, skipped 2 (missing field: 2)); the first: missing field: ")
+    assert "row 1" in err and err.count("\n") == 0 and err.endswith(".") and not err.endswith("..")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm4d.json"]
+    out.write_bytes(b"earlier import")
+    with pytest.raises(InputError, match="no record kept from .* unreadable media: .*row 1"):
+        importers.import_to_records("vlm4d", tmp_path / "vlm4d.json", out)
+    assert out.read_bytes() == b"earlier import"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.array_record", "vlm4d.json"]

@@ -56,4 +56,4 @@ def test_the_demo_preset_tower_is_probed_and_a_bad_preset_is_one_sentence(tmp_pa
     assert cli.main(["probe", str(tmp_path / "d"), "--preset", "huge"]) == 2
     assert "--preset 'huge' is not one of" in capsys.readouterr().err
     assert cli.main(["probe", str(tmp_path / "d"), "--steps", "0"]) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "argument --steps: must be a whole number >= 1, not 0" in capsys.readouterr().err

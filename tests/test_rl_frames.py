@@ -1,12 +1,12 @@
 """RL frames keep their longest side <= 448 (SPEC 2): the side cap of smart_resize, FeatureConfig and the RL config."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fourd_jax.configs import rl
 from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.processor import process, smart_resize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rl_config(preset):
-    spec = importlib.util.spec_from_file_location("rl_config", ROOT / "configs" / "rl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return rl.get_config(preset)
 
 
 def test_area_cap_alone_lets_a_wide_frame_exceed_448():

@@ -74,4 +74,4 @@ def test_bad_study_arguments_are_one_sentence(tmp_path, capsys):
     assert cli.main(["study", "--workdir", str(tmp_path), "--arms", "dift,nope"]) == 2
     assert "unknown study arms ['nope']" in capsys.readouterr().err
     assert cli.main(["study", "--workdir", str(tmp_path), "--seeds", "0"]) == 2
-    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert "argument --seeds: must be a whole number >= 1, not 0" in capsys.readouterr().err

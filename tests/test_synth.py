@@ -98,7 +98,7 @@ def test_inspect_names_a_bad_record(synth_dir, tmp_path):
 
 def test_synth_cli_refuses_bad_arguments(tmp_path, capsys):
     assert cli.main(["synth", "--out", str(tmp_path), "--num-scenes", "0"]) == 2
-    assert "--num-scenes must be at least 1" in capsys.readouterr().err
+    assert "argument --num-scenes: must be a whole number >= 1, not 0" in capsys.readouterr().err
     assert cli.main(["synth", "--out", str(tmp_path), "--num-scenes", "2", "--families", "dsr,nope"]) == 2
     assert "unknown question families ['nope']" in capsys.readouterr().err
 

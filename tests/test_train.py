@@ -185,6 +185,46 @@ def test_resume_continues_bit_for_bit_and_restores_onto_another_mesh(data, tmp_p
     assert int(restored.step) == 6
 
 
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_continues_exactly(data, tmp_path, capsys):
+    """The latest of three checkpoints loses a params chunk: the run says so in one line, resumes from
+    the one before with the losses of an uninterrupted run, and rewrites the damaged step. eval and
+    convert name a damaged step; a step without its data-iterator file is skipped as well."""
+    from fourd_jax import checkpoint
+
+    path, _ = data
+    config = dift_config(**{"tokenizer": str(path / "tokenizer"), "train.checkpoint_every": 2})
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    dift.train(RunSettings.of(config), straight, data=str(path), steps=8, progress=False)
+    dift.train(RunSettings.of(config), damaged, data=str(path), steps=6, progress=False)
+    ckpt = damaged / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4, 6]
+    chunks = sorted(p for p in (ckpt / "6" / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+    assert chunks
+    chunks[0].unlink()
+    with pytest.raises(InputError, match=f"^{ckpt} step 6 does not restore \\("):
+        checkpoint.restore_params(ckpt)  # what eval and convert load through
+    capsys.readouterr()
+    dift.train(RunSettings.of(config), damaged, data=str(path), steps=8, progress=False)
+    err = [line for line in capsys.readouterr().err.splitlines() if "checkpoint step" in line]
+    assert len(err) == 1 and err[0].startswith(f"checkpoint step 6 in {ckpt} does not restore (")
+    assert err[0].endswith("); resuming from an earlier step.")
+    rows = [[loop.without_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (straight, damaged)]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[1]] == list(range(1, 9))
+    _, a = checkpoint.restore_params(straight / "checkpoints", step=6)
+    _, b = checkpoint.restore_params(ckpt, step=6)  # step 6 written anew
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    # A step whose data-iterator file is gone is skipped too; with none left, one sentence.
+    (ckpt / "8" / "data" / "process_0-of-1.json").unlink()
+    capsys.readouterr()
+    dift.train(RunSettings.of(config), damaged, data=str(path), steps=8, progress=False)
+    assert "checkpoint step 8 in" in capsys.readouterr().err
+    for step in (4, 6, 8):
+        (ckpt / str(step) / "data" / "process_0-of-1.json").unlink(missing_ok=True)
+    with pytest.raises(InputError, match=f"^no checkpoint in {ckpt} restores \\(step 8: .*; step 6: .*; step 4: "):
+        dift.train(RunSettings.of(config), damaged, data=str(path), steps=9, progress=False)
+
+
 def test_retention_keeps_the_last_and_the_best_checkpoint(tmp_path):
     import grain
 
@@ -218,7 +258,7 @@ def cli_env(devices: int) -> dict:
 
 def dift_cmd(workdir, data, steps, *extra):
     return [sys.executable, "-m", "fourd_jax.cli", "dift", "--workdir", str(workdir), "--data", str(data[0]),
-            "--steps", str(steps), f"--config={REPO / 'configs' / 'dift.py'}:tiny",
+            "--steps", str(steps), "--config=dift:tiny",
             f"--config.tokenizer={data[0] / 'tokenizer'}", "--config.data.seq_buckets=(1024,)", *extra]
 
 

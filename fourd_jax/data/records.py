@@ -262,6 +262,18 @@ def open_reader(file: str | os.PathLike) -> Any:
     return reader
 
 
+def count(path: str | os.PathLike) -> int:
+    """How many records the files under `path` hold (each file checked to be whole)."""
+    total = 0
+    for file in files(path):
+        reader = open_reader(file)
+        try:
+            total += reader.num_records()
+        finally:
+            reader.close()
+    return total
+
+
 def read_raw(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
     """(file, index, bytes) for every record under `path`."""
     for file in files(path):

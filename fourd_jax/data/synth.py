@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
+import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,11 +139,15 @@ def _write_shard(job: tuple[Path, str, list[int], int, SynthConfig]) -> tuple[st
 
 
 def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: SynthConfig = SynthConfig(),
-               workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Write `num_scenes` scenes' records under out_dir/{train,val,test}/ and a manifest."""
+               workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write `num_scenes` scenes' records under out_dir/{train,val,test}/ and a manifest.
+
+    `out_dir` must be new or empty, so that no shard of an earlier run sits beside the new ones;
+    `overwrite` first clears an earlier synth output there (and nothing else)."""
     if num_scenes < 1:
         raise InputError(f"--num-scenes must be at least 1, got {num_scenes}.")
     out = Path(out_dir)
+    prepare_output(out, overwrite)
     sizes = split_sizes(num_scenes, config.split_fractions)
     jobs, start = [], 0
     for split in SPLITS:
@@ -164,8 +171,37 @@ def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: Synt
             bar.update()
     bar.close()
     manifest = _manifest(num_scenes, seed, config, sizes, totals)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    partial = out / ".manifest.json.tmp"  # the manifest appears whole, and last: it marks a complete output
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, out / "manifest.json")
+    for split in SPLITS:
+        if not sizes[split]:
+            print(f"synth: warning: the {split} split of {out} is empty ({num_scenes} scenes split "
+                  f"{config.split_fractions}); use more scenes for a {split} split.", file=sys.stderr)
     return manifest
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file or a non-empty directory; with `overwrite`, clear an earlier
+    synth output (only its splits and manifest: anything else there is refused, not deleted)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; synth writes a directory of splits.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an "
+                         "earlier synth output there.")
+    ours = {*SPLITS, "manifest.json"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others or not (out / "manifest.json").is_file():
+        raise InputError(f"--out {out} holds more than a synth output ({', '.join(others) or 'no manifest.json'}); "
+                         "--overwrite clears only an earlier synth output.")
+    for name in ours:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _manifest(num_scenes, seed, config, sizes, totals) -> dict[str, Any]:

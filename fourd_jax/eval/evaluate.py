@@ -160,13 +160,24 @@ def _why_unscored(question: _Question, tokenizer: Any, model_config: Any, featur
     return f"{question.file} record {question.index}: dropped by the input pipeline"
 
 
-def split_directory(data: str | Path) -> Path:
-    """The records to evaluate: DATA/test when DATA holds splits, else DATA itself."""
+SPLITS = ("train", "val", "test")
+
+
+def split_directory(data: str | Path, split: str = "test") -> Path:
+    """The records to evaluate: DATA/SPLIT when DATA holds splits (train/, val/, test/), else DATA
+    itself (a directory or file of records). A DATA with splits but not the one asked for is refused,
+    so that training records are never scored in place of held-out ones without a word."""
     data = Path(data)
-    if (data / "test").is_dir():
-        return data / "test"
-    if not data.is_dir():
-        raise InputError(f"--data {data} is not a directory of records.")
+    if split not in SPLITS:
+        raise InputError(f"--split must be one of {SPLITS}, not {split!r}.")
+    present = [name for name in SPLITS if (data / name).is_dir()]
+    if (data / split).is_dir():
+        return data / split
+    if present:
+        raise InputError(f"--data {data} has no {split}/ split (it has {', '.join(p + '/' for p in present)}); pass "
+                         f"--split {present[-1]} to score that one.")
+    if not data.exists():
+        raise InputError(f"--data {data} does not exist.")
     return data
 
 
@@ -249,10 +260,12 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(),
-             tokenizer_dir: str | None = None, progress: bool = True) -> dict:
-    """Load a checkpoint (training workdir, Orbax directory or HF directory), answer the split,
-    write O/results.json, results.csv, predictions.jsonl and accuracy.png; return the table
-    (`report.accuracy_table`: unscored questions are in every denominator and listed under "unscored")."""
+             tokenizer_dir: str | None = None, progress: bool = True, split: str = "test") -> dict:
+    """Load a checkpoint (training workdir, Orbax directory or HF directory), answer the split
+    (`split_directory`), write O/results.json, results.csv, predictions.jsonl and accuracy.png; return
+    the table (`report.accuracy_table`: unscored questions are in every denominator and listed under
+    "unscored")."""
+    records_dir = split_directory(data, split)
     source = find_model(checkpoint)
     tokenizer_dir = tokenizer_dir or source.tokenizer
     if not tokenizer_dir:
@@ -261,7 +274,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     loaded = load_model(source)
     check_latent_ids(tokenizer, loaded.model.config, tokenizer_dir)
     model, params = loaded.model, loaded.params
-    records_dir = split_directory(data)
     predictions, unscored = predict(model, params, tokenizer, records_dir, config, progress=progress)
     if unscored:
         print(f"fourd-jax eval: warning: {unscored} of the {len(predictions)} questions of {records_dir} could not "

@@ -8,12 +8,15 @@ Each step directory holds the items
   config       the run's config (JSON)
 Orbax writes each step under a temporary name and renames it when complete, so a process killed
 mid-save leaves the previous step restorable. Retention keeps the last `keep` steps plus the best
-one by the recorded metric.
+one by the recorded metric. A step that was completely written but no longer restores (a file lost
+or damaged since) is skipped on resume with one line saying why; the run continues from the newest
+step that restores, and writes the skipped step anew when it gets there.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM
+from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, first_line
+from fourd_jax.errors import InputError
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
@@ -37,6 +41,7 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True))
         self._metrics_file = self.directory / "metrics_by_step.json"
         self._metrics = json.loads(self._metrics_file.read_text()) if self._metrics_file.exists() else {}
+        self._unrestorable: set[int] = set()  # steps on disk that failed to restore; rewritten when reached
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -46,7 +51,10 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         self.manager.wait_until_finished()
         if step in self.manager.all_steps():
-            return  # e.g. a run resumed at its last step saves nothing new
+            if step not in self._unrestorable:
+                return  # e.g. a run resumed at its last step saves nothing new
+            self.manager.delete(step)  # a damaged copy of this step: replaced by the one just trained
+            self._unrestorable.discard(step)
         rest = state.replace(params=None)
         self.manager.save(step, args=ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
@@ -86,6 +94,22 @@ class Checkpointer:
             DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
         }))
         return restored[TRAIN_ITEM].replace(params=restored[PARAMS_ITEM])
+
+    def restore_newest(self, abstract: TrainState, iterator: Any) -> TrainState:
+        """`restore` from the newest step that restores completely. Each newer step that fails is
+        reported in one line (its step and the error's first line) and left on disk until the run
+        writes that step again; when no step restores, one sentence lists why."""
+        reasons = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(abstract, iterator, step)
+            except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
+                reasons.append(f"step {step}: {first_line(e)}")
+                self._unrestorable.add(step)
+                if jax.process_index() == 0:
+                    print(f"checkpoint step {step} in {self.directory} does not restore ({first_line(e)}); "
+                          "resuming from an earlier step.", file=sys.stderr, flush=True)
+        raise InputError(f"no checkpoint in {self.directory} restores ({'; '.join(reasons)}).")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +60,7 @@ class Trainer:
 
 
 def data_directory(settings: RunSettings, data: str | None) -> Path:
-    """--data, else data.path: a directory of records with a train/ split."""
+    """--data, else data.path: a directory of records with a non-empty train/ split."""
     path = data or settings.data.path
     if not path:
         raise InputError("no training data: pass --data DIR or --config.data.path=DIR (records from fourd-jax "
@@ -64,25 +68,63 @@ def data_directory(settings: RunSettings, data: str | None) -> Path:
     path = Path(path)
     if not (path / "train").is_dir():
         raise InputError(f"data directory {path} has no train/ split (write one with fourd-jax synth).")
+    if not records.count(path / "train"):
+        raise InputError(f"data directory {path} has an empty train/ split (0 records); synthesise or import "
+                         "records into it first.")
     return path
 
 
-def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path) -> Any:
+TOKENIZER_INPUTS = "fourd_inputs.json"  # beside a workdir's tokenizer: what it was trained on
+
+
+def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path, data_digest: dict[str, str]) -> Any:
     """`tokenizer`, else WORKDIR/tokenizer (trained on the data the first time); either way a copy
-    ends up in WORKDIR/tokenizer, so the run's checkpoints evaluate and export alone."""
+    ends up in WORKDIR/tokenizer, so the run's checkpoints evaluate and export alone. A tokenizer the
+    workdir already holds is reused only if it was made from this run's inputs: the same given
+    tokenizer, or the same training records and vocabulary size."""
     saved = workdir / "tokenizer"
     if settings.tokenizer:
         tok = load_tokenizer(settings.tokenizer, "tokenizer")
         add_latent_tokens(tok)
-        if jax.process_index() == 0 and not saved.exists():
-            tok.save_pretrained(saved)
+        if not saved.exists():
+            save_tokenizer(tok, saved, {"copied_from": str(Path(settings.tokenizer).absolute())})
+        elif load_tokenizer(saved, "tokenizer").get_vocab() != tok.get_vocab():
+            raise InputError(f"{saved} is not the tokenizer {settings.tokenizer} this run is given (their "
+                             "vocabularies differ); use a new --workdir, or pass the tokenizer it was trained with.")
         return tok
-    if not saved.exists():
-        tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=settings.tokenizer_vocab_size)
-        if jax.process_index() == 0:
-            tok.save_pretrained(saved)
-        return tok
-    return load_tokenizer(saved, "tokenizer")
+    inputs = {"trained_on": sorted(data_digest.values()), "vocab_size": settings.tokenizer_vocab_size}
+    if saved.exists():
+        recorded = saved / TOKENIZER_INPUTS
+        if recorded.is_file() and json.loads(recorded.read_text()) != inputs:
+            raise InputError(f"{saved} was trained on other records or with another tokenizer_vocab_size than this "
+                             f"run's ({data_dir / 'train'}); use a new --workdir, or the data it was trained on.")
+        return load_tokenizer(saved, "tokenizer")
+    tok = build_tokenizer(record_texts(data_dir / "train"), vocab_size=settings.tokenizer_vocab_size)
+    save_tokenizer(tok, saved, inputs)
+    return tok
+
+
+def save_tokenizer(tok: Any, saved: Path, inputs: dict[str, Any]) -> None:
+    """Write `tok` and what it was made from to `saved` atomically (process 0): a run cut off here
+    leaves no half-written tokenizer to be reused."""
+    if jax.process_index() != 0:
+        return
+    partial = saved.with_name(f".{saved.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    tok.save_pretrained(partial)
+    (partial / TOKENIZER_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
+    os.replace(partial, saved)
+
+
+def check_same_records(workdir: Path, data_dir: Path, data_digest: dict[str, str]) -> None:
+    """One sentence unless a run resuming in `workdir` reads the records its manifest recorded."""
+    manifest = workdir / "manifest.json"
+    if not manifest.is_file():
+        return
+    recorded = json.loads(manifest.read_text()).get("data_files")
+    if recorded is not None and sorted(recorded.values()) != sorted(data_digest.values()):
+        raise InputError(f"{workdir} was trained on other records than {data_dir / 'train'} (the files' SHA-256 "
+                         "differ from its manifest.json); resume with the same data, or use a new --workdir.")
 
 
 def model_and_params(settings: RunSettings, tok: Any, mesh: Any) -> tuple[Qwen25VL, Any]:
@@ -126,9 +168,11 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     mesh = sharding.make_mesh(settings.mesh_shape)
     check_batch_divides(settings.data.batch_size, mesh)
     data_dir = data_directory(settings, data)
-    workdir = Path(workdir)  # made only once the run's inputs are known to be usable
-    workdir.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer(settings, workdir, data_dir)
+    data_digest = observe.file_digest(records.files(data_dir / "train"))
+    workdir = Path(workdir)
+    check_same_records(workdir, data_dir, data_digest)
+    workdir.mkdir(parents=True, exist_ok=True)  # made only once the run's inputs are known to be usable
+    tok = tokenizer(settings, workdir, data_dir, data_digest)
     trainer = make_trainer(settings, tok, mesh)
     batches = iter(build_dataset(data_dir / "train", tok, trainer.model.config, trainer.pipeline))
 
@@ -136,11 +180,14 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric)
     state = trainer.state
     if checkpointer.latest_step() is not None:  # restored onto this mesh, with the data iterator's position
-        state = checkpointer.restore(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
-    observe.write_manifest(workdir, settings.as_dict(), data_dir, records.files(data_dir / "train"), mesh)
+        state = checkpointer.restore_newest(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+    observe.write_manifest(workdir, settings.as_dict(), data_dir, data_digest, mesh)
     evaluate = None
-    if trainer.validation is not None and t.eval_batches and (data_dir / "val").is_dir():
-        evaluate = trainer.validation(validation_batches(settings, trainer, data_dir, tok))
+    if trainer.validation is not None and t.eval_batches:
+        if (data_dir / "val").is_dir() and records.count(data_dir / "val"):
+            evaluate = trainer.validation(validation_batches(settings, trainer, data_dir, tok))
+        elif jax.process_index() == 0:
+            print(f"note: {data_dir} has no val/ records, so this run reports no val_loss.", file=sys.stderr)
 
     metrics = observe.MetricsWriter(workdir, resume_from_step=int(jax.device_get(state.step)))
     try:

@@ -91,9 +91,9 @@ def file_digest(paths: list[Path]) -> dict[str, str]:
     return out
 
 
-def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_files: list[Path], mesh: Any) -> Path:
+def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_digest: dict[str, str], mesh: Any) -> Path:
     """What a reproducibility study needs to rerun: versions, config, seed, the records directory
-    and its hashes, devices."""
+    and its files' SHA-256 (`file_digest`), devices. Written atomically."""
     path = Path(workdir) / "manifest.json"
     if jax.process_index() != 0:
         return path
@@ -106,10 +106,12 @@ def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_files
     manifest = {
         "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
         "config": config, "seed": config.get("seed"), "data": str(Path(data_dir).absolute()),
-        "data_files": file_digest(data_files),
+        "data_files": data_digest,
         "mesh_shape": dict(mesh.shape), "process_count": jax.process_count(),
         "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(partial, path)
     return path

@@ -14,6 +14,7 @@ QA layout of 4DThinker RL rows and DSR) and `samples` (the record a row becomes)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,23 @@ def import_to_records(fmt: str, src: str | Path, out_path: str | Path, *, root: 
     """Import `src` in format `fmt` (a key of IMPORTERS) into one ArrayRecord file at `out_path`.
 
     `max_frames` None means the format's default (DEFAULT_MAX_FRAMES). Bad rows are skipped and
-    counted, or with `skip_bad_records=False` raise InputError naming the file and row (the output
-    file is then not created).
+    counted, or with `skip_bad_records=False` raise InputError naming the file and row. An import
+    that keeps no record is an error naming the first failing row. Either way the output file is
+    then neither created nor replaced.
     """
     if fmt not in IMPORTERS:
         raise InputError(f"import format {fmt!r} is unknown; use one of {', '.join(IMPORTERS)}.")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise InputError(f"--out {out_path} is a directory; name the .array_record file to write.")
     stats = ImportStats()
     samples = IMPORTERS[fmt](src, root, DEFAULT_MAX_FRAMES[fmt] if max_frames is None else max_frames, fps=fps,
                              skip_bad_records=skip_bad_records, stats=stats)
-    stats.written = records.write(out_path, samples)
+    partial = out_path.with_name(f".{out_path.name}.import")  # renamed to out_path only if records were kept
+    stats.written = records.write(partial, samples)
+    if not stats.written:
+        partial.unlink(missing_ok=True)
+        first = f"; the first: {stats.first_skipped[0].rstrip('.')}" if stats.first_skipped else ""
+        raise InputError(f"no record kept from {src} as format {fmt!r} ({stats.summary()}){first}.")
+    os.replace(partial, out_path)
     return stats

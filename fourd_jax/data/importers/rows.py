@@ -31,6 +31,8 @@ UNREADABLE_MEDIA = "unreadable media"
 TOO_FEW_FRAMES = "too few frames"
 INVALID_JSON = "invalid json"
 
+FIRST_SKIPPED = 5  # skipped rows an import reports one by one
+
 
 class BadRow(Exception):
     """A row that cannot become a correct sample; `reason` is the category counted in ImportStats."""
@@ -48,11 +50,15 @@ class ImportStats:
     written: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     first_problem: dict[str, str] = field(default_factory=dict)  # reason -> message of its first skipped row
+    first_skipped: list[str] = field(default_factory=list)  # the first FIRST_SKIPPED skipped rows' messages
 
     def skip(self, reason: str, message: str) -> None:
-        """Count one skipped row under `reason`, keeping the first message of each reason."""
+        """Count one skipped row under `reason`, keeping the first message of each reason and the
+        first few messages overall."""
         self.skipped[reason] += 1
         self.first_problem.setdefault(reason, message)
+        if len(self.first_skipped) < FIRST_SKIPPED:
+            self.first_skipped.append(f"{reason}: {message}")
 
     @property
     def num_skipped(self) -> int:
