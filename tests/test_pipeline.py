@@ -301,7 +301,7 @@ def test_a_qwen_tokenizer_directory_is_accepted(data, tmp_path):
     assert type(before).__name__ == "Qwen2Tokenizer" and LATENT_TOKENS[0] not in before.get_vocab()
     workdir = tmp_path / "run"
     workdir.mkdir()
-    tok = job.tokenizer(SimpleNamespace(tokenizer=str(source), tokenizer_vocab_size=0), workdir, path)
+    tok = job.tokenizer(SimpleNamespace(tokenizer=str(source), tokenizer_vocab_size=0), workdir, path, {})
     ids = [tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS]
     assert ids == list(range(len(before), len(before) + 3))  # appended after Qwen's own tokens
     assert [AutoTokenizer.from_pretrained(workdir / "tokenizer").convert_tokens_to_ids(t)
