@@ -69,7 +69,8 @@ def _convert(args: argparse.Namespace) -> None:
         out = checkpoint.save_params(args.dst, loaded.model, loaded.params)
         print(f"wrote Orbax checkpoint {out} (step 0) from {args.src}")
     else:
-        tokenizer = load.load_tokenizer(args.tokenizer) if args.tokenizer else None
+        tokenizer_dir = args.tokenizer or source.tokenizer  # a training workdir's own, unless one is given
+        tokenizer = load.load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         out = hf.save(loaded.model, loaded.params, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
         print(f"wrote Hugging Face checkpoint {out} from {args.src}")
 
@@ -243,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                          help="parameter dtype when reading HF weights")
     convert.add_argument("--step", type=whole_number(0), default=None, help="checkpoint step (default: latest)")
-    convert.add_argument("--tokenizer", default=None, help="tokenizer directory to copy into the HF output")
+    convert.add_argument("--tokenizer", default=None, help="tokenizer directory to copy into the HF output "
+                                                             "(default: the one beside the checkpoint, if any)")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB)")
     convert.set_defaults(func=_convert)
 

@@ -116,3 +116,15 @@ def test_synth_warns_about_an_empty_split(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"synth: warning: the val split of {tmp_path / 'd'} is empty" in err
     assert f"synth: warning: the test split of {tmp_path / 'd'} is empty" in err
+
+
+def test_inspect_makes_the_sheet_directory_or_says_why_it_cannot(tmp_path, capsys):
+    synthesize(tmp_path / "d", 3, seed=0, config=SMALL, progress=False)
+    sheet = tmp_path / "new" / "deeper" / "sample.png"
+    assert cli.main(["data", "inspect", str(tmp_path / "d"), "--sheet", str(sheet)]) == 0
+    assert sheet.stat().st_size > 1_000
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert cli.main(["data", "inspect", str(tmp_path / "d"), "--sheet", str(tmp_path / "afile" / "s.png")]) == 2
+    assert capsys.readouterr().err.strip() == (f"fourd-jax data: error: --sheet {tmp_path / 'afile' / 's.png'} cannot "
+                                               "be written: a parent of it is a file.")

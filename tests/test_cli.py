@@ -126,3 +126,10 @@ def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 5_000
     assert cli.main(["plot", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    # A run validated once has one val_loss point: it is drawn, marked.
+    rows[-1]["val_loss"] = 0.7
+    from fourd_jax.train.plot import panel_series
+
+    losses = {key: (points, marker) for key, points, marker in panel_series(rows)[0]}
+    assert losses["val_loss"] == ([(5, 0.7)], "o")
+    assert [p[0] for p in losses["latent_loss"][0]] == [1, 3, 5] and losses["loss"][1] is None

@@ -3,6 +3,8 @@ workdir give the same model and params, each with the tokenizer found beside it;
 mismatched tokenizers are one sentence; checkpoints name their model family."""
 
 import json
+import os
+import stat
 
 import jax
 import numpy as np
@@ -114,3 +116,18 @@ def test_convert_refuses_the_wrong_kind_of_source_before_reading_it(saved, tmp_p
     assert cli.main(["convert", "jax-to-hf", str(root / "hf"), str(tmp_path / "y")]) == 2
     assert "is a Hugging Face directory; jax-to-hf reads an Orbax one." in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_convert_exports_a_training_workdir_with_its_tokenizer_and_ordinary_permissions(saved, tmp_path, capsys):
+    root, model, params, tokenizer = saved
+    previous = os.umask(0o022)
+    try:
+        assert cli.main(["convert", "jax-to-hf", str(root / "workdir"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    assert "wrote Hugging Face checkpoint" in capsys.readouterr().out
+    exported = load_model(tmp_path / "hf")
+    assert exported.source.tokenizer == str(tmp_path / "hf")  # the workdir's tokenizer came along
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported.params, params)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert stat.S_IMODE((tmp_path / "hf" / name).stat().st_mode) == 0o644, name

@@ -271,11 +271,17 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(data, tmp_path):
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert 2 <= last < 500
     assert Checkpointer(workdir / "checkpoints").latest_step() == last
+    assert f"stopped by SIGTERM at step {last}; checkpoint saved." in out.splitlines()
+    # The next run says where it picks up.
+    resumed = subprocess.run(dift_cmd(workdir, data, last + 1), env=cli_env(1), cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step {last}" in resumed.stdout.splitlines()
 
 
 def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(data, tmp_path):
@@ -401,3 +407,11 @@ def test_remat_blockwise_attention_and_bfloat16_compute_train_the_same_model(dat
     assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(state.params))
     np.testing.assert_allclose(low, base, rtol=0.05)
     assert low != base
+
+
+def test_the_progress_bar_shows_the_loss_terms_lr_and_tokens_per_second():
+    dift_row = {"loss": 1.0, "ce": 2.0, "latent_loss": 0.5, "lr": 1e-3, "tokens_per_s": 1234.4, "tokens": 5.0}
+    assert loop.progress_fields(dift_row) == {"loss": "1.0000", "ce": "2.0000", "latent": "0.5000", "lr": "1.00e-03",
+                                              "tok/s": "1234"}
+    rl_row = {"loss": -0.1, "reward": 0.75, "lr": 1e-6, "tokens_per_s": 10.0}
+    assert loop.progress_fields(rl_row) == {"loss": "-0.1000", "reward": "0.7500", "lr": "1.00e-06", "tok/s": "10"}

@@ -303,11 +303,21 @@ def save(
 
 
 def _atomic(target: Path, write) -> None:
+    """`write(path)` to a temporary file beside `target`, then rename it into place with the
+    permissions an ordinary new file gets (mkstemp's are 0600)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

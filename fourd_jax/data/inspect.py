@@ -16,6 +16,7 @@ import numpy as np
 
 from fourd_jax.data import records
 from fourd_jax.data.taxonomy import LETTERS
+from fourd_jax.errors import InputError
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -58,7 +59,12 @@ def first_sample(path: str | Path, with_imagery: bool = True) -> dict[str, Any]:
 
 
 def contact_sheet(sample: dict[str, Any], out_path: str | Path, max_frames: int = 8) -> Path:
-    """Draw frames, imagery, question and trace of one sample into a PNG."""
+    """Draw frames, imagery, question and trace of one sample into a PNG (its directory is made if
+    missing)."""
+    out_path = Path(out_path)
+    if any(parent.exists() and not parent.is_dir() for parent in out_path.parents):
+        raise InputError(f"--sheet {out_path} cannot be written: a parent of it is a file.")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     import matplotlib  # local: heavy, and only the contact sheet draws
 
     matplotlib.use("Agg")  # before pyplot is imported: no display needed
@@ -83,7 +89,6 @@ def contact_sheet(sample: dict[str, Any], out_path: str | Path, max_frames: int 
             + "\n".join(textwrap.wrap(sample["question"], 110)) + "\n" + options + "\n\n"
             + "\n".join(textwrap.wrap(sample["trace"], 130)[:12]))
     fig.text(0.02, 0.01, text, fontsize=8, family="monospace", va="bottom")
-    out_path = Path(out_path)
     fig.savefig(out_path, dpi=80)
     plt.close(fig)
     return out_path

@@ -216,7 +216,7 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
         raise InputError(f"{records_dir} holds no questions to evaluate.")
     out: list[Prediction] = []
     skipped = 0
-    bar = tqdm(desc="eval", unit="question", disable=not progress)
+    bar = tqdm(total=len(questions), desc="eval", unit="question", disable=not progress)
     for batch in build_dataset(records_dir, tokenizer, model.config, pipeline):
         real = np.asarray(batch["example_mask"], bool)
         skipped += int(batch["num_skipped"])

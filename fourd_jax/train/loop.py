@@ -76,6 +76,9 @@ def run(
     """
     start_step = int(jax.device_get(state.step))
     peak = peak_flops(peak_flops_per_device)
+    chief = jax.process_index() == 0
+    if start_step and chief:
+        print(f"resumed from step {start_step}", flush=True)
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not progress or jax.process_index() != 0)
     last_metric = None
@@ -106,12 +109,26 @@ def run(
             metrics.write(step, step_metrics)
             last_metric = step_metrics.get(best_metric) if best_metric else None
             bar.update(1)
-            bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+            bar.set_postfix(progress_fields(step_metrics), refresh=False)
             if saving:
                 checkpointer.save(state, batches, config, model_config, metric=last_metric)
         checkpointer.save(state, batches, config, model_config, metric=last_metric, wait=True)
     bar.close()
+    if preemption.requested and chief:
+        print(f"stopped by SIGTERM at step {int(jax.device_get(state.step))}; checkpoint saved.", flush=True)
     return state
+
+
+# What the progress bar shows of a step's metrics, when the stage reports them: the loss and its terms
+# (the combined DIFT loss jumps with whether a batch has imagery, so its parts are shown too), the reward.
+PROGRESS_FIELDS = {"loss": "loss", "ce": "ce", "latent_loss": "latent", "reward": "reward"}
+
+
+def progress_fields(step_metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: the losses (or reward) of the step, its learning rate and tokens/s."""
+    shown = {name: f"{step_metrics[key]:.4f}" for key, name in PROGRESS_FIELDS.items()
+             if step_metrics.get(key) is not None}
+    return {**shown, "lr": f"{step_metrics['lr']:.2e}", "tok/s": f"{step_metrics['tokens_per_s']:.0f}"}
 
 
 def without_timing(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from fourd_jax.errors import InputError
 
-PANELS = (("loss", "ce", "latent_loss"), ("reward", "reward_accuracy", "reward_format"), ("kl", "logprob_drift"),
+PANELS = (("loss", "ce", "latent_loss", "val_loss", "val_ce", "val_latent_loss"),
+          ("reward", "reward_accuracy", "reward_format"), ("kl", "logprob_drift"),
           ("grad_norm",), ("lr",), ("tokens_per_s",))
 
 
@@ -18,6 +19,23 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def panel_series(rows: list[dict]) -> list[list[tuple[str, list[tuple[int, float]], str | None]]]:
+    """For each panel with data, its series: (metric, [(step, value)], marker). The latent loss leaves
+    out batches without imagery (it is undefined there); validation runs only at checkpoints, so its
+    points are marked and even a single one shows."""
+    panels = []
+    for keys in PANELS:
+        series = []
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows
+                      if r.get(key) is not None and not (key == "latent_loss" and r.get("latent_targets") == 0)]
+            if points:
+                series.append((key, points, "o" if key.startswith("val_") or len(points) == 1 else None))
+        if series:
+            panels.append(series)
+    return panels
+
+
 def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     """One PNG with a panel per metric group; returns the files written."""
     # matplotlib is heavy and only the plots need it.
@@ -26,17 +44,13 @@ def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(workdir)
-    panels = [p for p in PANELS if any(rows[0].get(k) is not None for k in p)] if rows else []
+    panels = panel_series(read_metrics(workdir))
     if not panels:
         raise InputError(f"{Path(workdir) / 'metrics.jsonl'} holds no metrics to plot.")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, keys in zip(axes[:, 0], panels, strict=True):
-        for key in keys:
-            # the latent loss is undefined for batches without imagery
-            points = [(r["step"], r.get(key)) for r in rows
-                      if r.get(key) is not None and not (key == "latent_loss" and r.get("latent_targets") == 0)]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+    for ax, series in zip(axes[:, 0], panels, strict=True):
+        for key, points, marker in series:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker, markersize=4)
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
