@@ -108,3 +108,60 @@ def test_eval_refuses_to_score_another_split_without_a_word(tmp_path):
     assert split_directory(tmp_path / "d", "val") == tmp_path / "d" / "val"
     (tmp_path / "plain").mkdir()
     assert split_directory(tmp_path / "plain") == tmp_path / "plain"  # records without splits are scored as they are
+
+
+def parser_commands(parser, path=()):
+    """{("data", "import"): {"--format", ...}, ...}: every runnable command and its flags."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        return {path: flags | ({"--config"} if parser.get_default("config_file") else set())}
+    out = {}
+    for name, child in subs[0].choices.items():
+        out.update(parser_commands(child, (*path, name)))
+    return out
+
+
+def readme_commands():
+    """The same, read from the README's command list."""
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    out = {}
+    for line in block.splitlines():
+        if not line.startswith("fourd-jax "):
+            continue
+        words = line.split("#")[0].split()[1:]
+        path = tuple(w for w in words[:2] if re.fullmatch(r"[a-z][a-z0-9-]*", w))
+        flags = set(re.findall(r"(--[a-z][a-z-]*)(?![a-zA-Z.-])", line.split("#")[0]))
+        out[path] = flags
+    return out
+
+
+def test_the_readme_command_list_matches_the_parser():
+    from fourd_jax.cli_args import build_parser
+
+    parsed, documented = parser_commands(build_parser()), readme_commands()
+    assert sorted(documented) == sorted(parsed)
+    for command, flags in parsed.items():
+        assert documented[command] == flags, command
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from fourd_jax.cli_args import build_parser
+
+    def walk(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, (*path, name))
+            elif not isinstance(action, argparse._HelpAction):
+                yield path, action
+
+    missing = [f"{' '.join(p)} {a.dest}" for p, a in walk(build_parser()) if not a.help]
+    assert not missing, missing
