@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fourd_jax import families
-from fourd_jax.errors import InputError
+from fourd_jax.errors import InputError, first_line
 from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
@@ -100,12 +100,3 @@ def restore_params(
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
             raise CheckpointNotFound(f"{directory} step {step} does not restore ({first_line(e)}).") from None
     return model, restored[PARAMS_ITEM]
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's type and first non-empty line, shortened: what a one-line report can carry
-    (tensorstore's messages name the file that is missing or damaged)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-

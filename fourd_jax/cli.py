@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fourd_jax.cli_args import UsageError, build_parser
-from fourd_jax.errors import InputError
+from fourd_jax.errors import DEBUG_ENV, InputError, first_line
 
 
 def _module(name: str) -> Any:
@@ -209,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # bad input is reported as its one sentence, without a traceback
         print(f"fourd-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # any other failure: one line too, unless the traceback is asked for
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"fourd-jax {args.command}: error: {first_line(e)} (set {DEBUG_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

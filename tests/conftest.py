@@ -12,6 +12,8 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A failure that is not bad input raises with its traceback in tests (the command line shows one line).
+os.environ.setdefault("FOURD_JAX_DEBUG", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -165,3 +165,20 @@ def test_every_flag_has_help():
 
     missing = [f"{' '.join(p)} {a.dest}" for p, a in walk(build_parser()) if not a.help]
     assert not missing, missing
+
+
+def test_an_unexpected_failure_is_one_line_unless_the_traceback_is_asked_for(monkeypatch, capsys):
+    from fourd_jax import cli
+    from fourd_jax.errors import DEBUG_ENV
+
+    def broken(args):
+        raise RuntimeError("the disk is full\nsecond line of detail")
+
+    monkeypatch.setitem(cli.HANDLERS, "plot", broken)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert cli.main(["plot", "w"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"fourd-jax plot: error: RuntimeError: the disk is full (set {DEBUG_ENV}=1 for the traceback)"]
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        cli.main(["plot", "w"])

@@ -24,8 +24,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, first_line
-from fourd_jax.errors import InputError
+from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM
+from fourd_jax.errors import InputError, first_line
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
