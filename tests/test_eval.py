@@ -76,7 +76,10 @@ def test_eval_reads_imported_dsr_bench_and_vlm4d(setup):
         ("vlm4d", "vlm4d/synthetic")]
 
     table = report.write_results(tmp_path / "out", predictions)
-    assert table["micro"]["n"] == 5 and set(table["subtasks"]) == {"abs_spd", "rel_dir_pred", "counting"}
+    # DSR-Bench and VLM4D together: each family's sub-tasks are rows of their own
+    assert table["micro"]["n"] == 5 and set(table["subtasks"]) == {"dsr/abs_spd", "dsr/rel_dir_pred",
+                                                                   "vlm4d/counting"}
+    assert table["micro"]["unanswered"] == sum(p.predicted is None for p in predictions)
     assert table["unscored"] == []
     vlm = predictions[2:]
     expected = {"vlm4d": vlm, "vlm4d/real": vlm[:2], "vlm4d/real_exo": vlm[:1], "vlm4d/real_ego": vlm[1:2],
@@ -145,9 +148,11 @@ def test_unscored_questions_count_as_wrong_and_are_listed(setup):
     scored = [p for p in predictions if p.reason is None]
     assert len(scored) == 3
     assert table["micro"]["n"] == 7 and table["micro"]["correct"] == right(scored)
-    assert table["subtasks"]["abs_spd"] == {**table["subtasks"]["abs_spd"], "n": 1, "correct": 0, "accuracy": 0.0}
+    assert table["subtasks"]["dsr/abs_spd"] == {**table["subtasks"]["dsr/abs_spd"], "n": 1, "correct": 0,
+                                                "accuracy": 0.0, "unanswered": 0}  # unscored, not unanswered
     counting = [p for p in scored if p.subtask == "counting"]
-    assert (table["subtasks"]["counting"]["n"], table["subtasks"]["counting"]["correct"]) == (4, right(counting))
+    assert (table["subtasks"]["vlm4d/counting"]["n"], table["subtasks"]["vlm4d/counting"]["correct"]) == (
+        4, right(counting))
     assert table["subtasks"][report.UNREADABLE]["n"] == 1
     # Macro leaves the unreadable pseudo-sub-task out: abs_spd, counting, rel_dir_pred.
     assert table["macro"]["subtasks"] == 3

@@ -41,7 +41,7 @@ def macro_ref(counts: list[tuple[int, int]]) -> list[float]:
 
 
 def _preds(subtask: str, n: int, correct: int, unanswered: int = 0, num_options: int = 4,
-           groups: tuple[str, ...] = ()) -> list[Prediction]:
+           groups: tuple[str, ...] = (), family: str = "dsr") -> list[Prediction]:
     """n predictions of `subtask`: `correct` right, `unanswered` with no extracted letter, the rest wrong."""
     out = []
     for i in range(n):
@@ -51,7 +51,7 @@ def _preds(subtask: str, n: int, correct: int, unanswered: int = 0, num_options:
             predicted = None
         else:
             predicted = "C"
-        out.append(Prediction(f"{subtask}-{i}", "dsr", subtask, "B", predicted, num_options, f"answer {predicted}",
+        out.append(Prediction(f"{subtask}-{i}", family, subtask, "B", predicted, num_options, f"answer {predicted}",
                               groups=groups))
     return out
 
@@ -130,7 +130,10 @@ def test_accuracy_table_exact(predictions):
     assert list(table) == ["subtasks", "micro", "macro", "groups", "unscored"]
     assert list(table["subtasks"]) == ["alpha", "beta", "gamma"]
     alpha = table["subtasks"]["alpha"]
-    assert list(alpha) == ["n", "correct", "accuracy", "ci", "chance"]
+    assert list(alpha) == ["n", "correct", "accuracy", "ci", "chance", "unanswered"]
+    # unanswered: the fixture's questions with no extracted letter (beta 1, gamma 2), also in micro
+    assert [table["subtasks"][k]["unanswered"] for k in ("alpha", "beta", "gamma")] == [0, 1, 2]
+    assert table["micro"]["unanswered"] == 3
     assert {k: alpha[k] for k in ("n", "correct", "accuracy", "chance")} == {"n": 4, "correct": 3, "accuracy": 0.75,
                                                                              "chance": 0.25}
     assert alpha["ci"] == pytest.approx(wilson_ref(3, 4), abs=1e-9)
@@ -188,8 +191,8 @@ def vlm4d_predictions() -> list[Prediction]:
     exo = ("vlm4d", "vlm4d/real", "vlm4d/real_exo")
     ego = ("vlm4d", "vlm4d/real", "vlm4d/real_ego")
     synthetic = ("vlm4d", "vlm4d/synthetic")
-    return (_preds("counting", 5, 4, groups=exo) + _preds("counting", 3, 1, groups=ego)
-            + _preds("direction", 4, 1, groups=synthetic))
+    return (_preds("counting", 5, 4, groups=exo, family="vlm4d") + _preds("counting", 3, 1, groups=ego, family="vlm4d")
+            + _preds("direction", 4, 1, groups=synthetic, family="vlm4d"))
 
 
 def test_groups_rows():
@@ -228,7 +231,8 @@ def test_write_results(tmp_path, predictions):
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance"]
+    assert list(rows[0]) == ["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "unanswered"]
+    assert [r["unanswered"] for r in rows] == ["0", "1", "2", "3", ""]  # the unscored one is not unanswered
     assert [r["subtask"] for r in rows] == ["alpha", "beta", "gamma", "micro", "macro"]
     assert {k: rows[0][k] for k in ("subtask", "n", "correct", "accuracy", "chance")} == {
         "subtask": "alpha", "n": "5", "correct": "3", "accuracy": "0.6", "chance": "0.25"}
@@ -306,15 +310,16 @@ def parse_rows(text: str) -> dict[str, list[str]]:
 def test_compare_table(predictions):
     text = compare_table(_stages(predictions))
     lines = text.splitlines()
-    assert lines[0].split() == ["subtask", "n", "chance", "blind", "dift", "rl"]
+    assert lines[0].split() == ["subtask", "n", "chance", "blind", "dift", "rl", "no", "letter"]
     rows = parse_rows(text)
-    assert rows["alpha"] == ["alpha", "4", "25.0%", cell(1, 4), cell(3, 4), cell(4, 4)]
-    assert rows["alpha"][3:] == ["25.0% [4.6, 69.9]", "75.0% [30.1, 95.4]", "100.0% [51.0, 100.0]"]
-    assert rows["beta"] == ["beta", "2", "20.0%", cell(0, 2), cell(1, 2), "-"]
-    assert rows["delta"] == ["delta", "5", "25.0%", "-", "-", cell(1, 5)]
-    assert rows["gamma"] == ["gamma", "4", "25.0%", cell(1, 4), cell(2, 4), cell(3, 4)]
+    # the last column: questions with no letter per stage (only dift's fixture has any: beta 1, gamma 2)
+    assert rows["alpha"] == ["alpha", "4", "25.0%", cell(1, 4), cell(3, 4), cell(4, 4), "0/0/0"]
+    assert rows["alpha"][3:6] == ["25.0% [4.6, 69.9]", "75.0% [30.1, 95.4]", "100.0% [51.0, 100.0]"]
+    assert rows["beta"] == ["beta", "2", "20.0%", cell(0, 2), cell(1, 2), "-", "0/1/-"]
+    assert rows["delta"] == ["delta", "5", "25.0%", "-", "-", cell(1, 5), "-/-/0"]
+    assert rows["gamma"] == ["gamma", "4", "25.0%", cell(1, 4), cell(2, 4), cell(3, 4), "0/2/0"]
     # micro: blind 2/10, dift 6/10, rl 8/13; the stages scored different counts
-    assert rows["micro"] == ["micro", "10/13", "24.0%", cell(2, 10), cell(6, 10), cell(8, 13)]
+    assert rows["micro"] == ["micro", "10/13", "24.0%", cell(2, 10), cell(6, 10), cell(8, 13), "0/3/0"]
     # macro: mean of sub-task accuracies with the interval from their intervals
     macro = rows["macro"]
     assert macro[:2] == ["macro", "23.3%"]
@@ -327,8 +332,8 @@ def test_compare_table(predictions):
         "alpha", "beta", "delta", "gamma", "micro", "macro"]
 
     no_chance = compare_table({"dift": accuracy_table(predictions)}, chance=False)
-    assert no_chance.splitlines()[0].split() == ["subtask", "n", "dift"]
-    assert parse_rows(no_chance)["alpha"] == ["alpha", "4", cell(3, 4)]
+    assert no_chance.splitlines()[0].split() == ["subtask", "n", "dift", "no", "letter"]
+    assert parse_rows(no_chance)["alpha"] == ["alpha", "4", cell(3, 4), "0"]
 
 
 def test_compare_table_groups_and_unscored():
@@ -339,9 +344,9 @@ def test_compare_table_groups_and_unscored():
     names = [line.split()[0] for line in text.splitlines() if line and not line.startswith("-")]
     assert names[1:] == ["counting", "direction", "micro", "macro", "vlm4d", "vlm4d/real", "vlm4d/real_ego",
                          "vlm4d/real_exo", "vlm4d/synthetic", "unscored"]
-    assert rows["vlm4d/real_exo"] == ["vlm4d/real_exo", "5", "25.0%", cell(4, 5)]
-    assert rows["vlm4d/synthetic"] == ["vlm4d/synthetic", "5", "25.0%", cell(1, 5)]
-    assert rows["micro"] == ["micro", "13", "25.0%", cell(6, 13)]
+    assert rows["vlm4d/real_exo"] == ["vlm4d/real_exo", "5", "25.0%", cell(4, 5), "0"]
+    assert rows["vlm4d/synthetic"] == ["vlm4d/synthetic", "5", "25.0%", cell(1, 5), "0"]
+    assert rows["micro"] == ["micro", "13", "25.0%", cell(6, 13), "0"]
     assert text.splitlines()[-1] == "unscored (counted wrong): rl 1"
 
 
@@ -351,7 +356,10 @@ def test_merge_stage_results(predictions):
     assert list(merged) == ["subtasks", "micro", "macro"]
     assert list(merged["subtasks"]) == ["alpha", "beta", "delta", "gamma"]
     alpha = merged["subtasks"]["alpha"]
-    assert list(alpha) == ["n", "chance", "blind", "dift", "rl", "ci"]
+    assert list(alpha) == ["n", "chance", "blind", "dift", "rl", "ci", "unanswered"]
+    assert alpha["unanswered"] == {"blind": 0, "dift": 0, "rl": 0}
+    assert merged["subtasks"]["beta"]["unanswered"] == {"blind": 0, "dift": 1, "rl": None}
+    assert merged["micro"]["unanswered"] == {"blind": 0, "dift": 3, "rl": 0}
     assert {k: alpha[k] for k in ("n", "chance", "blind", "dift", "rl")} == {"n": 4, "chance": 0.25, "blind": 0.25,
                                                                               "dift": 0.75, "rl": 1.0}
     assert list(alpha["ci"]) == ["blind", "dift", "rl"]
@@ -378,8 +386,8 @@ def test_merge_stage_results(predictions):
     json.dumps(merged)  # the demo writes it as results.json
     # Equal counts everywhere: no n_by_stage.
     same = merge_stage_results({"dift": stages["dift"], "again": accuracy_table(predictions)})
-    assert list(same["micro"]) == ["n", "chance", "dift", "again", "ci"]
-    for name in ("chance", "ci", "n"):
+    assert list(same["micro"]) == ["n", "chance", "dift", "again", "ci", "unanswered"]
+    for name in ("chance", "ci", "n", "unanswered"):
         with pytest.raises(ValueError, match="clash"):
             merge_stage_results({name: accuracy_table(predictions)})
 
@@ -399,7 +407,7 @@ def test_tables_without_intervals_still_compare(predictions):
         del row["ci"]
     del old["macro"]["ci"]
     rows = parse_rows(compare_table({"old": old}))
-    assert rows["alpha"][-1] == cell(3, 4) and rows["macro"][-1] == "58.3%"
+    assert rows["alpha"][-2:] == [cell(3, 4), "0"] and rows["macro"][-1] == "58.3%"
     assert merge_stage_results({"old": old})["subtasks"]["alpha"]["ci"]["old"] == pytest.approx(wilson_ref(3, 4))
 
 
@@ -448,3 +456,15 @@ def test_accuracy_plot_has_error_bars(tmp_path, predictions, monkeypatch):
     (ax,) = figures[0].axes
     (spans,) = error_bar_spans(ax)
     assert spans == pytest.approx(flat_intervals(((3, 4), (1, 2), (2, 4))), abs=1e-9)
+
+
+def test_families_with_the_same_sub_task_stay_apart():
+    """As `data inspect` counts them: 4dthinker's and mllm4d's object_direction are two rows."""
+    preds = ([Prediction(f"a{i}", "4dthinker", "object_direction", "A", "A" if i < 3 else "B") for i in range(4)]
+             + [Prediction(f"b{i}", "mllm4d", "object_direction", "A", "A" if i < 1 else None) for i in range(2)])
+    table = accuracy_table(preds)
+    assert list(table["subtasks"]) == ["4dthinker/object_direction", "mllm4d/object_direction"]
+    assert [(r["n"], r["correct"], r["unanswered"]) for r in table["subtasks"].values()] == [(4, 3, 0), (2, 1, 1)]
+    assert table["macro"]["subtasks"] == 2 and table["macro"]["accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    # One family: rows keep their plain sub-task names.
+    assert list(accuracy_table(preds[:4])["subtasks"]) == ["object_direction"]

@@ -31,7 +31,7 @@ Z95 = 1.959964
 # the sub-task of a question whose record could not even be decoded far enough to know its sub-task
 UNREADABLE = "unreadable"
 # keys of merge_stage_results rows that are not stage names
-_RESERVED = ("n", "chance", "n_by_stage", "ci")
+_RESERVED = ("n", "chance", "n_by_stage", "ci", "unanswered")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,17 @@ def _count_row(rows: Sequence[Prediction]) -> dict:
         "accuracy": correct / len(rows),
         "ci": list(wilson_interval(correct, len(rows))),
         "chance": sum(1.0 / p.num_options for p in rows) / len(rows),
+        # scored questions whose completion gave no option letter (counted wrong above)
+        "unanswered": sum(p.reason is None and p.predicted is None for p in rows),
     }
+
+
+def row_names(predictions: Sequence[Prediction]) -> list[str]:
+    """Each prediction's table row: its sub-task, as "family/sub-task" when the predictions span more
+    than one family (as `data inspect` counts them), so that families' same-named sub-tasks stay apart."""
+    families = {p.family for p in predictions if p.subtask != UNREADABLE}
+    qualify = len(families) > 1
+    return [f"{p.family}/{p.subtask}" if qualify and p.subtask != UNREADABLE else p.subtask for p in predictions]
 
 
 def accuracy_table(predictions: Sequence[Prediction]) -> dict:
@@ -121,11 +131,14 @@ def accuracy_table(predictions: Sequence[Prediction]) -> dict:
 
     Layout (accuracies and interval ends as fractions)::
 
-        {"subtasks": {name: {"n", "correct", "accuracy", "ci": [lo, hi], "chance"}},
-         "micro": {"n", "correct", "accuracy", "ci", "chance"},
+        {"subtasks": {name: {"n", "correct", "accuracy", "ci": [lo, hi], "chance", "unanswered"}},
+         "micro": {"n", "correct", "accuracy", "ci", "chance", "unanswered"},
          "macro": {"accuracy", "ci", "chance", "subtasks"},
-         "groups": {name: {"n", "correct", "accuracy", "ci", "chance"}},
+         "groups": {name: {"n", "correct", "accuracy", "ci", "chance", "unanswered"}},
          "unscored": [{"sample_id", "reason"}]}
+
+    Sub-task rows are named by `row_names` ("family/sub-task" when families are mixed). "unanswered"
+    counts the scored questions whose completion gave no letter; they are wrong answers.
 
     Chance of a sub-task is the mean of 1 / num_options over its samples, so sub-tasks mixing 4- and 5-way
     questions get the exact expected accuracy of uniform guessing. Unscored predictions are wrong answers
@@ -138,8 +151,8 @@ def accuracy_table(predictions: Sequence[Prediction]) -> dict:
         raise InputError("accuracy_table got no predictions; there is nothing to score (was the eval set empty?).")
     by_subtask: dict[str, list[Prediction]] = {}
     by_group: dict[str, list[Prediction]] = {}
-    for p in predictions:
-        by_subtask.setdefault(p.subtask, []).append(p)
+    for p, name in zip(predictions, row_names(predictions), strict=True):
+        by_subtask.setdefault(name, []).append(p)
         for group in p.groups:
             by_group.setdefault(group, []).append(p)
 
@@ -163,7 +176,8 @@ def write_results(out_dir: str | Path, predictions: Sequence[Prediction], extra:
 
     results.json is the `accuracy_table` with `extra` (e.g. the checkpoint path) merged in at the top
     level; `extra` may not reuse the table's keys. results.csv has one row per sub-task, then micro,
-    macro and the groups, with columns subtask, n, correct, accuracy, ci_low, ci_high, chance. The bar
+    macro and the groups, with columns subtask, n, correct, accuracy, ci_low, ci_high, chance,
+    unanswered. The bar
     chart has the 95% intervals as error bars. Returns the accuracy table (without `extra`).
     """
     table = accuracy_table(predictions)
@@ -178,12 +192,13 @@ def write_results(out_dir: str | Path, predictions: Sequence[Prediction], extra:
 
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance"])
+        writer.writerow(["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "unanswered"])
 
         def line(name: str, row: dict, counts: bool = True) -> None:
-            # macro is a mean of ratios: it has no sample or correct count of its own
-            n, correct = (row["n"], row["correct"]) if counts else ("", "")
-            writer.writerow([name, n, correct, row["accuracy"], row["ci"][0], row["ci"][1], row["chance"]])
+            # macro is a mean of ratios: it has no sample, correct or unanswered count of its own
+            n, correct, unanswered = (row["n"], row["correct"], row["unanswered"]) if counts else ("", "", "")
+            writer.writerow([name, n, correct, row["accuracy"], row["ci"][0], row["ci"][1], row["chance"],
+                             unanswered])
 
         for name, row in table["subtasks"].items():
             line(name, row)
@@ -204,20 +219,23 @@ def compare_table(columns: dict[str, dict], chance: bool = True) -> str:
     """Plain-text table of any number of stages' accuracy tables (keyed by stage name, in that order).
 
     One row per sub-task (union over stages, sorted), then micro and macro rows, then one row per group
-    when a stage has groups (e.g. "vlm4d/real"); columns are subtask, n, chance (unless `chance=False`)
-    and one column per stage, each cell "acc% [lo, hi]" (the 95% interval, in percent). A stage without a
+    when a stage has groups (e.g. "vlm4d/real"); columns are subtask, n, chance (unless `chance=False`),
+    one column per stage, each cell "acc% [lo, hi]" (the 95% interval, in percent), and "no letter": the
+    questions each stage answered without an option letter, "/"-joined in column order. A stage without a
     sub-task shows "-"; when stages scored different sample counts, n shows them all ("10/12"). A last
     line counts the unscored questions of each stage that has any (they are counted wrong above).
     """
     stages = _check_columns(columns)
-    header = ["subtask", "n"] + (["chance"] if chance else []) + stages
+    header = ["subtask", "n"] + (["chance"] if chance else []) + stages + ["no letter"]
 
     def body_line(name: str, rows: dict[str, dict | None], with_n: bool = True) -> list[str]:
         present = [r for r in rows.values() if r is not None]
         line = [name, _join_counts(r["n"] for r in present) if with_n else ""]
         if chance:
             line.append(_pct(present[0]["chance"]))
-        return line + [_cell(rows[s]) for s in stages]
+        # questions answered with no letter, per stage in column order ("-" where a stage lacks the row)
+        unanswered = "/".join("-" if rows[s] is None else str(rows[s].get("unanswered", 0)) for s in stages)
+        return line + [_cell(rows[s]) for s in stages] + [unanswered if with_n else ""]
 
     body = [body_line(name, {s: columns[s]["subtasks"].get(name) for s in stages}) for name in _subtask_names(columns)]
     totals = [body_line("micro", {s: columns[s]["micro"] for s in stages}),
@@ -247,8 +265,9 @@ def merge_stage_results(columns: dict[str, dict]) -> dict:
 
     Layout, stages in the order given, accuracies and interval ends as fractions::
 
-        {"subtasks": {name: {"n", "chance", <stage>: acc, ..., "ci": {<stage>: [lo, hi], ...}}},
-         "micro": {"n", "chance", <stage>: acc, ..., "ci": {<stage>: [lo, hi], ...}},
+        {"subtasks": {name: {"n", "chance", <stage>: acc, ..., "ci": {<stage>: [lo, hi], ...},
+                             "unanswered": {<stage>: count, ...}}},
+         "micro": {"n", "chance", <stage>: acc, ..., "ci": {<stage>: [lo, hi], ...}, "unanswered": {...}},
          "macro": {"chance", <stage>: acc, ..., "ci": {<stage>: [lo, hi], ...}}}
 
     e.g. {"subtasks": {"abs_dis": {"n": 12, "chance": 0.25, "blind": 0.25, "dift": 0.5, "rl": 0.58,
@@ -269,6 +288,8 @@ def merge_stage_results(columns: dict[str, dict]) -> dict:
         out["chance"] = first["chance"]
         out.update({s: (r["accuracy"] if r is not None else None) for s, r in rows.items()})
         out["ci"] = {s: (_interval(r) if r is not None else None) for s, r in rows.items()}
+        if with_n:
+            out["unanswered"] = {s: (r.get("unanswered", 0) if r is not None else None) for s, r in rows.items()}
         if with_n and len({r["n"] for r in present.values()}) > 1:
             out["n_by_stage"] = {s: r["n"] for s, r in present.items()}
         return out
