@@ -61,6 +61,11 @@ def _commands(parser: argparse.ArgumentParser, dest: str):
     return parser.add_subparsers(dest=dest, required=True, metavar="{" + dest + "}")
 
 
+def _group(sub, name: str, help: str, dest: str):
+    """A command whose subcommands (stored in `args.<dest>`) carry the flags."""
+    return _commands(sub.add_parser(name, help=help, formatter_class=Formatter), dest)
+
+
 def _add(commands, name: str, help: str, handler: str, description: str | None = None,
          takes_config: bool = False, config_file: bool = True) -> argparse.ArgumentParser:
     """A subcommand run by `handler`. `takes_config`: it reads --config.KEY=VALUE overrides (and, with
@@ -71,9 +76,7 @@ def _add(commands, name: str, help: str, handler: str, description: str | None =
 
 
 def _convert(sub) -> None:
-    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Orbax",
-                             formatter_class=Formatter)
-    directions = _commands(convert, "direction")
+    directions = _group(sub, "convert", "convert checkpoints between Hugging Face and Orbax", "direction")
     to_jax = _add(directions, "hf-to-jax", "a Hugging Face directory -> an Orbax checkpoint (step 0)", "convert")
     to_jax.add_argument("src", help="the Hugging Face directory (config.json + safetensors)")
     to_jax.add_argument("dst", help="the Orbax checkpoint directory to write")
@@ -90,9 +93,7 @@ def _convert(sub) -> None:
 
 
 def _bench(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks against PyTorch, recorded in docs/PERFORMANCE.md",
-                           formatter_class=Formatter)
-    what = _commands(bench, "what")
+    what = _group(sub, "bench", "benchmarks against PyTorch, recorded in docs/PERFORMANCE.md", "what")
     helps = {"forward": "one jitted forward vs transformers", "data": "renderer and input pipeline throughput",
              "train": "one DIFT step vs the same step in PyTorch", "sample": "greedy tokens/s vs transformers generate",
              "rl": "one GRPO step vs the same step in PyTorch"}
@@ -121,9 +122,7 @@ def _synth(sub) -> None:
 
 
 def _data(sub) -> None:
-    data = sub.add_parser("data", help="inspect or import 4D records, or precompute their DIFT imagery targets",
-                          formatter_class=Formatter)
-    action = _commands(data, "action")
+    action = _group(sub, "data", "inspect or import 4D records, or precompute their DIFT imagery targets", "action")
     inspect = _add(action, "inspect", "counts per sub-task, letter balance, bad records, and a contact sheet", "data")
     inspect.add_argument("path", help="records: a file or a directory")
     inspect.add_argument("--sheet", default=None, help="contact sheet PNG path (default: PATH_sample.png)")
