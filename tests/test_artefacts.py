@@ -128,3 +128,16 @@ def test_inspect_makes_the_sheet_directory_or_says_why_it_cannot(tmp_path, capsy
     assert cli.main(["data", "inspect", str(tmp_path / "d"), "--sheet", str(tmp_path / "afile" / "s.png")]) == 2
     assert capsys.readouterr().err.strip() == (f"fourd-jax data: error: --sheet {tmp_path / 'afile' / 's.png'} cannot "
                                                "be written: a parent of it is a file.")
+
+
+def test_a_resumed_run_refuses_another_config_but_not_another_schedule_of_saves(tmp_path):
+    settings = RunSettings.of(load_config("dift"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": settings.as_dict()}))
+    job.check_same_config(tmp_path, settings)
+    job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{
+        "train.checkpoint_every": 7, "optim.total_steps": 900, "data.num_workers": 2, "mesh.shape": (1, 1, -1)})))
+    with pytest.raises(InputError, match=rf"^{tmp_path} was trained with optim.lr=0.002, not 0.001; resume with the "
+                                         "same config, or use a new --workdir.$"):
+        job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{"optim.lr": 1e-3})))
+    with pytest.raises(InputError, match="was trained with model.preset='tiny', not 'tiny8'"):
+        job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{"model.preset": "tiny8"})))

@@ -16,6 +16,7 @@ step that restores, and writes the skipped step anew when it gets there.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,10 @@ class Checkpointer:
                 self.manager.wait_until_finished()
                 self.manager.delete(step)
                 self._metrics.pop(str(step), None)
-        if jax.process_index() == 0:
-            self._metrics_file.write_text(json.dumps(self._metrics, indent=1, sort_keys=True))
+        if jax.process_index() == 0:  # written whole: a run cut off here leaves the previous file
+            partial = self._metrics_file.with_name(f".{self._metrics_file.name}.partial")
+            partial.write_text(json.dumps(self._metrics, indent=1, sort_keys=True))
+            os.replace(partial, self._metrics_file)
 
     def restore(self, abstract: TrainState, iterator: Any, step: int | None = None) -> TrainState:
         """The state at `step` (default latest) shaped and sharded like `abstract`; also restores

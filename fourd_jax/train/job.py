@@ -116,6 +116,38 @@ def save_tokenizer(tok: Any, saved: Path, inputs: dict[str, Any]) -> None:
     os.replace(partial, saved)
 
 
+# Settings a resumed run may change: how long it runs, how it checkpoints and reports, where it runs and
+# how fast. Any other difference from the run recorded in the workdir's manifest is refused.
+RESUMABLE = ("optim.total_steps", "data.path", "data.num_workers", "model.remat_policy", "model.attention_block",
+             "train.", "mesh.", "distributed.")
+
+
+def check_same_config(workdir: Path, settings: RunSettings) -> None:
+    """One sentence naming the first setting in which this run differs from the one its workdir
+    recorded (outside RESUMABLE); a workdir without a manifest has nothing to compare."""
+    manifest = workdir / "manifest.json"
+    if not manifest.is_file():
+        return
+    recorded = _flat(json.loads(manifest.read_text()).get("config", {}))
+    current = _flat(json.loads(json.dumps(settings.as_dict(), default=str)))
+    for key in sorted(set(recorded) | set(current)):
+        if key.startswith(RESUMABLE) or key in RESUMABLE:
+            continue
+        if recorded.get(key) != current.get(key):
+            raise InputError(f"{workdir} was trained with {key}={recorded.get(key)!r}, not {current.get(key)!r}; "
+                             "resume with the same config, or use a new --workdir.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_same_records(workdir: Path, data_dir: Path, data_digest: dict[str, str]) -> None:
     """One sentence unless a run resuming in `workdir` reads the records its manifest recorded."""
     manifest = workdir / "manifest.json"
@@ -171,6 +203,7 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     data_digest = observe.file_digest(records.files(data_dir / "train"))
     workdir = Path(workdir)
     check_same_records(workdir, data_dir, data_digest)
+    check_same_config(workdir, settings)
     workdir.mkdir(parents=True, exist_ok=True)  # made only once the run's inputs are known to be usable
     tok = tokenizer(settings, workdir, data_dir, data_digest)
     trainer = make_trainer(settings, tok, mesh)
