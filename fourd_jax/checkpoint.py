@@ -8,7 +8,9 @@ export any of them by restoring only these two.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fourd_jax import families
-from fourd_jax.errors import InputError, first_line
+from fourd_jax.errors import InputError, first_line, root_cause
 from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
@@ -45,6 +47,40 @@ def model_item(config: Any) -> dict[str, Any]:
     """The `model` item of a checkpoint: the config as JSON, with the name of its family
     (`fourd_jax.families`), so that a restore builds the right module."""
     return {FAMILY_KEY: families.family_of(config).name, **config.to_dict()}
+
+
+def unreadable(error: BaseException) -> str:
+    """One line on a checkpoint read that failed: tensorstore's own message (the tensor and file).
+
+    Orbax reads a step's arrays concurrently; when one read fails, the others fail too and surface
+    later, as "Exception ignored" and "Task exception was never retrieved" tracebacks that repeat
+    the same damage. Those are dropped from then on, since this line has reported it."""
+    _drop_abandoned_reads()
+    return first_line(error, root=True)
+
+
+_ABANDONED = ("Encountered error while reading array index", "Error reading ")
+
+
+def _abandoned(exc: BaseException | None) -> bool:
+    return exc is not None and any(m in str(root_cause(exc)) or m in str(exc) for m in _ABANDONED)
+
+
+def _drop_abandoned_reads() -> None:
+    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned(unraisable.exc_value):
+            previous(unraisable)
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+
+    class AbandonedReads(logging.Filter):  # asyncio logs an unretrieved task exception with its exc_info
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and _abandoned(record.exc_info[1]))
+    logging.getLogger("asyncio").addFilter(AbandonedReads())
 
 
 def latest_step(directory: str | os.PathLike) -> int:
@@ -76,7 +112,7 @@ def restore_params(
         try:
             meta = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
         except Exception as e:  # noqa: BLE001 - a missing or damaged model item
-            raise CheckpointNotFound(f"{directory} step {step} does not restore ({first_line(e)}).") from None
+            raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
         fields = dict(meta[MODEL_ITEM])
         name = fields.pop(FAMILY_KEY, families.DEFAULT.name)  # checkpoints written before families: the default
         family = families.FAMILIES.get(name)
@@ -98,5 +134,5 @@ def restore_params(
             restored = manager.restore(step, args=ocp.args.Composite(**{
                 PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
-            raise CheckpointNotFound(f"{directory} step {step} does not restore ({first_line(e)}).") from None
+            raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
     return model, restored[PARAMS_ITEM]

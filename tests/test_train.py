@@ -208,6 +208,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_continues_exactly(da
     err = [line for line in capsys.readouterr().err.splitlines() if "checkpoint step" in line]
     assert len(err) == 1 and err[0].startswith(f"checkpoint step 6 in {ckpt} does not restore (")
     assert err[0].endswith("); resuming from an earlier step.")
+    assert f'at local file "{ckpt / "6" / "params"}/"' in err[0]  # tensorstore's words: which tensor, which file
     rows = [[loop.without_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (straight, damaged)]
     assert rows[0] == rows[1] and [r["step"] for r in rows[1]] == list(range(1, 9))

@@ -25,8 +25,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM
-from fourd_jax.errors import InputError, first_line
+from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, unreadable
+from fourd_jax.errors import InputError
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
@@ -107,10 +107,11 @@ class Checkpointer:
             try:
                 return self.restore(abstract, iterator, step)
             except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
-                reasons.append(f"step {step}: {first_line(e)}")
+                reason = unreadable(e)
+                reasons.append(f"step {step}: {reason}")
                 self._unrestorable.add(step)
                 if jax.process_index() == 0:
-                    print(f"checkpoint step {step} in {self.directory} does not restore ({first_line(e)}); "
+                    print(f"checkpoint step {step} in {self.directory} does not restore ({reason}); "
                           "resuming from an earlier step.", file=sys.stderr, flush=True)
         raise InputError(f"no checkpoint in {self.directory} restores ({'; '.join(reasons)}).")
 
