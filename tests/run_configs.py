@@ -29,3 +29,15 @@ def tiny_records(out: Path, seed: int):
     tokenizer = build_tokenizer(record_texts(out / "train"), vocab_size=600)
     tokenizer.save_pretrained(out / "tokenizer")
     return out, tokenizer
+
+
+def run_script(args: list[str], cwd=None):
+    """The installed `fourd-jax` entry point (beside this python) run on `args`, as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("fourd-jax")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from run_configs import load_config, tiny_records
+from run_configs import load_config, run_script, tiny_records
 
-from fourd_jax import cli
 from fourd_jax.data import records
 from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
@@ -85,30 +84,29 @@ def test_a_resumed_run_refuses_other_records(data, tmp_path):
     job.check_same_records(tmp_path, path, digest(path))
 
 
-def test_synth_refuses_an_earlier_output_unless_told_to_replace_it(tmp_path, capsys):
+def test_synth_refuses_an_earlier_output_unless_told_to_replace_it(tmp_path):
     args = ["--num-scenes", "3", "--frames", "8", "--image-size", "56", "--families", "4dthinker"]
     out = tmp_path / "d"
-    assert cli.main(["synth", "--out", str(out), *args, "--seed", "1"]) == 0
+    assert run_script(["synth", "--out", out, *args, "--seed", "1"]).returncode == 0
     first = {p.name: p.read_bytes() for p in records.files(out)}
-    capsys.readouterr()
-    assert cli.main(["synth", "--out", str(out), *args, "--seed", "2"]) == 2
-    assert capsys.readouterr().err.strip() == (f"fourd-jax synth: error: --out {out} is not empty; choose a new "
-                                               "directory, or pass --overwrite to replace an earlier synth output "
-                                               "there.")
+    result = run_script(["synth", "--out", out, *args, "--seed", "2"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"fourd-jax synth: error: --out {out} is not empty; choose a new directory, "
+                                     "or pass --overwrite to replace an earlier synth output there.")
     assert {p.name: p.read_bytes() for p in records.files(out)} == first
     # --overwrite replaces it whole: no shard of the first run is left beside the new ones.
-    assert cli.main(["synth", "--out", str(out), "--num-scenes", "12", *args[2:], "--seed", "2",
-                     "--scenes-per-shard", "5", "--overwrite"]) == 0
+    assert run_script(["synth", "--out", out, "--num-scenes", "12", *args[2:], "--seed", "2",
+                       "--scenes-per-shard", "5", "--overwrite"]).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_scenes"] == 12
     assert sum(s["records"] for s in manifest["splits"].values()) == records.count(out)
     (out / "notes.txt").write_text("mine")
-    assert cli.main(["synth", "--out", str(out), *args, "--overwrite"]) == 2
-    assert "holds more than a synth output (notes.txt)" in capsys.readouterr().err
+    result = run_script(["synth", "--out", out, *args, "--overwrite"])
+    assert result.returncode == 2 and "holds more than a synth output (notes.txt)" in result.stderr
     assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").exists()
-    assert cli.main(["synth", "--out", str(out / "notes.txt"), *args]) == 2
-    assert capsys.readouterr().err.strip() == (f"fourd-jax synth: error: --out {out / 'notes.txt'} is a file; synth "
-                                               "writes a directory of splits.")
+    result = run_script(["synth", "--out", out / "notes.txt", *args])
+    assert result.stderr.strip() == (f"fourd-jax synth: error: --out {out / 'notes.txt'} is a file; synth writes a "
+                                     "directory of splits.")
 
 
 def test_synth_warns_about_an_empty_split(tmp_path, capsys):
@@ -118,26 +116,24 @@ def test_synth_warns_about_an_empty_split(tmp_path, capsys):
     assert f"synth: warning: the test split of {tmp_path / 'd'} is empty" in err
 
 
-def test_inspect_makes_the_sheet_directory_or_says_why_it_cannot(tmp_path, capsys):
+def test_inspect_makes_the_sheet_directory_or_says_why_it_cannot(tmp_path):
     synthesize(tmp_path / "d", 3, seed=0, config=SMALL, progress=False)
     sheet = tmp_path / "new" / "deeper" / "sample.png"
-    assert cli.main(["data", "inspect", str(tmp_path / "d"), "--sheet", str(sheet)]) == 0
+    assert run_script(["data", "inspect", tmp_path / "d", "--sheet", sheet]).returncode == 0
     assert sheet.stat().st_size > 1_000
     (tmp_path / "afile").write_text("x")
-    capsys.readouterr()
-    assert cli.main(["data", "inspect", str(tmp_path / "d"), "--sheet", str(tmp_path / "afile" / "s.png")]) == 2
-    assert capsys.readouterr().err.strip() == (f"fourd-jax data: error: --sheet {tmp_path / 'afile' / 's.png'} cannot "
-                                               "be written: a parent of it is a file.")
+    result = run_script(["data", "inspect", tmp_path / "d", "--sheet", tmp_path / "afile" / "s.png"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"fourd-jax data: error: --sheet {tmp_path / 'afile' / 's.png'} cannot be "
+                                     "written: a parent of it is a file.")
 
 
-def test_a_resumed_run_refuses_another_config_but_not_another_schedule_of_saves(tmp_path):
-    settings = RunSettings.of(load_config("dift"))
-    (tmp_path / "manifest.json").write_text(json.dumps({"config": settings.as_dict()}))
-    job.check_same_config(tmp_path, settings)
-    job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{
-        "train.checkpoint_every": 7, "optim.total_steps": 900, "data.num_workers": 2, "mesh.shape": (1, 1, -1)})))
-    with pytest.raises(InputError, match=rf"^{tmp_path} was trained with optim.lr=0.002, not 0.001; resume with the "
-                                         "same config, or use a new --workdir.$"):
-        job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{"optim.lr": 1e-3})))
-    with pytest.raises(InputError, match="was trained with model.preset='tiny', not 'tiny8'"):
-        job.check_same_config(tmp_path, RunSettings.of(load_config("dift", **{"model.preset": "tiny8"})))
+def test_training_without_val_records_says_it_reports_no_val_loss(tmp_path):
+    """Two scenes leave val/ and test/ empty: synth warns, and DIFT says it will report no val_loss."""
+    result = run_script(["synth", "--out", tmp_path / "d", "--num-scenes", "2", "--frames", "8", "--image-size", "56",
+                         "--families", "4dthinker"])
+    assert "the val split of" in result.stderr and "is empty" in result.stderr
+    result = run_script(["dift", "--workdir", tmp_path / "w", "--data", tmp_path / "d", "--steps", "1",
+                         "--config.data.seq_buckets=(1024,)", "--config.tokenizer_vocab_size=300"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"note: {tmp_path / 'd'} has no val/ records, so this run reports no val_loss." in result.stderr

@@ -1,19 +1,15 @@
 """Bad arguments and configs through the installed `fourd-jax` script: each is refused in one line on
 stderr, exits 2, and leaves nothing behind; the packaged configs are found from any directory."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(sys.executable).with_name("fourd-jax")  # the entry point pip installed beside python
+from run_configs import run_script
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return run_script(args, cwd)
 
 
 CASES = [

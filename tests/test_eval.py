@@ -188,3 +188,23 @@ def test_vlm4d_groups(meta, groups):
     assert evaluate.vlm4d_groups(meta) == groups
     assert evaluate.record_groups("vlm4d", meta) == groups
     assert evaluate.record_groups("dsr", meta) == ()
+
+
+def test_the_eval_bar_shows_its_total(setup, monkeypatch):
+    _, records_dir, tokenizer, model, params = setup
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.kwargs, self.n = kwargs, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluate, "tqdm", Bar)
+    predictions, _ = evaluate.predict(model, params, tokenizer, records_dir, eval_config(max_samples=4))
+    assert len(bars) == 1 and bars[0].kwargs["total"] == 4 == len(predictions) == bars[0].n

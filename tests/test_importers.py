@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from run_configs import run_script
 
 from fourd_jax import cli
 from fourd_jax.data import importers, records
@@ -427,15 +428,16 @@ def test_data_import_cli_writes_records_and_reports_skips(tmp_path, capsys):
     assert "row 2" in capsys.readouterr().err
 
 
-def test_an_import_that_keeps_nothing_fails_and_writes_nothing(tmp_path, capsys):
+def test_an_import_that_keeps_nothing_fails_and_writes_nothing(tmp_path):
     """The wrong --format, or rows that all fail, is an error naming the first failing row; the output
     is not created, and an existing file there is left as it was."""
     rows = [{"id": i, "video": "clips/missing.mp4", "question_type": "direction", "question": "Where?",
              "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"} for i in (1, 2)]
     (tmp_path / "vlm4d.json").write_text(json.dumps(rows))
     out = tmp_path / "out.array_record"
-    assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "4dthinker", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
+    result = run_script(["data", "import", tmp_path / "vlm4d.json", "--format", "4dthinker", "--out", out])
+    assert result.returncode == 2
+    err = result.stderr.strip()
     assert err.startswith(f"fourd-jax data: error: no record kept from {tmp_path / 'vlm4d.json'} as format "
                           "'4dthinker' (read 2, written 0, skipped 2 (missing field: 2)); the first: missing field: ")
     assert "row 1" in err and err.count("\n") == 0 and err.endswith(".") and not err.endswith("..")

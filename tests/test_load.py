@@ -9,8 +9,9 @@ import stat
 import jax
 import numpy as np
 import pytest
+from run_configs import run_script
 
-from fourd_jax import checkpoint, cli, families
+from fourd_jax import checkpoint, families
 from fourd_jax.convert import hf
 from fourd_jax.data.latent_tokens import add_latent_tokens
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
@@ -108,24 +109,25 @@ def test_a_tokenizer_with_other_latent_ids_is_refused(saved):
         check_latent_ids(tokenizer, shifted, "tok")
 
 
-def test_convert_refuses_the_wrong_kind_of_source_before_reading_it(saved, tmp_path, capsys):
+def test_convert_refuses_the_wrong_kind_of_source_before_reading_it(saved, tmp_path):
     root, _, _, _ = saved
-    assert cli.main(["convert", "hf-to-jax", str(root / "workdir"), str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err.strip() == (f"fourd-jax convert: error: src {root / 'workdir'} is an Orbax "
-                                               "directory; hf-to-jax reads a Hugging Face one.")
-    assert cli.main(["convert", "jax-to-hf", str(root / "hf"), str(tmp_path / "y")]) == 2
-    assert "is a Hugging Face directory; jax-to-hf reads an Orbax one." in capsys.readouterr().err
+    result = run_script(["convert", "hf-to-jax", root / "workdir", tmp_path / "x"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"fourd-jax convert: error: src {root / 'workdir'} is an Orbax directory; "
+                                     "hf-to-jax reads a Hugging Face one.")
+    result = run_script(["convert", "jax-to-hf", root / "hf", tmp_path / "y"])
+    assert result.returncode == 2 and "is a Hugging Face directory; jax-to-hf reads an Orbax one." in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_convert_exports_a_training_workdir_with_its_tokenizer_and_ordinary_permissions(saved, tmp_path, capsys):
+def test_convert_exports_a_training_workdir_with_its_tokenizer_and_ordinary_permissions(saved, tmp_path):
     root, model, params, tokenizer = saved
-    previous = os.umask(0o022)
+    previous = os.umask(0o022)  # inherited by the command
     try:
-        assert cli.main(["convert", "jax-to-hf", str(root / "workdir"), str(tmp_path / "hf")]) == 0
+        result = run_script(["convert", "jax-to-hf", root / "workdir", tmp_path / "hf"])
     finally:
         os.umask(previous)
-    assert "wrote Hugging Face checkpoint" in capsys.readouterr().out
+    assert result.returncode == 0 and "wrote Hugging Face checkpoint" in result.stdout
     exported = load_model(tmp_path / "hf")
     assert exported.source.tokenizer == str(tmp_path / "hf")  # the workdir's tokenizer came along
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported.params, params)

@@ -232,7 +232,8 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
                                   subtask=str(batch["subtask"][row]), answer=str(batch["answer"][row]),
                                   predicted=extract_choice(texts[row], letters),
                                   num_options=int(batch["num_options"][row]), completion=texts[row]))
-        bar.update(int(real.sum()) + int(batch["num_skipped"]))
+        # the last batch may read past --max-samples; the bar counts only the questions in scope
+        bar.update(min(int(real.sum()) + int(batch["num_skipped"]), len(questions) - bar.n))
         # Each batch consumed its scored rows and its skipped records, in file order.
         if len(out) + skipped >= len(questions):
             break
