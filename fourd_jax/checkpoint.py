@@ -8,9 +8,12 @@ export any of them by restoring only these two.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,35 @@ def model_item(config: Any) -> dict[str, Any]:
     """The `model` item of a checkpoint: the config as JSON, with the name of its family
     (`fourd_jax.families`), so that a restore builds the right module."""
     return {FAMILY_KEY: families.family_of(config).name, **config.to_dict()}
+
+
+ABANDONED_READS_SETTLE_S = 1.0
+
+
+@contextlib.contextmanager
+def stderr_kept_on_success():
+    """Hold what is written to file descriptor 2 while a checkpoint is read: shown if the read
+    succeeds, dropped if it fails (then `unreadable` reports the failure in one line). Orbax reads
+    arrays concurrently, and the reads a failure abandons print tracebacks from tensorstore's threads."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:  # let the abandoned reads finish (and print) while their output is still held
+                time.sleep(ABANDONED_READS_SETTLE_S)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
 
 
 def unreadable(error: BaseException) -> str:
@@ -131,8 +163,9 @@ def restore_params(
             abstract = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{
-                PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
+            with stderr_kept_on_success():
+                restored = manager.restore(step, args=ocp.args.Composite(**{
+                    PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
             raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
     return model, restored[PARAMS_ITEM]

@@ -4,6 +4,7 @@ mismatched tokenizers are one sentence; checkpoints name their model family."""
 
 import json
 import os
+import shutil
 import stat
 
 import jax
@@ -133,3 +134,22 @@ def test_convert_exports_a_training_workdir_with_its_tokenizer_and_ordinary_perm
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported.params, params)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert stat.S_IMODE((tmp_path / "hf" / name).stat().st_mode) == 0o644, name
+
+
+def test_eval_and_convert_name_a_step_that_does_not_restore(saved, tmp_path):
+    root, _, _, _ = saved
+    workdir = tmp_path / "workdir"
+    shutil.copytree(root / "workdir", workdir)
+    chunks = sorted(p for p in (workdir / "checkpoints" / "5" / "params").rglob("*") if p.is_file()
+                    and p.parent.name == "d")
+    chunks[0].unlink()
+    for command in (["convert", "jax-to-hf", workdir, tmp_path / "hf"],
+                    ["eval", "--checkpoint", workdir, "--data", root / "hf", "--out", tmp_path / "ev"]):
+        result = run_script(command)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr[-3000:]
+        line = lines[0]
+        assert line.startswith(f"fourd-jax {command[0]}: error: {workdir / 'checkpoints'} step 5 does not restore (")
+        assert f'at local file "{workdir / "checkpoints" / "5" / "params"}/"' in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workdir"]

@@ -25,7 +25,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, unreadable
+from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, stderr_kept_on_success, unreadable
 from fourd_jax.errors import InputError
 from fourd_jax.train.state import TrainState
 
@@ -91,11 +91,12 @@ class Checkpointer:
         """The state at `step` (default latest) shaped and sharded like `abstract`; also restores
         `iterator` in place to the batch after that step."""
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardRestore(abstract.params),
-            TRAIN_ITEM: ocp.args.StandardRestore(abstract.replace(params=None)),
-            DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
-        }))
+        with stderr_kept_on_success():  # a failed read's abandoned siblings print nothing
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                PARAMS_ITEM: ocp.args.StandardRestore(abstract.params),
+                TRAIN_ITEM: ocp.args.StandardRestore(abstract.replace(params=None)),
+                DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
+            }))
         return restored[TRAIN_ITEM].replace(params=restored[PARAMS_ITEM])
 
     def restore_newest(self, abstract: TrainState, iterator: Any) -> TrainState:
