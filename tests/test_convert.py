@@ -97,12 +97,16 @@ def test_load_and_save_hold_at_most_one_host_copy(tmp_path):
         _, loaded = hf.load(tmp_path / "one")
         _, load_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
+        # What is still traced here depends on whether XLA aliased the loaded numpy buffers (it can when
+        # they happen to be aligned), so the save is measured from this level, not from zero.
+        before_save, _ = tracemalloc.get_traced_memory()
         hf.save(model, loaded, tmp_path / "sharded", max_shard_size=f"{total // 8}B")
         _, save_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert load_peak < 1.5 * total, (load_peak, total)  # two full copies would be >= 2x
-    assert save_peak < 0.6 * total, (save_peak, total)  # one 1/8 shard, its HF layout and encoding
+    save_extra = save_peak - before_save
+    assert save_extra < 0.6 * total, (save_extra, total)  # one 1/8 shard, its HF layout and encoding
 
 
 def test_bfloat16_round_trip_and_sharded_files(reference, tmp_path):
