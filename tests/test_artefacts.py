@@ -137,3 +137,6 @@ def test_training_without_val_records_says_it_reports_no_val_loss(tmp_path):
                          "--config.data.seq_buckets=(1024,)", "--config.tokenizer_vocab_size=300"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"note: {tmp_path / 'd'} has no val/ records, so this run reports no val_loss." in result.stderr
+    # The training bar (on stderr) shows the loss terms, the learning rate and tokens/s, not only the loss.
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("train")][-1]
+    assert all(f"{field}=" in bar for field in ("loss", "ce", "latent", "lr", "tok/s")), bar

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from reference import Row, hf_logits, make_batch
+from run_configs import run_script
 
 from fourd_jax import checkpoint, cli
 
@@ -121,13 +122,14 @@ def test_launch_scripts_parse_and_refuse_unknown_commands():
 def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):
     rows = [{"step": s, "loss": 1.0 / s, "ce": 2.0 / s, "latent_loss": 0.5, "latent_targets": s % 2,
              "grad_norm": 0.1, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 6)]
+    rows[-1]["val_loss"] = 0.7  # one validation point
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli.main(["plot", str(tmp_path)]) == 0
+    result = run_script(["plot", tmp_path])
+    assert result.returncode == 0 and f"wrote {tmp_path / 'curves.png'}" in result.stdout
     assert (tmp_path / "curves.png").stat().st_size > 5_000
     assert cli.main(["plot", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
     # A run validated once has one val_loss point: it is drawn, marked.
-    rows[-1]["val_loss"] = 0.7
     from fourd_jax.train.plot import panel_series
 
     losses = {key: (points, marker) for key, points, marker in panel_series(rows)[0]}

@@ -416,8 +416,9 @@ def test_data_import_cli_writes_records_and_reports_skips(tmp_path, capsys):
              "choices": {"A": "left", "B": "right", "C": "up", "D": "down"}, "answer": "up"}]
     (tmp_path / "vlm4d.json").write_text(json.dumps(rows))
     out = tmp_path / "imported.array_record"
-    assert cli.main(["data", "import", str(tmp_path / "vlm4d.json"), "--format", "vlm4d", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out.splitlines()
+    result = run_script(["data", "import", tmp_path / "vlm4d.json", "--format", "vlm4d", "--out", out])
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
     assert "written 1" in printed[0]
     assert printed[1:] == [f"  skipped unreadable media: {tmp_path / 'vlm4d.json'} row 2: " + printed[1].split(
         "row 2: ", 1)[1]] and "missing.mp4" in printed[1]  # each skipped row with its reason
