@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 from collections import Counter
@@ -32,6 +31,7 @@ from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
 from fourd_jax.data.sim.scene import Scene, SceneConfig, sample_scene
 from fourd_jax.data.taxonomy import DSR_SUBTASKS, FOURDTHINKER_SUBTASKS, MLLM4D_SUBTASKS
 from fourd_jax.errors import InputError
+from fourd_jax.files import write_text_atomic
 
 FAMILIES = {"dsr": dsr_questions, "4dthinker": fourdthinker_questions, "mllm4d": mllm4d_questions}
 SPLITS = ("train", "val", "test")
@@ -171,9 +171,8 @@ def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: Synt
             bar.update()
     bar.close()
     manifest = _manifest(num_scenes, seed, config, sizes, totals)
-    partial = out / ".manifest.json.tmp"  # the manifest appears whole, and last: it marks a complete output
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, out / "manifest.json")
+    # the manifest appears whole, and last: it marks a complete output
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for split in SPLITS:
         if not sizes[split]:
             print(f"synth: warning: the {split} split of {out} is empty ({num_scenes} scenes split "

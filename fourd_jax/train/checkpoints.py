@@ -16,7 +16,6 @@ step that restores, and writes the skipped step anew when it gets there.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, stderr_kept_on_success, unreadable
 from fourd_jax.errors import InputError
+from fourd_jax.files import write_text_atomic
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
@@ -83,9 +83,7 @@ class Checkpointer:
                 self.manager.delete(step)
                 self._metrics.pop(str(step), None)
         if jax.process_index() == 0:  # written whole: a run cut off here leaves the previous file
-            partial = self._metrics_file.with_name(f".{self._metrics_file.name}.partial")
-            partial.write_text(json.dumps(self._metrics, indent=1, sort_keys=True))
-            os.replace(partial, self._metrics_file)
+            write_text_atomic(self._metrics_file, json.dumps(self._metrics, indent=1, sort_keys=True))
 
     def restore(self, abstract: TrainState, iterator: Any, step: int | None = None) -> TrainState:
         """The state at `step` (default latest) shaped and sharded like `abstract`; also restores

@@ -131,7 +131,7 @@ def check_same_config(workdir: Path, settings: RunSettings) -> None:
     recorded = _flat(json.loads(manifest.read_text()).get("config", {}))
     current = _flat(json.loads(json.dumps(settings.as_dict(), default=str)))
     for key in sorted(set(recorded) | set(current)):
-        if key.startswith(RESUMABLE) or key in RESUMABLE:
+        if key.startswith(RESUMABLE):  # an exact field or a section prefix
             continue
         if recorded.get(key) != current.get(key):
             raise InputError(f"{workdir} was trained with {key}={recorded.get(key)!r}, not {current.get(key)!r}; "

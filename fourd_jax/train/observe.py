@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from tensorboardX import SummaryWriter
 
+from fourd_jax.files import write_text_atomic
+
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPUs) need `train.peak_flops`.
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
@@ -111,7 +113,4 @@ def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_diges
         "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
