@@ -127,6 +127,13 @@ def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):
     result = run_script(["plot", tmp_path])
     assert result.returncode == 0 and f"wrote {tmp_path / 'curves.png'}" in result.stdout
     assert (tmp_path / "curves.png").stat().st_size > 5_000
+    # The same run without its one val_loss point draws a different picture: the point is on it.
+    without = tmp_path / "without_val"
+    without.mkdir()
+    (without / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val_loss"}) + "\n"
+                                                   for r in rows))
+    assert run_script(["plot", without]).returncode == 0
+    assert (without / "curves.png").read_bytes() != (tmp_path / "curves.png").read_bytes()
     assert cli.main(["plot", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
     # A run validated once has one val_loss point: it is drawn, marked.

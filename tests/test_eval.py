@@ -8,8 +8,10 @@ import jax
 import msgpack
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from run_configs import run_script
 from test_importers import bench_rows, write_jsonl, write_video
 
+from fourd_jax.convert import hf
 from fourd_jax.data import importers, records
 from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
@@ -190,21 +192,14 @@ def test_vlm4d_groups(meta, groups):
     assert evaluate.record_groups("dsr", meta) == ()
 
 
-def test_the_eval_bar_shows_its_total(setup, monkeypatch):
-    _, records_dir, tokenizer, model, params = setup
-    bars = []
-
-    class Bar:
-        def __init__(self, *args, **kwargs):
-            self.kwargs, self.n = kwargs, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(evaluate, "tqdm", Bar)
-    predictions, _ = evaluate.predict(model, params, tokenizer, records_dir, eval_config(max_samples=4))
-    assert len(bars) == 1 and bars[0].kwargs["total"] == 4 == len(predictions) == bars[0].n
+def test_the_eval_bar_shows_its_total(setup):
+    """Through the installed script: the bar on stderr counts to the number of questions scored."""
+    tmp_path, records_dir, tokenizer, model, params = setup
+    hf.save(model, params, tmp_path / "hf", tokenizer=tokenizer)
+    result = run_script(["eval", "--checkpoint", tmp_path / "hf", "--data", records_dir, "--out", tmp_path / "bar",
+                         "--max-samples", "4", "--batch-size", "8", "--max-new-tokens", "4", "--max-frames", "4",
+                         "--max-pixels", str(112 * 84)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("eval")][-1]
+    assert "4/4" in bar, bar
+    assert len((tmp_path / "bar" / "predictions.jsonl").read_text().splitlines()) == 4
