@@ -12,6 +12,9 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu is installed for the AOT compile tests; every other JAX process stays on the CPU backend
+# (with libtpu present, JAX would try the TPU first: slow, noisy, and it takes libtpu's lock).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A failure that is not bad input raises with its traceback in tests (the command line shows one line).
 os.environ.setdefault("FOURD_JAX_DEBUG", "1")
 sys.path.insert(0, os.path.dirname(__file__))
