@@ -167,6 +167,15 @@ def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = Non
 # ----------------------------------------------------------------------------- the trainer
 
 
+def jitted_train_step(settings: RunSettings, model: Qwen25VL, tx: optax.GradientTransformation, trainable: Any,
+                      shardings: TrainState):
+    """The compiled DIFT step of a run: `train_step` with the state donated and kept on `shardings`
+    (what the trainer runs, and what `fourd-jax compile` lowers for a TPU topology)."""
+    return jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable, loss_config=settings.loss,
+                                     grad_accum=settings.optim.grad_accum),
+                   static_argnames=("sizes",), donate_argnums=0, out_shardings=(shardings, None))
+
+
 def make_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
     """Model, params (created or loaded sharded), optimizer, state at step 0 and the jitted step."""
     rules, loss_config = settings.rules, settings.loss
@@ -183,10 +192,7 @@ def make_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
     target_tower = (jax.tree_util.tree_map(jnp.copy, params["visual"]) if loss_config.imagery_tower == "initial"
                     else None)
     tx, shardings, state, schedule = job.optimizer_and_state(settings, model, params, mesh)
-    step = jax.jit(functools.partial(
-        train_step, model=model, tx=tx, trainable=trainable,
-        loss_config=loss_config, grad_accum=settings.optim.grad_accum), static_argnames=("sizes",),
-        donate_argnums=0, out_shardings=(shardings, None))
+    step = jitted_train_step(settings, model, tx, trainable, shardings)
 
     sums = jax.jit(lambda params, batch, tower, sizes: {**loss_sums(params, batch, model, sizes, tower),
                                                         **counts(batch)}, static_argnames=("sizes",))

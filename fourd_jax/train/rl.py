@@ -31,7 +31,7 @@ from fourd_jax.errors import InputError
 from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.sample import Rollout, generate, sampling_for, token_logprobs
+from fourd_jax.sample import Rollout, SamplingConfig, generate, sampling_for, token_logprobs
 from fourd_jax.train import job, observe, rewards
 from fourd_jax.train.job import Trainer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
@@ -191,6 +191,22 @@ def sample_reward(family: str, completion: str, answer: str, trace: str, config:
 # ----------------------------------------------------------------------------- the trainer
 
 
+def sampling_config(settings: RunSettings, tokenizer: Any, model_config: Any) -> SamplingConfig:
+    """How a run's rollouts are sampled (its `sample` settings, with the tokenizer's stop tokens)."""
+    knobs = settings.sample
+    return sampling_for(tokenizer, model_config, knobs.stop_strings, max_new_tokens=knobs.max_new_tokens,
+                        temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k, imagery=knobs.imagery,
+                        latent_size=settings.data.features.latent_size, max_latent_blocks=knobs.max_latent_blocks)
+
+
+def jitted_update(settings: RunSettings, model: Qwen25VL, tx: optax.GradientTransformation, trainable: Any,
+                  shardings: TrainState):
+    """The compiled GRPO update of a run: `update_step` with the state donated and kept on `shardings`
+    (what the trainer runs, and what `fourd-jax compile` lowers for a TPU topology)."""
+    return jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable, config=settings.rl),
+                   donate_argnums=0, out_shardings=(shardings, None))
+
+
 def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
     """Policy from model.init_from (the DIFT checkpoint), its reference copy, and the step."""
     rules, grpo = settings.rules, settings.rl
@@ -199,13 +215,8 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         reference = jax.jit(lambda p: p, out_shardings=shardings.params)(params) if grpo.beta else None
     knobs = settings.sample
-    sampling = sampling_for(tokenizer, model.config, knobs.stop_strings, max_new_tokens=knobs.max_new_tokens,
-                            temperature=knobs.temperature, top_p=knobs.top_p, top_k=knobs.top_k,
-                            imagery=knobs.imagery, latent_size=settings.data.features.latent_size,
-                            max_latent_blocks=knobs.max_latent_blocks)
-    update = jax.jit(functools.partial(update_step, model=model, tx=tx,
-                                       trainable=trainable_mask(params, settings.optim.freeze), config=grpo),
-                     donate_argnums=0, out_shardings=(shardings, None))
+    sampling = sampling_config(settings, tokenizer, model.config)
+    update = jitted_update(settings, model, tx, trainable_mask(params, settings.optim.freeze), shardings)
     score = jax.jit(lambda p, prompt, rollout: completion_logprobs(
         p, model, scoring_inputs(prompt, rollout, grpo.num_generations), rollout.latent_inputs,
         rollout.tokens.shape[1], grpo.temperature))
