@@ -94,6 +94,32 @@ def _train(args: argparse.Namespace, stage: str) -> None:
     print(f"trained to step {int(state.step)}; checkpoints in {args.workdir}/checkpoints")
 
 
+def _compile(args: argparse.Namespace) -> None:
+    """`fourd-jax compile`: the config's program compiled for a TPU slice, its report, and the two refusals.
+    A config that names no mesh gets the topology's mesh preset."""
+    aot, meshes = _module("aot"), _module("configs.dift").MESHES
+    if args.mfu > 1 or args.max_replicated > 1:
+        raise InputError("--mfu and --max-replicated are fractions: each must be in (0, 1].")
+    config = parse_config("fourd-jax compile", args.config_args, "dift")
+    if not _names_a_mesh(args.config_args) and args.topology in meshes:
+        config.mesh.shape = meshes[args.topology]
+    settings = _module("train.settings").RunSettings.of(config)
+    stage = args.stage or ("rl" if settings.rl is not None else "dift")
+    report = aot.compile_stage(settings, stage, args.topology)
+    print(report.summary(args.mfu))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(args.mfu), indent=1) + "\n")
+    aot.check(report, args.max_replicated)
+
+
+def _names_a_mesh(config_args: list[str]) -> bool:
+    """Whether a command line sets the mesh: a `--config NAME:PRESET,MESH` or a --config.mesh.shape override."""
+    specs = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+    specs += [b for a, b in zip(config_args, config_args[1:], strict=False) if a == "--config"]
+    return (any("," in spec.partition(":")[2] for spec in specs)
+            or any(a.startswith("--config.mesh.shape") for a in config_args))
+
+
 def _eval(args: argparse.Namespace) -> None:
     evaluate, report = _module("eval.evaluate"), _module("eval.report")
     config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -191,7 +217,8 @@ def parse_config(prog: str, argv: list[str], default: str):
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "convert": _convert, "bench": _bench, "synth": _synth, "data": _data, "dift": lambda a: _train(a, "dift"),
-    "rl": lambda a: _train(a, "rl"), "eval": _eval, "plot": _plot, "demo": _demo, "probe": _probe, "study": _study,
+    "rl": lambda a: _train(a, "rl"), "compile": _compile, "eval": _eval, "plot": _plot, "demo": _demo,
+    "probe": _probe, "study": _study,
 }
 
 

@@ -164,6 +164,26 @@ def _training(sub) -> None:
                     help="train until this global step (default: config.optim.total_steps)")
 
 
+def _compile(sub) -> None:
+    from fourd_jax.aot import SLICES, STAGES  # light: names only
+
+    aot = _add(sub, "compile", "compile a run's programs ahead of time for a TPU slice (on any host)", "compile",
+               "Lower and compile the DIFT step, the GRPO update or the sampler of a config for a TPU topology, on "
+               "this host (libtpu describes the chips), and report per-device HBM, FLOPs and replication. Fails in "
+               "one sentence when the program does not fit or too much of the state is replicated. Also: "
+               f"{CONFIG_FLAGS} (default config: dift; without a mesh in --config, the topology's mesh preset).",
+               takes_config=True)
+    aot.add_argument("--topology", required=True, choices=sorted(SLICES), metavar="NAME",
+                     help=f"the TPU slice: {', '.join(sorted(SLICES))}")
+    aot.add_argument("--stage", choices=STAGES, default=None,
+                     help="the program: dift (training step), rl (GRPO update) or sample (the rollout sampler) "
+                          "(default: dift for a dift config, rl for an rl config)")
+    aot.add_argument("--mfu", type=positive_number, default=0.4, help="model-FLOPs utilisation for the step time")
+    aot.add_argument("--max-replicated", type=positive_number, default=0.02,
+                     help="the largest fraction of parameter and optimizer bytes allowed whole on every device")
+    aot.add_argument("--json", default="", help="also write the report as JSON to this file")
+
+
 def _eval(sub) -> None:
     ev = _add(sub, "eval", "accuracy per sub-task of a checkpoint on a records split", "eval")
     ev.add_argument("--checkpoint", required=True, help="a training workdir, Orbax checkpoint or HF directory")
@@ -216,6 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fourd-jax", description="JAX/Flax 4DThinker: Qwen2.5-VL that thinks with 4D imagery.",
                     formatter_class=Formatter)
     sub = _commands(parser, "command")
-    for add in (_convert, _bench, _synth, _data, _training, _eval, _jobs):
+    for add in (_convert, _bench, _synth, _data, _training, _compile, _eval, _jobs):
         add(sub)
     return parser
