@@ -67,6 +67,20 @@ def device_batch(batch: dict[str, Any], mesh: Mesh, rules: Any) -> dict[str, jax
     return {key: shard_rows(value, mesh, rules, batch_axis(key)) for key, value in device_arrays(batch).items()}
 
 
+def row_sharding(mesh: Mesh, rules: Any) -> NamedSharding:
+    """Where the rows of a per-example result live: split over the batch axes like the batch's rows,
+    so each process holds the results of its own rows (`local_rows`)."""
+    return sharding.batch_sharding(mesh, 1, rules)
+
+
+def gather_rows(value: np.ndarray) -> np.ndarray:
+    """Every process's rows of a host array, concatenated in process order (the same on every process):
+    e.g. per-row rewards, scored where the rows live, for metrics every process logs alike."""
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value), tiled=True))
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a global array sharded over its first (batch) axis."""
     if x.is_fully_addressable:

@@ -23,6 +23,7 @@ import numpy as np
 
 from fourd_jax import study
 from fourd_jax.convert import hf
+from fourd_jax.distributed import is_writer
 from fourd_jax.errors import InputError
 from fourd_jax.eval import report
 from fourd_jax.load import load_model
@@ -49,7 +50,8 @@ def run(workdir: str | Path, config: Any) -> dict:
     start = time.perf_counter()
 
     def say(step: str, result: str) -> None:
-        print(f"  {step:<34} {result}  [{time.perf_counter() - start:.0f} s]", flush=True)
+        if is_writer():
+            print(f"  {step:<34} {result}  [{time.perf_counter() - start:.0f} s]", flush=True)
 
     data, manifest = study.synthesize_data(workdir, config)
     counts = {k: v["records"] for k, v in manifest["splits"].items()}
@@ -86,6 +88,9 @@ def run(workdir: str | Path, config: Any) -> dict:
     tables["rl"] = study.evaluate_arm(workdir / "rl", data, workdir / "eval_rl", config)
     say("eval after 4DRL (test split)", study.summary(tables["rl"]))
 
+    tables = {name: tables[name] for name in ("blind", "dift", "rl")}
+    if not is_writer():  # every process trained and evaluated together; process 0 exports and reports
+        return report.merge_stage_results(tables)
     policy = load_model(workdir / "rl")
     hf.save(policy.model, policy.params, workdir / "hf", tokenizer=tokenizer)
     reloaded = load_model(workdir / "hf").params
@@ -94,7 +99,6 @@ def run(workdir: str | Path, config: Any) -> dict:
         raise RuntimeError("The Hugging Face export changed the parameters.")
     say("4DRL policy -> HF safetensors", "reloads bit for bit")
 
-    tables = {name: tables[name] for name in ("blind", "dift", "rl")}
     for stage in ("warmup", "warmup_blind", "dift", "blind", "rl"):
         if (workdir / stage / "metrics.jsonl").exists():
             plot.plot_metrics(workdir / stage)

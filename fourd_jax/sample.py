@@ -20,6 +20,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
@@ -133,10 +134,13 @@ def nucleus_threshold(logits: jax.Array, top_p: float) -> jax.Array:
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
-    """Next token per row: argmax when greedy, else a draw from the filtered distribution."""
+    """Next token per row: argmax when greedy, else a draw from the filtered distribution (with one
+    key for the batch, or one key per row [B])."""
     if config.temperature == 0:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+    if key.ndim:
+        return jax.vmap(jax.random.categorical)(key, filtered).astype(jnp.int32)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
@@ -148,7 +152,7 @@ def _repeat_cache(cache: KVCache, times: int) -> KVCache:
     return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "num_samples"))
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_samples", "row_sharding"))
 def generate(
     params: Any,
     prompt: PreparedInputs,
@@ -157,10 +161,17 @@ def generate(
     model: Qwen25VL,
     config: SamplingConfig,
     num_samples: int = 1,
+    row_ids: jax.Array | None = None,
+    row_sharding: NamedSharding | None = None,
 ) -> Rollout:
     """Continue every left-padded prompt `num_samples` times (the prompt is prefilled once).
 
     Returns a Rollout with B = prompts x num_samples rows of `config.max_new_tokens` tokens.
+    With `row_ids` [prompts] (e.g. each row's stream position), sample j of prompt i draws from
+    the key `key` folded with its id and then j: a row's tokens do not depend on where it sits in
+    the batch, so any split of the prompts over processes samples the same. `row_sharding` (of a
+    1-D array over the batch axes) places the Rollout's rows where their prompts' rows live, so each
+    process finds the samples of its own prompts among its local rows.
     """
     c = model.config
     n_new = config.max_new_tokens
@@ -180,6 +191,13 @@ def generate(
     rope_deltas = jnp.repeat(prompt.rope_deltas, num_samples)
     batch = prompts * num_samples
     chex.assert_shape(hidden, (batch, c.text.hidden_size))
+    if row_ids is None:
+        step_key = functools.partial(jax.random.fold_in, key)  # one key per step for the whole batch
+    else:
+        prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+        sample_keys = jax.vmap(jax.random.fold_in)(prompt_keys[jnp.arange(batch) // num_samples],
+                                                   jnp.arange(batch) % num_samples)
+        step_key = lambda step: jax.vmap(jax.random.fold_in, (0, None))(sample_keys, step)  # noqa: E731
 
     def next_token(hidden, blocks, step_key):
         logits = model.apply(variables, hidden, method=Qwen25VL.logits).astype(jnp.float32)
@@ -236,7 +254,7 @@ def generate(
                           kv_cache=state["cache"], cache_index=slot, compute_logits=False)
         hidden = out.hidden_states[:, -1]
         blocks = state["blocks"] + opens
-        new_token, new_logprob = next_token(hidden, blocks, jax.random.fold_in(key, step + 1))
+        new_token, new_logprob = next_token(hidden, blocks, step_key(step + 1))
         return dict(
             step=step + 1, token=new_token, logprob=new_logprob, hidden=hidden,
             remaining=jnp.where(remaining > 0, remaining - 1, jnp.where(opens, latent_size + 1, 0)),
@@ -246,7 +264,7 @@ def generate(
         )
 
     blocks = jnp.zeros(batch, jnp.int32)
-    first, first_logprob = next_token(hidden, blocks, jax.random.fold_in(key, 0))
+    first, first_logprob = next_token(hidden, blocks, step_key(0))
     state = dict(
         step=jnp.int32(0), token=first, logprob=first_logprob, hidden=hidden, remaining=jnp.zeros(batch, jnp.int32),
         blocks=blocks, done=jnp.zeros(batch, bool), cache=cache, mask=mask,
@@ -256,8 +274,12 @@ def generate(
         latent_count=jnp.zeros(batch, jnp.int32),
     )
     state = jax.lax.while_loop(cond, body, state)
-    return Rollout(tokens=state["tokens"], logprobs=state["logprobs"], completion_mask=state["completion"],
-                   forced_mask=state["forced"], latent_inputs=state["latent_inputs"])
+    rollout = Rollout(tokens=state["tokens"], logprobs=state["logprobs"], completion_mask=state["completion"],
+                      forced_mask=state["forced"], latent_inputs=state["latent_inputs"])
+    if row_sharding is None:
+        return rollout
+    rows = lambda x: NamedSharding(row_sharding.mesh, PartitionSpec(row_sharding.spec[0], *(None,) * (x.ndim - 1)))  # noqa: E731
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, rows(x)), rollout)
 
 
 def greedy_generate(

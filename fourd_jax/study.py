@@ -35,8 +35,10 @@ import numpy as np
 from fourd_jax.data.sim.scene import SceneConfig
 from fourd_jax.data.synth import SynthConfig, synthesize
 from fourd_jax.data.tokenizer import build_tokenizer, record_texts
+from fourd_jax.distributed import is_writer, written_by_one
 from fourd_jax.errors import InputError
 from fourd_jax.eval import evaluate, report
+from fourd_jax.load import load_tokenizer
 from fourd_jax.train import dift, rl
 from fourd_jax.train.settings import RunSettings
 
@@ -49,7 +51,10 @@ VIDEO_FREE = ("blind",)
 
 
 def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
-    """Records of `config.num_scenes` scenes into ROOT/data (reused when its manifest matches)."""
+    """Records of `config.num_scenes` scenes into ROOT/data (reused when its manifest matches).
+
+    In a multi-process job process 0 writes them while the others wait at a barrier, then all read
+    the same complete records."""
     data = root / "data"
     scene = SceneConfig(num_frames=int(config.frames), image_size=(int(config.image_size),) * 2,
                         max_camera_moves=int(config.max_camera_moves),
@@ -58,24 +63,32 @@ def synthesize_data(root: Path, config: Any) -> tuple[Path, dict]:
                         split_fractions=tuple(config.split_fractions),
                         fixed_camera_options=bool(config.fixed_camera_options))
     manifest_path = data / "manifest.json"
-    if manifest_path.is_file():  # an earlier run's records: reused only if they are what this config asks for
-        manifest = json.loads(manifest_path.read_text())
-        wanted = {"num_scenes": int(config.num_scenes), "seed": int(config.seed),
-                  "config": json.loads(json.dumps(dataclasses.asdict(synth)))}
-        if {key: manifest.get(key) for key in wanted} == wanted:
-            return data, manifest
-        raise InputError(f"{data} holds records of another synth config (num_scenes, seed or scene settings "
-                         "differ); use a new --workdir.")
-    manifest = synthesize(data, int(config.num_scenes), seed=int(config.seed), config=synth,
-                          workers=int(config.get("synth_workers", 1)), progress=False)
-    return data, manifest
+
+    def write() -> None:
+        if manifest_path.is_file():  # an earlier run's records: reused only if they are what this config asks for
+            manifest = json.loads(manifest_path.read_text())
+            wanted = {"num_scenes": int(config.num_scenes), "seed": int(config.seed),
+                      "config": json.loads(json.dumps(dataclasses.asdict(synth)))}
+            if {key: manifest.get(key) for key in wanted} != wanted:
+                raise InputError(f"{data} holds records of another synth config (num_scenes, seed or scene "
+                                 "settings differ); use a new --workdir.")
+            return
+        synthesize(data, int(config.num_scenes), seed=int(config.seed), config=synth,
+                   workers=int(config.get("synth_workers", 1)), progress=False)
+
+    written_by_one(write, f"the records {data}")
+    return data, json.loads(manifest_path.read_text())
 
 
 def train_tokenizer(root: Path, data: Path, config: Any) -> Any:
-    """The offline BPE (with the latent tokens) trained on the training texts, saved to ROOT/tokenizer."""
-    tokenizer = build_tokenizer(record_texts(data / "train"), vocab_size=int(config.tokenizer_vocab_size))
-    tokenizer.save_pretrained(root / "tokenizer")
-    return tokenizer
+    """The offline BPE (with the latent tokens) trained on the training texts, saved to ROOT/tokenizer
+    (by process 0; the others load it once it is written)."""
+    def write() -> None:
+        tokenizer = build_tokenizer(record_texts(data / "train"), vocab_size=int(config.tokenizer_vocab_size))
+        tokenizer.save_pretrained(root / "tokenizer")
+
+    written_by_one(write, f"the tokenizer {root / 'tokenizer'}")
+    return load_tokenizer(root / "tokenizer", "tokenizer")
 
 
 def stage_settings(stage: Any, config: Any, root: Path) -> Any:
@@ -230,7 +243,8 @@ def run_seed(root: Path, config: Any, arms: tuple[str, ...]) -> dict[str, Any]:
             log = train_sft(root / arm, data, root, config, starting_from(stage, warm[video]))
         table = evaluate_arm(root / arm, data, root / f"eval_{arm}", config, video=video)
         done[arm] = {"table": table, "log": log, "seconds": round(time.perf_counter() - start, 1)}
-        print(f"  seed {config.seed} {arm:<15} {summary(table)}  [{done[arm]['seconds']:.0f} s]", flush=True)
+        if is_writer():
+            print(f"  seed {config.seed} {arm:<15} {summary(table)}  [{done[arm]['seconds']:.0f} s]", flush=True)
     return {arm: done[arm] for arm in arms}
 
 
@@ -346,6 +360,8 @@ def run(workdir: str | Path, config: Any, seeds: int = 1, arms: tuple[str, ...] 
         per_seed.append(run_seed(root / f"seed_{k}", seed_config, tuple(arms)))
     study = aggregate(per_seed)
     study["config"] = config.to_dict()
+    if not is_writer():  # every process trained and evaluated together; one writes the report
+        return study
     write_report(root, study)
     print("\n" + report.compare_table({arm: per_seed[0][arm]["table"] for arm in arms}))
     print(f"\nwrote {root}/study.json, study.csv, study_accuracy.png" + (", study_rl_reward.png"

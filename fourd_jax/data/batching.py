@@ -118,6 +118,10 @@ def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int
 
 BATCH_AXIS = {"position_ids": 1}
 MEDIA_PREFIXES = ("video", "imagery")
+# The token axis of the arrays laid out along the sequence: a left-padded batch (prompts, which has
+# `rope_deltas`) grows at the front of this axis, so every row keeps ending in its last token.
+SEQUENCE_AXIS = {"input_ids": 1, "targets": 1, "attention_mask": 1, "loss_mask": 1, "latent_mask": 1,
+                 "position_ids": 2}
 
 
 def batch_axis(key: str) -> int:
@@ -149,14 +153,19 @@ def shape_summary(batch: dict[str, Any]) -> np.ndarray:
 def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any]:
     """A process's batch padded to the largest shapes of every process's `shape_summary` [P, n].
 
-    Padding is zeros at the end of each axis: no attention, no loss, invalid media slots, rows past
-    every example's media (which read padding patches that nothing attends to). A process whose rows
-    have no media of a kind has an empty layout, which fits any frame size; the loss window becomes
-    the widest, which still holds every row's supervised positions.
+    Padding is zeros (the pad token in `input_ids`) at the end of each axis: no attention, no loss,
+    invalid media slots, rows past every example's media (which read padding patches that nothing
+    attends to). A left-padded batch grows its sequences at the front instead, and its rows' rope
+    deltas and loss starts move with their tokens, so it equals the batch one process would have
+    collated from every process's rows. The largest bucket of any process is a bucket, so every
+    process ends up on the same one. A process whose rows have no media of a kind has an empty
+    layout, which fits any frame size; the loss window becomes the widest, which still holds every
+    row's supervised positions.
     """
     keys = _padded_keys(batch)
     summaries = np.asarray(summaries)
     largest = summaries[:, :4 * len(keys)].max(axis=0).reshape(len(keys), 4)
+    left = "rope_deltas" in batch
     out = dict(batch)
     for i, prefix in enumerate(MEDIA_PREFIXES):
         every = summaries[:, 4 * len(keys) + 2 * i: 4 * len(keys) + 2 * i + 2]
@@ -170,7 +179,18 @@ def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any
     for key, want in zip(keys, largest, strict=True):
         value = batch[key]
         pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
-        out[key] = np.pad(value, pad) if any(p for _, p in pad) else value
+        if left and key in SEQUENCE_AXIS:
+            pad[SEQUENCE_AXIS[key]] = pad[SEQUENCE_AXIS[key]][::-1]
+        fill = int(batch.get("pad_token_id", 0)) if key == "input_ids" else 0
+        out[key] = np.pad(value, pad, constant_values=fill) if any(a or b for a, b in pad) else value
+    if left:
+        grown = out["input_ids"].shape[1] - batch["input_ids"].shape[1]
+        rows = np.asarray(batch["example_mask"], bool)
+        # decoding slot s + delta is the same position when every slot moved right by `grown`
+        out["rope_deltas"] = np.where(rows, batch["rope_deltas"] - grown, batch["rope_deltas"]).astype(np.int32)
+        if "loss_start" in batch:
+            supervised = np.asarray(batch["loss_mask"]).any(axis=1)
+            out["loss_start"] = np.where(supervised, batch["loss_start"] + grown, batch["loss_start"]).astype(np.int32)
     return out
 
 
@@ -196,6 +216,9 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         "latent_mask": np.zeros((batch_size, length), bool),
         "position_ids": np.zeros((3, batch_size, length), np.int32),
         "example_mask": np.zeros(batch_size, bool),
+        # each row's position in the stream every process reads (-1: a padding row); see pipeline.StreamPosition
+        "stream_position": np.full(batch_size, -1, np.int32),
+        "pad_token_id": np.int32(pad_id),
     }
     if left_pad:
         batch["rope_deltas"] = np.zeros(batch_size, np.int32)
@@ -209,6 +232,7 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         batch["latent_mask"][row, cols] = e["latent_mask"]
         batch["position_ids"][:, row, cols] = e["position_ids"]
         batch["example_mask"][row] = True
+        batch["stream_position"][row] = e.get("stream_position", row)
         if left_pad:
             batch["rope_deltas"][row] = int(np.max(e["position_ids"])) + 1 - length
     batch.update(media_arrays([e["video_patches"] for e in good], [e["video_grid"] for e in good], batch_size,

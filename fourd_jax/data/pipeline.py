@@ -103,10 +103,11 @@ class Featurize:
     model_config: ModelConfig
     config: PipelineConfig
 
-    def __call__(self, indexed: tuple[int, bytes]) -> dict[str, Any] | BadExample:
-        index, data = indexed
+    def __call__(self, positioned: tuple[int, tuple[int, bytes]]) -> dict[str, Any] | BadExample:
+        position, (index, data) = positioned
         try:
-            return featurize(records.decode(data), self.tokenizer, self.model_config, self.config.features)
+            example = featurize(records.decode(data), self.tokenizer, self.model_config, self.config.features)
+            return {**example, "stream_position": position}
         except InputError as e:
             if not self.config.skip_bad_records:
                 raise records.RecordError(f"{self.source.origin(index)}: {e}.") from None
@@ -115,6 +116,22 @@ class Featurize:
 
 def _with_index(index: int, data: bytes) -> tuple[int, bytes]:
     return index, data
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPosition:
+    """(index in this process's shard, item) -> (position in the stream all processes share, item).
+
+    The position names a row the same way whatever the process count (1 process reads positions
+    0, 1, 2, ...; process p of P reads p, p + P, ...), so per-row randomness keyed by it does not
+    depend on how the rows are split over processes, and eval puts answers back in file order.
+    """
+
+    shard_index: int
+    shard_count: int
+
+    def __call__(self, index: int, item: Any) -> tuple[int, Any]:
+        return index * self.shard_count + self.shard_index, item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +157,7 @@ def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
     shard = grain.sharding.ShardByJaxProcess()
-    ds = ds[shard.shard_index::shard.shard_count]
+    ds = ds[shard.shard_index::shard.shard_count].map_with_index(StreamPosition(shard.shard_index, shard.shard_count))
     ds = ds.map(Featurize(source, tokenizer, model_config, config))
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer)
     batches = ds.to_iter_dataset(read).batch(config.batch_size, drop_remainder=config.drop_remainder,

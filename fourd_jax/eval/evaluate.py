@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,16 @@ from tqdm import tqdm
 
 from fourd_jax import sharding
 from fourd_jax.answers import extract_choice
-from fourd_jax.batch import check_batch_divides, completion_texts, prompt_inputs
+from fourd_jax.batch import agree_shapes, check_batch_divides, completion_texts, prompt_inputs, row_sharding
 from fourd_jax.data import records
+from fourd_jax.data.batching import collate
 from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.pipeline import PipelineConfig, build_dataset
+from fourd_jax.distributed import gather_ints, gather_json, is_writer
 from fourd_jax.errors import InputError
-from fourd_jax.eval.report import UNREADABLE, Prediction, write_results
+from fourd_jax.eval.report import UNREADABLE, Prediction, accuracy_table, write_results
 from fourd_jax.load import check_latent_ids, find_model, load_model, load_tokenizer
+from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, sampling_for
 
@@ -198,56 +200,68 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
     sequence bucket gives a wrong one (`predicted=None`, `reason` saying why, its sub-task and
     family when the record decodes that far, else sub-task "unreadable"). VLM4D predictions carry
     `vlm4d_groups`. Raises InputError when no question at all can be scored.
+
+    On several processes `config.batch_size` is the global batch: each process answers its share of
+    the records (`ShardByJaxProcess`), a process with none left steps with an empty batch until all
+    are done, and every process returns all the predictions, in file order (each row's stream
+    position is its record's place in the file order).
     """
-    if jax.process_count() > 1:
-        raise InputError("fourd-jax eval runs in one process; evaluate on one host.")
     mesh = sharding.make_mesh((-1, 1, 1))  # parameters replicated, questions split over the devices
     check_batch_divides(config.batch_size, mesh, "--batch-size")
     rules = sharding.DEFAULT_RULES
     features = FeatureConfig(latent_size=config.latent_size, max_frames=config.max_frames,
                              video_max_pixels=config.video_max_pixels, max_length=max(config.seq_buckets),
                              supervised=False, video=config.video)
-    pipeline = PipelineConfig(batch_size=config.batch_size, seq_buckets=config.seq_buckets, num_epochs=1,
+    per_process = config.batch_size // jax.process_count()
+    pipeline = PipelineConfig(batch_size=per_process, seq_buckets=config.seq_buckets, num_epochs=1,
                               shuffle=False, drop_remainder=False, left_pad=True, features=features)
     sampling = eval_sampling(model, tokenizer, config)
     questions = [_question(file, index, data) for file, index, data in records.read_raw(records_dir)]
     questions = questions[: config.max_samples or None]
     if not questions:
         raise InputError(f"{records_dir} holds no questions to evaluate.")
-    out: list[Prediction] = []
-    skipped = 0
-    bar = tqdm(total=len(questions), desc="eval", unit="question", disable=not progress)
-    for batch in build_dataset(records_dir, tokenizer, model.config, pipeline):
+    params = jax.device_put(params, sharding.param_shardings(abstract_params(model), mesh, rules))
+    # This process's records in scope: stream positions process_index, + process_count, ... below the count.
+    quota = len(range(jax.process_index(), len(questions), jax.process_count()))
+    empty = collate([], per_process, config.seq_buckets, model.config, config.latent_size, left_pad=True)
+    answered: dict[int, Prediction] = {}
+    consumed = skipped = 0
+    bar = tqdm(total=len(questions), desc="eval", unit="question", disable=not progress or not is_writer())
+    batches = iter(build_dataset(records_dir, tokenizer, model.config, pipeline))
+    while True:
+        batch = next(batches, None) if consumed < quota else None
+        read = 0 if batch is None else int(batch["example_mask"].sum()) + int(batch["num_skipped"])
+        consumed += read
+        status = gather_ints([batch is not None, min(read, max(quota - consumed + read, 0))])
+        if not status[:, 0].any():
+            break
+        # the last batch may read past --max-samples; the bar counts only the questions in scope
+        bar.update(int(status[:, 1].sum()))
+        batch = agree_shapes(empty if batch is None else batch)
         real = np.asarray(batch["example_mask"], bool)
         skipped += int(batch["num_skipped"])
-        # Padding rows of the last batch get one visible token so every prompt row is well formed.
+        # Padding rows get one visible token so every prompt row is well formed.
+        batch["attention_mask"] = np.array(batch["attention_mask"])
         batch["attention_mask"][~real, -1] = 1
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             rollout = generate(params, prompt_inputs(batch, mesh, rules), jax.random.key(0), model=model,
-                               config=sampling)
+                               config=sampling, row_sharding=row_sharding(mesh, rules))
         texts = completion_texts(tokenizer, rollout.tokens, rollout.completion_mask)
         for row in np.flatnonzero(real):
             letters = "ABCDEF"[: int(batch["num_options"][row])]
-            out.append(Prediction(sample_id=str(batch["sample_id"][row]), family=str(batch["family"][row]),
-                                  subtask=str(batch["subtask"][row]), answer=str(batch["answer"][row]),
-                                  predicted=extract_choice(texts[row], letters),
-                                  num_options=int(batch["num_options"][row]), completion=texts[row]))
-        # the last batch may read past --max-samples; the bar counts only the questions in scope
-        bar.update(min(int(real.sum()) + int(batch["num_skipped"]), len(questions) - bar.n))
-        # Each batch consumed its scored rows and its skipped records, in file order.
-        if len(out) + skipped >= len(questions):
-            break
+            answered[int(batch["stream_position"][row])] = Prediction(
+                sample_id=str(batch["sample_id"][row]), family=str(batch["family"][row]),
+                subtask=str(batch["subtask"][row]), answer=str(batch["answer"][row]),
+                predicted=extract_choice(texts[row], letters), num_options=int(batch["num_options"][row]),
+                completion=texts[row])
     bar.close()
+    answered = gather_answers(answered)
 
     # Pair the answers with the records in file order; a record without one was dropped by the pipeline.
-    answered: dict[str, deque[Prediction]] = {}
-    for p in out:
-        answered.setdefault(p.sample_id, deque()).append(p)
     predictions: list[Prediction] = []
-    for q in questions:
-        queue = answered.get(q.sample_id)
-        if queue:
-            predictions.append(dataclasses.replace(queue.popleft(), groups=q.groups))
+    for position, q in enumerate(questions):
+        if position in answered:
+            predictions.append(dataclasses.replace(answered[position], groups=q.groups))
         else:
             predictions.append(Prediction(sample_id=q.sample_id, family=q.family, subtask=q.subtask, answer=q.answer,
                                           predicted=None, num_options=q.num_options, groups=q.groups,
@@ -258,6 +272,15 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
                          f"or longer than the largest sequence bucket {max(config.seq_buckets)} (first: "
                          f"{unscored[0].reason}).")
     return predictions, len(unscored)
+
+
+def gather_answers(answered: dict[int, Prediction]) -> dict[int, Prediction]:
+    """Every process's answers by stream position (one process: its own)."""
+    if jax.process_count() == 1:
+        return answered
+    every = gather_json([[position, dataclasses.asdict(p)] for position, p in answered.items()])
+    return {int(position): Prediction(**{**fields, "groups": tuple(fields["groups"])})
+            for share in every for position, fields in share}
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(),
@@ -276,6 +299,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, config: 
     check_latent_ids(tokenizer, loaded.model.config, tokenizer_dir)
     model, params = loaded.model, loaded.params
     predictions, unscored = predict(model, params, tokenizer, records_dir, config, progress=progress)
+    if not is_writer():  # every process has every prediction; one writes the files
+        return accuracy_table(predictions)
     if unscored:
         print(f"fourd-jax eval: warning: {unscored} of the {len(predictions)} questions of {records_dir} could not "
               f"be scored (unreadable, or longer than the largest sequence bucket {max(config.seq_buckets)}); they "

@@ -2,7 +2,7 @@
 
     state <- restore latest checkpoint, or a fresh sharded state
     for each step until `steps`:
-        stop on preemption (SIGTERM): save, exit 0
+        stop on preemption (SIGTERM to any process; all agree at the step boundary): save, exit 0
         batch -> device (sharded by example over data x fsdp) -> jitted step -> metrics
         stop after `max_nonfinite` non-finite steps in a row
         log metrics; save every `checkpoint_every` steps (async)
@@ -23,6 +23,7 @@ import jax
 from tqdm import tqdm
 
 from fourd_jax.batch import agree_shapes
+from fourd_jax.distributed import any_process
 from fourd_jax.train.checkpoints import Checkpointer
 from fourd_jax.train.observe import TIMING_KEYS, MetricsWriter, peak_flops
 from fourd_jax.train.state import TrainState
@@ -33,7 +34,12 @@ class NonFiniteError(RuntimeError):
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+    """Turns SIGTERM into a flag the loop checks at each step boundary.
+
+    On a pod the signal may reach one host only (or the hosts at different times); the loop stops
+    when any process has it (`any_process`, one scalar gathered per step), so every process saves the
+    same step and leaves the loop together.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -82,9 +88,11 @@ def run(
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not progress or jax.process_index() != 0)
     last_metric = None
+    preempted = False
     with Preemption() as preemption:
         while int(jax.device_get(state.step)) < total_steps:
-            if preemption.requested:
+            preempted = any_process(preemption.requested)
+            if preempted:
                 break
             batch = agree_shapes(next(batches))
             began = time.perf_counter()
@@ -114,7 +122,7 @@ def run(
                 checkpointer.save(state, batches, config, model_config, metric=last_metric)
         checkpointer.save(state, batches, config, model_config, metric=last_metric, wait=True)
     bar.close()
-    if preemption.requested and chief:
+    if preempted and chief:
         print(f"stopped by SIGTERM at step {int(jax.device_get(state.step))}; checkpoint saved.", flush=True)
     return state
 

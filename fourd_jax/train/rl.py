@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fourd_jax.batch import completion_texts, prompt_inputs, shard_rows
+from fourd_jax.batch import completion_texts, gather_rows, prompt_inputs, row_sharding, shard_rows
 from fourd_jax.errors import InputError
 from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
@@ -188,6 +188,25 @@ def sample_reward(family: str, completion: str, answer: str, trace: str, config:
                                        format_weight=config.format)
 
 
+REWARD_PARTS = ("reward", "accuracy", "format", "camera", "object")
+
+
+def reward_metrics(scored: list[dict[str, float]], real: np.ndarray) -> dict[str, float]:
+    """`reward`, `reward_std` and the mean of each reward part over the real rows of every process
+    (each process scores its own rows; the table is gathered so all log the global numbers)."""
+    local = np.array([[s.get(part, np.nan) if r else np.nan for part in REWARD_PARTS]
+                      for s, r in zip(scored, real, strict=True)], np.float64).reshape(-1, len(REWARD_PARTS))
+    table = gather_rows(local)
+    rewards_ = table[:, 0][~np.isnan(table[:, 0])]
+    out = {"reward": float(rewards_.mean()) if rewards_.size else 0.0,
+           "reward_std": float(rewards_.std()) if rewards_.size else 0.0}
+    for column, part in enumerate(REWARD_PARTS[1:], start=1):
+        values = table[:, column][~np.isnan(table[:, column])]
+        if values.size:
+            out[f"reward_{part}"] = float(values.mean())
+    return out
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -226,7 +245,11 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             prompt = prompt_inputs(batch, mesh, rules)
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-            rollout = generate(state.params, prompt, key, model=model, config=sampling, num_samples=g)
+            # Keys per row (its stream position): the same samples on any number of processes. The G
+            # samples of a prompt come back on its process, so groups are whole where they are scored.
+            rollout = generate(state.params, prompt, key, model=model, config=sampling, num_samples=g,
+                               row_ids=shard_rows(batch["stream_position"], mesh, rules),
+                               row_sharding=row_sharding(mesh, rules))
             texts = completion_texts(tokenizer, rollout.tokens, rollout.completion_mask)
             scored = [sample_reward(str(batch["family"][i // g]), text, str(batch["answer"][i // g]),
                                     str(batch["trace"][i // g]), settings.reward) for i, text in enumerate(texts)]
@@ -236,14 +259,7 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
             adv = shard_rows(advantages, mesh, rules)
             ref = score(reference, prompt, rollout) if grpo.beta else None
             state, metrics = update(state, prompt, rollout, adv, ref)
-        metrics = dict(metrics)
-        metrics["reward"] = float(reward[real].mean()) if real.any() else 0.0
-        metrics["reward_std"] = float(reward[real].std()) if real.any() else 0.0
-        for part in ("accuracy", "format", "camera", "object"):
-            values = [s[part] for s, r in zip(scored, real, strict=True) if r and part in s]
-            if values:
-                metrics[f"reward_{part}"] = float(np.mean(values))
-        return state, metrics
+        return state, {**metrics, **reward_metrics(scored, real)}
 
     return Trainer(model, tx, shardings, state, step_fn, schedule,
                    pipeline=settings.pipeline(supervised=False, left_pad=True),
