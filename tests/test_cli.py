@@ -1,6 +1,8 @@
 """The `fourd-jax` command line: conversion both ways, bad input as one sentence, the demo."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -109,14 +111,48 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "the config has no field 'no_such_field'" in capsys.readouterr().err
 
 
-def test_launch_scripts_parse_and_refuse_unknown_commands():
-    launch = Path(__file__).parents[1] / "launch"
-    scripts = sorted(p for p in launch.iterdir() if p.suffix in (".sh", ".sbatch"))
+def launch(script: str, *args: str, **env: str) -> list[list[str]]:
+    """The commands `launch/SCRIPT --print-only ARGS` would run, each as its argv."""
+    path = Path(__file__).parents[1] / "launch" / script
+    out = subprocess.run(["bash", str(path), "--print-only", *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return [shlex.split(line) for line in out.stdout.splitlines()]
+
+
+def test_launch_scripts_build_their_commands():
+    launch_dir = Path(__file__).parents[1] / "launch"
+    scripts = sorted(p for p in launch_dir.iterdir() if p.suffix in (".sh", ".sbatch"))
     assert {p.name for p in scripts} == {"tpu_pod.sh", "gpu_node.sh", "slurm_gpu.sbatch"}
     for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
-    out = subprocess.run(["bash", str(launch / "tpu_pod.sh"), "frobnicate", "n", "z"], capture_output=True, text=True)
+    out = subprocess.run(["bash", str(launch_dir / "tpu_pod.sh"), "frobnicate", "n", "z"], capture_output=True,
+                         text=True)
     assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr
+
+    # A pod run compiles the job's program for the slice on worker 0 first, then starts every worker.
+    job = ["dift", "--config", "dift:qwen25vl_7b,v5p-64", "--data", "gs://bkt/data", "--config.optim.lr=2e-5"]
+    compile_cmd, run_cmd = launch("tpu_pod.sh", "run", "my-run", "us-east5-a", "gs://bkt/runs/7b", "--", *job,
+                                  ACCELERATOR="v5p-64")
+    assert compile_cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=0" in compile_cmd
+    remote = shlex.split(compile_cmd[compile_cmd.index("--command") + 1])
+    assert remote[:3] == ["cd", "~/fourd_jax", "&&"]
+    assert remote[3:] == [".venv/bin/fourd-jax", "compile", "--stage", "dift", "--topology", "v5p-64", "--config",
+                          "dift:qwen25vl_7b,v5p-64", "--config.optim.lr=2e-5"]
+    assert "--worker=all" in run_cmd
+    remote = shlex.split(run_cmd[run_cmd.index("--command") + 1])
+    assert remote[4:5 + len(job)] == [".venv/bin/fourd-jax", *job]
+    assert remote[5 + len(job):7 + len(job)] == ["--workdir", "gs://bkt/runs/7b"]
+    # Each generation gets its own TPU VM image.
+    for accel, version in (("v5p-8", "v2-alpha-tpuv5"), ("v5e-16", "v2-alpha-tpuv5-lite"),
+                           ("v6e-8", "v2-alpha-tpuv6e")):
+        (create,) = launch("tpu_pod.sh", "create", "n", "z", accel)
+        assert create[create.index("--accelerator-type") + 1] == accel and create[-1] == version
+
+    (srun,) = launch("slurm_gpu.sbatch", "/shared/runs/7b", "dift", "--config", "dift:qwen25vl_7b,16xh100")
+    assert srun == ["srun", "--kill-on-bad-exit=1", ".venv-gpu/bin/fourd-jax", "dift", "--config",
+                    "dift:qwen25vl_7b,16xh100", "--workdir", "/shared/runs/7b"]
+    assert launch("gpu_node.sh", "runs/7b", "dift", "--config", "dift:tiny")[-1] == [
+        ".venv-gpu/bin/fourd-jax", "dift", "--config", "dift:tiny", "--workdir", "runs/7b"]
 
 
 def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):
