@@ -155,8 +155,11 @@ def restore_params(
         if config_overrides:
             config = config.replace(**config_overrides)
         model = family.module_type()(config)
+        # Without shardings, each process reads whole arrays onto its own first device (the saved
+        # shardings name the saving run's devices, which another process does not have).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
             nn.meta.unbox(abstract_params(model)),
         )
         if shardings is not None:

@@ -174,3 +174,18 @@ def like_params(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree` (arrays with the same values on every process, e.g. parameters each process loaded
+    from disk) as global arrays laid out by `shardings`. One process: `jax.device_put`. Several:
+    each process builds its own shards from its copy (`device_put` would have to move data between
+    hosts, which the CPU backend cannot)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(value: Any, where: Any) -> jax.Array:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree, shardings)

@@ -220,7 +220,7 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
     questions = questions[: config.max_samples or None]
     if not questions:
         raise InputError(f"{records_dir} holds no questions to evaluate.")
-    params = jax.device_put(params, sharding.param_shardings(abstract_params(model), mesh, rules))
+    params = sharding.place(params, sharding.param_shardings(abstract_params(model), mesh, rules))
     # This process's records in scope: stream positions process_index, + process_count, ... below the count.
     quota = len(range(jax.process_index(), len(questions), jax.process_count()))
     empty = collate([], per_process, config.seq_buckets, model.config, config.latent_size, left_pad=True)

@@ -171,7 +171,7 @@ def model_and_params(settings: RunSettings, tok: Any, mesh: Any) -> tuple[Qwen25
     if model.config.latent_token_ids is None:
         model, params = add_latent_imagery(model, params, tok)
     shardings = sharding.param_shardings(abstract_params(model), mesh, settings.rules)
-    return model, jax.device_put(params, shardings)
+    return model, sharding.place(params, shardings)
 
 
 def optimizer_and_state(settings: RunSettings, model: Qwen25VL, params: Any, mesh: Any):
