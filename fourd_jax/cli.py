@@ -125,6 +125,7 @@ def _eval(args: argparse.Namespace) -> None:
     config = evaluate.EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                  max_frames=args.max_frames, video_max_pixels=args.max_pixels,
                                  max_samples=args.max_samples, video=not args.blind)
+    _module("distributed").initialize()  # on a TPU pod or SLURM job: JAX finds the other processes
     table = evaluate.evaluate(args.checkpoint, args.data, args.out, config, tokenizer_dir=args.tokenizer,
                               split=args.split)
     print(report.compare_table({"accuracy": table}))
@@ -137,7 +138,9 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    _module("demo").run(args.workdir, parse_config("fourd-jax demo", args.config_args, "demo"))
+    config = parse_config("fourd-jax demo", args.config_args, "demo")
+    _module("distributed").initialize()  # on a TPU pod or SLURM job: JAX finds the other processes
+    _module("demo").run(args.workdir, config)
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -154,6 +157,7 @@ def _study(args: argparse.Namespace) -> None:
     study = _module("study")
     config = parse_config("fourd-jax study", [f"--config=study:{args.preset}", *args.config_args], "study")
     arms = tuple(a for a in args.arms.split(",") if a) if args.arms else study.ARMS
+    _module("distributed").initialize()  # on a TPU pod or SLURM job: JAX finds the other processes
     study.run(args.workdir, config, seeds=args.seeds, arms=arms)
 
 

@@ -34,9 +34,10 @@ def detected_cluster() -> str | None:
     return None
 
 
-def initialize(config: Any) -> None:
-    """Call jax.distributed.initialize when the config or the environment asks for a cluster."""
-    if config.coordinator:
+def initialize(config: Any = None) -> None:
+    """Call jax.distributed.initialize when the config (its `distributed` section) or the environment
+    asks for a cluster; None: the environment only (commands without a distributed config)."""
+    if config is not None and config.coordinator:
         if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
             raise InputError(f"distributed.process_id {config.process_id} must be in [0, num_processes "
                              f"{config.num_processes}).")
