@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fourd_jax import sharding
@@ -36,6 +37,8 @@ from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.config import PRESETS
 from fourd_jax.model.inputs import PreparedInputs, vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.sample import generate
+from fourd_jax.train import dift, rl
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 from fourd_jax.train.optim import make_optimizer, trainable_mask
 from fourd_jax.train.settings import RunSettings
@@ -77,8 +80,6 @@ def topology_devices(name: str) -> list[Any]:
         raise InputError(f"unknown TPU topology {name!r}; choose from {sorted(SLICES)}.")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
     try:
-        from jax.experimental import topologies
-
         tpu = SLICES[name]
         return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
                                                  chip_config_name="default", chips_per_host_bounds=tpu.chips_per_host,
@@ -260,8 +261,6 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
     resident = 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if stage == "dift":
-            from fourd_jax.train import dift
-
             sizes = dift.StaticSizes.of(host)
             lowered = dift.jitted_train_step(settings, model, tx, trainable, shardings).lower(state, batch, None,
                                                                                               sizes=sizes)
@@ -270,9 +269,6 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
             model_flops = (tokens * decoder_flops_per_token(model.config, seq_len)
                            + patches * vision_flops_per_patch(model.config))
         else:
-            from fourd_jax.sample import generate
-            from fourd_jax.train import rl
-
             prompt = PreparedInputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                     batch["rope_deltas"], vision_inputs({**host, **batch}, "video"))
             sampling = rl.sampling_config(settings, tokenizer, model.config)

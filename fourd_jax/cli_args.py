@@ -165,17 +165,16 @@ def _training(sub) -> None:
 
 
 def _compile(sub) -> None:
-    from fourd_jax.aot import SLICES, STAGES  # light: names only
-
     aot = _add(sub, "compile", "compile a run's programs ahead of time for a TPU slice (on any host)", "compile",
                "Lower and compile the DIFT step, the GRPO update or the sampler of a config for a TPU topology, on "
                "this host (libtpu describes the chips), and report per-device HBM, FLOPs and replication. Fails in "
                "one sentence when the program does not fit or too much of the state is replicated. Also: "
                f"{CONFIG_FLAGS} (default config: dift; without a mesh in --config, the topology's mesh preset).",
                takes_config=True)
-    aot.add_argument("--topology", required=True, choices=sorted(SLICES), metavar="NAME",
-                     help=f"the TPU slice: {', '.join(sorted(SLICES))}")
-    aot.add_argument("--stage", choices=STAGES, default=None,
+    aot.add_argument("--topology", required=True, metavar="NAME",
+                     help="the TPU slice as gcloud names its accelerator type, e.g. v5e-16, v5p-64, v6e-256 "
+                          "(fourd_jax/aot.py SLICES)")
+    aot.add_argument("--stage", choices=("dift", "rl", "sample"), default=None,
                      help="the program: dift (training step), rl (GRPO update) or sample (the rollout sampler) "
                           "(default: dift for a dift config, rl for an rl config)")
     aot.add_argument("--mfu", type=positive_number, default=0.4, help="model-FLOPs utilisation for the step time")

@@ -12,7 +12,9 @@ from fourd_jax.errors import InputError
 # (data, fsdp, tensor) per hardware slice; -1 = all remaining devices.
 MESHES = {
     "cpu": (1, -1, 1),
-    "v5e-8": (1, 8, 1), "v5e-16": (2, 8, 1), "v5e-64": (8, 8, 1), "v5e-256": (32, 8, 1),
+    # v5e chips hold 16 GiB: the 7B recipe's one 8K-token sequence per chip needs its activations split
+    # over 2 chips by tensor parallelism (docs/SCALE.md).
+    "v5e-8": (1, 4, 2), "v5e-16": (1, 8, 2), "v5e-64": (4, 8, 2), "v5e-256": (16, 8, 2),
     "v5p-8": (1, 4, 1), "v5p-32": (2, 8, 1), "v5p-64": (4, 8, 1), "v5p-128": (8, 8, 1),
     "v6e-8": (1, 8, 1), "v6e-16": (2, 8, 1), "v6e-64": (8, 8, 1), "v6e-256": (32, 8, 1),
     "8xh100": (1, 8, 1), "16xh100": (2, 8, 1),
