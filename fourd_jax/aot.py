@@ -16,6 +16,7 @@ optimizer bytes whole on every device (MaxText's check, at its 2% default).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from typing import Any
@@ -79,14 +80,18 @@ def topology_devices(name: str) -> list[Any]:
     if name not in SLICES:
         raise InputError(f"unknown TPU topology {name!r}; choose from {sorted(SLICES)}.")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    # Describing chips drives none, so libtpu's one-process lock (held by any other process that loaded
+    # libtpu, e.g. a second compile) need not apply.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         tpu = SLICES[name]
         return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
                                                  chip_config_name="default", chips_per_host_bounds=tpu.chips_per_host,
                                                  num_slices=1).devices)
     except Exception as e:  # noqa: BLE001 - without libtpu, jax raises several types here
-        raise InputError(f"cannot describe TPU topology {name} ({str(e).splitlines()[0][:200]}); compiling for a "
-                         "TPU needs libtpu on this host: pip install 'libtpu==0.0.42.*'.") from None
+        hint = "" if importlib.util.find_spec("libtpu") else (
+            "; compiling for a TPU needs libtpu on this host: pip install 'libtpu==0.0.42.*'")
+        raise InputError(f"cannot describe TPU topology {name} ({str(e).splitlines()[0][:200]}){hint}.") from None
 
 
 # ----------------------------------------------------------------------------- the largest batch
