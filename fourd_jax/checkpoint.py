@@ -14,15 +14,16 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fourd_jax import families
 from fourd_jax.errors import InputError, first_line, root_cause
+from fourd_jax.files import absolute
 from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
@@ -34,9 +35,9 @@ class CheckpointNotFound(InputError, FileNotFoundError):
     """A directory with no restorable checkpoint."""
 
 
-def save_params(directory: str | os.PathLike, model: Any, params: Any, step: int = 0) -> Path:
+def save_params(directory: str | os.PathLike, model: Any, params: Any, step: int = 0) -> epath.Path:
     """Write params and the model config as checkpoint `step` under `directory` (atomically)."""
-    directory = Path(directory).absolute()
+    directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
     with ocp.CheckpointManager(directory) as manager:
         manager.save(step, args=ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(params),
@@ -117,7 +118,7 @@ def _drop_abandoned_reads() -> None:
 
 def latest_step(directory: str | os.PathLike) -> int:
     """The newest complete step in a checkpoint directory, or one clear error."""
-    directory = Path(directory).absolute()
+    directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
     if not directory.is_dir():
         raise CheckpointNotFound(f"{directory} is not a directory.")
     with ocp.CheckpointManager(directory) as manager:
@@ -136,7 +137,7 @@ def restore_params(
     differ from the one that saved. The model is built by the family the checkpoint names (the
     default family, `fourd_jax.families.DEFAULT`, for checkpoints that name none).
     """
-    directory = Path(directory).absolute()
+    directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
     step = latest_step(directory) if step is None else step
     with ocp.CheckpointManager(directory) as manager:
         if step not in manager.all_steps():

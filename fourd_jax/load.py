@@ -15,6 +15,7 @@ from fourd_jax import checkpoint
 from fourd_jax.convert import hf
 from fourd_jax.data.latent_tokens import LATENT_TOKENS
 from fourd_jax.errors import InputError
+from fourd_jax.files import as_path, local_copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +31,9 @@ def find_model(path: str | Path | None, what: str = "--checkpoint") -> ModelSour
     """What `path` holds: a training workdir (its checkpoints/ and tokenizer/), a Hugging Face
     directory (config.json; its own tokenizer when it has one), or an Orbax checkpoint directory
     (the tokenizer beside it, as WORKDIR/checkpoints has WORKDIR/tokenizer)."""
-    source = Path(path or "")
-    if not str(path or "") or not source.exists():
+    if not str(path or "") or not as_path(path).exists():
         raise InputError(f"{what} {str(path or '') or '(empty)'} does not exist.")
+    source = as_path(path)  # a local directory or a URL (gs://...)
     if (source / "checkpoints").is_dir():
         tokenizer = source / "tokenizer"
         return ModelSource("orbax", str(source / "checkpoints"), str(tokenizer) if tokenizer.is_dir() else "")
@@ -59,7 +60,9 @@ def load_model(path: str | Path | ModelSource | None, *, what: str = "--checkpoi
     if source.kind == "hf":
         if step is not None:
             raise InputError(f"{what} {path} is a Hugging Face directory, which has no steps; drop the step.")
-        model, params = hf.load(source.weights, dtype=param_dtype or "float32", compute_dtype=dtype, **overrides)
+        # safetensors are read from local files: a remote HF directory is staged first
+        model, params = hf.load(local_copy(source.weights), dtype=param_dtype or "float32", compute_dtype=dtype,
+                                **overrides)
     else:
         numerics = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
         model, params = checkpoint.restore_params(source.weights, step=step, **numerics, **overrides)
@@ -67,12 +70,13 @@ def load_model(path: str | Path | ModelSource | None, *, what: str = "--checkpoi
 
 
 def load_tokenizer(directory: str | Path, what: str = "--tokenizer") -> Any:
-    """A saved tokenizer (`AutoTokenizer.from_pretrained`), or one sentence naming the directory."""
+    """A saved tokenizer (`AutoTokenizer.from_pretrained`), or one sentence naming the directory. A
+    remote directory is read from its staged copy (`from_pretrained` reads local files)."""
     # transformers is heavy to import; only loading a tokenizer needs it.
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(local_copy(directory)))
     except (OSError, ValueError) as e:
         raise InputError(f"{what} {directory} could not be loaded ({str(e).splitlines()[0]}).") from None
 

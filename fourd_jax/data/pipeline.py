@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from fourd_jax.data.batching import BadExample, collate
 from fourd_jax.data.features import FeatureConfig, featurize
 from fourd_jax.data.latent_tokens import latent_token_ids
 from fourd_jax.errors import InputError
+from fourd_jax.files import local_copy
 from fourd_jax.model.config import ModelConfig
 
 
@@ -56,14 +58,15 @@ class RecordSource:
     `subtasks`, to those of the named sub-tasks only (read once here, images left undecoded)."""
 
     def __init__(self, path: str | Path | Sequence[str | Path], subtasks: Sequence[str] = ()):
-        paths = [path] if isinstance(path, (str, Path)) else list(path)
-        self.files = [f for p in paths for f in records.files(p)]
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        self.files = [f for p in paths for f in records.files(p)]  # as given (gs:// ones too), for messages
         counts = []
         for f in self.files:  # each file checked whole first: Grain's error would not name it
             reader = records.open_reader(f)
             counts.append(reader.num_records())
             reader.close()
-        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in self.files])
+        # Grain's ArrayRecord source reads local files: remote ones from the copies open_reader staged.
+        self._source = grain.sources.ArrayRecordDataSource([str(local_copy(f)) for f in self.files])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         self._keep = list(range(len(self._source)))
         if subtasks and self._keep:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
+from fourd_jax import files as files_lib
 from fourd_jax.data.taxonomy import LETTERS
 from fourd_jax.errors import InputError
 
@@ -212,7 +214,13 @@ def decode(data: bytes, decode_images: bool = True) -> dict[str, Any]:
 
 
 def write(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
-    """Write samples to one ArrayRecord file atomically (temporary name, then rename)."""
+    """Write samples to one ArrayRecord file atomically (temporary name, then rename). The writer takes
+    local files only: a remote `path` is written to a local temporary file, then uploaded whole."""
+    if files_lib.is_remote(path):
+        with tempfile.TemporaryDirectory() as local:
+            count = write(Path(local) / files_lib.as_path(path).name, samples)
+            files_lib.upload(Path(local) / files_lib.as_path(path).name, path)
+        return count
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -232,13 +240,14 @@ def write(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
 
 
 def files(path: str | os.PathLike) -> list[Path]:
-    """The ArrayRecord files at `path` (a file, or a directory searched recursively), sorted."""
-    path = Path(path)
+    """The ArrayRecord files at `path` (a file, or a directory searched recursively), sorted; a remote
+    `path` gives remote files (epath), which `open_reader` stages locally."""
+    path = files_lib.as_path(path) if files_lib.is_remote(path) else Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise InputError(f"{path} is neither a record file nor a directory.")
-    found = sorted(p for p in path.rglob(f"*{SUFFIX}") if not p.name.startswith("."))
+    found = sorted(p for p in files_lib.find(path, f"*{SUFFIX}") if not p.name.startswith("."))
     if not found:
         raise InputError(f"{path} holds no {SUFFIX} files.")
     return found
@@ -246,9 +255,11 @@ def files(path: str | os.PathLike) -> list[Path]:
 
 def open_reader(file: str | os.PathLike) -> Any:
     """An ArrayRecordReader for `file`, or RecordError when the file is not a whole ArrayRecord file
-    (the reader would otherwise report a truncated file as holding no records)."""
+    (the reader would otherwise report a truncated file as holding no records). The C++ reader opens
+    local files only (given a gs:// URL it hangs), so a remote file is read from its staged copy."""
+    local = files_lib.local_copy(file)
     try:
-        reader = ArrayRecordReader(str(file))
+        reader = ArrayRecordReader(str(local))
     except Exception as e:  # noqa: BLE001 - the bindings raise RuntimeError / ValueError variants
         raise RecordError(f"{file} cannot be opened as an ArrayRecord file ({e}).") from None
     try:  # a cut file may still open: its last record is where the cut shows

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from fourd_jax.data import records
@@ -31,7 +31,7 @@ from fourd_jax.data.sim.render import bounding_boxes, overlay_mask, render_scene
 from fourd_jax.data.sim.scene import Scene, SceneConfig, sample_scene
 from fourd_jax.data.taxonomy import DSR_SUBTASKS, FOURDTHINKER_SUBTASKS, MLLM4D_SUBTASKS
 from fourd_jax.errors import InputError
-from fourd_jax.files import write_text_atomic
+from fourd_jax.files import as_path, write_text_atomic
 
 FAMILIES = {"dsr": dsr_questions, "4dthinker": fourdthinker_questions, "mllm4d": mllm4d_questions}
 SPLITS = ("train", "val", "test")
@@ -124,7 +124,7 @@ def scene_records(index: int, seed: int, config: SynthConfig, split: str) -> Ite
         }
 
 
-def _write_shard(job: tuple[Path, str, list[int], int, SynthConfig]) -> tuple[str, Counter]:
+def _write_shard(job: tuple[epath.Path, str, list[int], int, SynthConfig]) -> tuple[str, Counter]:
     path, split, indices, seed, config = job
     counts: Counter = Counter()
 
@@ -146,7 +146,7 @@ def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: Synt
     `overwrite` first clears an earlier synth output there (and nothing else)."""
     if num_scenes < 1:
         raise InputError(f"--num-scenes must be at least 1, got {num_scenes}.")
-    out = Path(out_dir)
+    out = as_path(out_dir)  # a local directory or a URL (gs://...): each shard is uploaded when written
     prepare_output(out, overwrite)
     sizes = split_sizes(num_scenes, config.split_fractions)
     jobs, start = [], 0
@@ -180,7 +180,7 @@ def synthesize(out_dir: str | Path, num_scenes: int, seed: int = 0, config: Synt
     return manifest
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
+def prepare_output(out: epath.Path, overwrite: bool) -> None:
     """Refuse an output that is a file or a non-empty directory; with `overwrite`, clear an earlier
     synth output (only its splits and manifest: anything else there is refused, not deleted)."""
     if out.exists() and not out.is_dir():
@@ -198,7 +198,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     for name in ours:
         path = out / name
         if path.is_dir():
-            shutil.rmtree(path)
+            path.rmtree()
         elif path.exists():
             path.unlink()
 

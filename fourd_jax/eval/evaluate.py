@@ -34,6 +34,7 @@ from fourd_jax.data.pipeline import PipelineConfig, build_dataset
 from fourd_jax.distributed import gather_ints, gather_json, is_writer
 from fourd_jax.errors import InputError
 from fourd_jax.eval.report import UNREADABLE, Prediction, accuracy_table, write_results
+from fourd_jax.files import as_path
 from fourd_jax.load import check_latent_ids, find_model, load_model, load_tokenizer
 from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
@@ -169,7 +170,7 @@ def split_directory(data: str | Path, split: str = "test") -> Path:
     """The records to evaluate: DATA/SPLIT when DATA holds splits (train/, val/, test/), else DATA
     itself (a directory or file of records). A DATA with splits but not the one asked for is refused,
     so that training records are never scored in place of held-out ones without a word."""
-    data = Path(data)
+    data = as_path(data)  # a local directory or a URL (gs://...)
     if split not in SPLITS:
         raise InputError(f"--split must be one of {SPLITS}, not {split!r}.")
     present = [name for name in SPLITS if (data / name).is_dir()]

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fourd_jax.errors import InputError
+from fourd_jax.files import as_path
 
 __all__ = ["UNREADABLE", "Z95", "Prediction", "accuracy_table", "compare_table", "macro_interval",
            "merge_stage_results", "plot_stages", "wilson_interval", "write_results"]
@@ -185,31 +188,30 @@ def write_results(out_dir: str | Path, predictions: Sequence[Prediction], extra:
     clash = sorted(set(extra) & set(table))
     if clash:
         raise InputError(f"write_results extra keys {clash} would overwrite the accuracy table's keys.")
-    out = Path(out_dir)
+    out = as_path(out_dir)  # a local directory or a URL (gs://...): each file is written whole
     out.mkdir(parents=True, exist_ok=True)
 
     (out / "results.json").write_text(json.dumps({**table, **extra}, indent=2) + "\n")
 
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "unanswered"])
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["subtask", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "unanswered"])
 
-        def line(name: str, row: dict, counts: bool = True) -> None:
-            # macro is a mean of ratios: it has no sample, correct or unanswered count of its own
-            n, correct, unanswered = (row["n"], row["correct"], row["unanswered"]) if counts else ("", "", "")
-            writer.writerow([name, n, correct, row["accuracy"], row["ci"][0], row["ci"][1], row["chance"],
-                             unanswered])
+    def line(name: str, row: dict, counts: bool = True) -> None:
+        # macro is a mean of ratios: it has no sample, correct or unanswered count of its own
+        n, correct, unanswered = (row["n"], row["correct"], row["unanswered"]) if counts else ("", "", "")
+        writer.writerow([name, n, correct, row["accuracy"], row["ci"][0], row["ci"][1], row["chance"], unanswered])
 
-        for name, row in table["subtasks"].items():
-            line(name, row)
-        line("micro", table["micro"])
-        line("macro", table["macro"], counts=False)
-        for name, row in table["groups"].items():
-            line(name, row)
+    for name, row in table["subtasks"].items():
+        line(name, row)
+    line("micro", table["micro"])
+    line("macro", table["macro"], counts=False)
+    for name, row in table["groups"].items():
+        line(name, row)
+    (out / "results.csv").write_bytes(rows.getvalue().encode())  # bytes: the csv module's \r\n kept as written
 
-    with open(out / "predictions.jsonl", "w") as f:
-        for p in predictions:
-            f.write(json.dumps({**dataclasses.asdict(p), "correct": p.correct}) + "\n")
+    (out / "predictions.jsonl").write_text(
+        "".join(json.dumps({**dataclasses.asdict(p), "correct": p.correct}) + "\n" for p in predictions))
 
     _plot_accuracy(table, out / "accuracy.png")
     return table
@@ -373,11 +375,13 @@ def _finish(ax, names: list[str], title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _save(fig, path: str | Path) -> None:
-    path = Path(path)
+def _save(fig, path: str | os.PathLike) -> None:
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    image = io.BytesIO()  # rendered in memory, then written as one file (local or gs://)
+    fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=90)
+    path.write_bytes(image.getvalue())
 
 
 def _check_columns(columns: dict[str, dict]) -> list[str]:

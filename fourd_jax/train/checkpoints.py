@@ -16,8 +16,8 @@ step that restores, and writes the skipped step anew when it gets there.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, stderr_kept_on_success, unreadable
 from fourd_jax.errors import InputError
-from fourd_jax.files import write_text_atomic
+from fourd_jax.files import absolute, write_text_atomic
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
@@ -35,8 +35,9 @@ TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
 class Checkpointer:
     """Async saves with last-N + best retention; restore onto any mesh."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, best_metric: str | None = None, best_mode: str = "min"):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "min"):
+        self.directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True))

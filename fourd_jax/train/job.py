@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import optax
+from etils import epath
 
 from fourd_jax import checkpoint, sharding
 from fourd_jax.batch import agree_batch_list, check_batch_divides
@@ -30,6 +32,7 @@ from fourd_jax.data.latent_tokens import add_latent_tokens
 from fourd_jax.data.pipeline import PipelineConfig, build_dataset
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, record_texts
 from fourd_jax.errors import InputError
+from fourd_jax.files import absolute, as_path, is_remote, upload
 from fourd_jax.load import load_model, load_tokenizer
 from fourd_jax.model.apply import abstract_params, init_params
 from fourd_jax.model.config import PRESETS
@@ -59,13 +62,13 @@ class Trainer:
     validation: Callable[[list[dict[str, Any]]], Callable[[TrainState], dict[str, float]]] | None = None
 
 
-def data_directory(settings: RunSettings, data: str | None) -> Path:
+def data_directory(settings: RunSettings, data: str | None) -> epath.Path:
     """--data, else data.path: a directory of records with a non-empty train/ split."""
     path = data or settings.data.path
     if not path:
         raise InputError("no training data: pass --data DIR or --config.data.path=DIR (records from fourd-jax "
                          "synth or fourd-jax data import).")
-    path = Path(path)
+    path = as_path(path)  # a local directory or a URL (gs://...)
     if not (path / "train").is_dir():
         raise InputError(f"data directory {path} has no train/ split (write one with fourd-jax synth).")
     if not records.count(path / "train"):
@@ -77,7 +80,7 @@ def data_directory(settings: RunSettings, data: str | None) -> Path:
 TOKENIZER_INPUTS = "fourd_inputs.json"  # beside a workdir's tokenizer: what it was trained on
 
 
-def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path, data_digest: dict[str, str]) -> Any:
+def tokenizer(settings: RunSettings, workdir: epath.Path, data_dir: epath.Path, data_digest: dict[str, str]) -> Any:
     """`tokenizer`, else WORKDIR/tokenizer (trained on the data the first time); either way a copy
     ends up in WORKDIR/tokenizer, so the run's checkpoints evaluate and export alone. A tokenizer the
     workdir already holds is reused only if it was made from this run's inputs: the same given
@@ -86,14 +89,14 @@ def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path, data_digest:
     if settings.tokenizer:
         tok = load_tokenizer(settings.tokenizer, "tokenizer")
         add_latent_tokens(tok)
-        if not saved.exists():
-            save_tokenizer(tok, saved, {"copied_from": str(Path(settings.tokenizer).absolute())})
+        if not holds_tokenizer(saved):
+            save_tokenizer(tok, saved, {"copied_from": str(absolute(settings.tokenizer))})
         elif load_tokenizer(saved, "tokenizer").get_vocab() != tok.get_vocab():
             raise InputError(f"{saved} is not the tokenizer {settings.tokenizer} this run is given (their "
                              "vocabularies differ); use a new --workdir, or pass the tokenizer it was trained with.")
         return tok
     inputs = {"trained_on": sorted(data_digest.values()), "vocab_size": settings.tokenizer_vocab_size}
-    if saved.exists():
+    if holds_tokenizer(saved):
         recorded = saved / TOKENIZER_INPUTS
         if recorded.is_file() and json.loads(recorded.read_text()) != inputs:
             raise InputError(f"{saved} was trained on other records or with another tokenizer_vocab_size than this "
@@ -104,10 +107,23 @@ def tokenizer(settings: RunSettings, workdir: Path, data_dir: Path, data_digest:
     return tok
 
 
-def save_tokenizer(tok: Any, saved: Path, inputs: dict[str, Any]) -> None:
+def holds_tokenizer(saved: epath.Path) -> bool:
+    """Whether a workdir's tokenizer was written completely: locally the directory (renamed into place
+    whole); remotely its TOKENIZER_INPUTS, which `save_tokenizer` uploads last."""
+    return (saved / TOKENIZER_INPUTS).is_file() if is_remote(saved) else saved.exists()
+
+
+def save_tokenizer(tok: Any, saved: epath.Path, inputs: dict[str, Any]) -> None:
     """Write `tok` and what it was made from to `saved` atomically (process 0): a run cut off here
-    leaves no half-written tokenizer to be reused."""
+    leaves no half-written tokenizer to be reused. Remotely, where a directory cannot be renamed into
+    place, it is written locally and uploaded with TOKENIZER_INPUTS last (`holds_tokenizer`)."""
     if jax.process_index() != 0:
+        return
+    if is_remote(saved):
+        with tempfile.TemporaryDirectory() as local:
+            tok.save_pretrained(local)
+            (Path(local) / TOKENIZER_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
+            upload(local, saved, last=TOKENIZER_INPUTS)
         return
     partial = saved.with_name(f".{saved.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -122,7 +138,7 @@ RESUMABLE = ("optim.total_steps", "data.path", "data.num_workers", "model.remat_
              "train.", "mesh.", "distributed.")
 
 
-def check_same_config(workdir: Path, settings: RunSettings) -> None:
+def check_same_config(workdir: epath.Path, settings: RunSettings) -> None:
     """One sentence naming the first setting in which this run differs from the one its workdir
     recorded (outside RESUMABLE); a workdir without a manifest has nothing to compare."""
     manifest = workdir / "manifest.json"
@@ -148,7 +164,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_same_records(workdir: Path, data_dir: Path, data_digest: dict[str, str]) -> None:
+def check_same_records(workdir: epath.Path, data_dir: epath.Path, data_digest: dict[str, str]) -> None:
     """One sentence unless a run resuming in `workdir` reads the records its manifest recorded."""
     manifest = workdir / "manifest.json"
     if not manifest.is_file():
@@ -183,7 +199,7 @@ def optimizer_and_state(settings: RunSettings, model: Qwen25VL, params: Any, mes
     return tx, shardings, state, learning_rate(settings.optim)
 
 
-def validation_batches(settings: RunSettings, trainer: Trainer, data_dir: Path, tok: Any) -> list[dict[str, Any]]:
+def validation_batches(settings: RunSettings, trainer: Trainer, data_dir: epath.Path, tok: Any) -> list[dict[str, Any]]:
     """The first `train.eval_batches` batches of the val/ split in file order, which every process
     steps through together."""
     config = dataclasses.replace(trainer.pipeline, shuffle=False, num_epochs=1)
@@ -201,7 +217,7 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     check_batch_divides(settings.data.batch_size, mesh)
     data_dir = data_directory(settings, data)
     data_digest = observe.file_digest(records.files(data_dir / "train"))
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # a local directory or a URL (gs://...)
     check_same_records(workdir, data_dir, data_digest)
     check_same_config(workdir, settings)
     workdir.mkdir(parents=True, exist_ok=True)  # made only once the run's inputs are known to be usable

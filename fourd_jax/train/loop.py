@@ -119,7 +119,9 @@ def run(
             bar.update(1)
             bar.set_postfix(progress_fields(step_metrics), refresh=False)
             if saving:
+                metrics.flush()  # the rows up to a checkpoint are durable with it (a gs:// workdir uploads here)
                 checkpointer.save(state, batches, config, model_config, metric=last_metric)
+        metrics.flush()
         checkpointer.save(state, batches, config, model_config, metric=last_metric, wait=True)
     bar.close()
     if preempted and chief:

@@ -7,15 +7,18 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 
-from fourd_jax.files import write_text_atomic
+from fourd_jax.files import absolute, as_path, is_remote, local_copy, upload, write_text_atomic
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPUs) need `train.peak_flops`.
 PEAK_FLOPS = {
@@ -27,32 +30,57 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tran
 
 
 class MetricsWriter:
-    """One JSON object per step in WORKDIR/metrics.jsonl and the same scalars as TensorBoard events."""
+    """One JSON object per step in WORKDIR/metrics.jsonl and the same scalars as TensorBoard events.
 
-    def __init__(self, workdir: str | Path, resume_from_step: int = 0):
+    A local workdir's file is appended to at every step. An object store (gs://) has no append: there
+    the rows are kept in memory and the whole file is uploaded (one all-or-nothing object write) at each
+    `flush`, which the loop calls before every checkpoint, so the rows up to a checkpoint are durable
+    with it; TensorBoard events are written to a local directory and uploaded at the same times."""
+
+    def __init__(self, workdir: str | os.PathLike, resume_from_step: int = 0):
         self.active = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        workdir = as_path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self.remote = is_remote(workdir)
         if not self.active:
             return
-        if self.path.exists():  # a resumed run drops lines past its checkpoint, so the file stays one history
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] <= resume_from_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_from_step + 1)
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+        # a resumed run drops lines past its checkpoint, so the file stays one history
+        self.lines = [line for line in lines if json.loads(line)["step"] <= resume_from_step]
+        if self.path.exists() or self.remote:
+            write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
+        self.events = workdir / "tensorboard"
+        self.local_events = Path(tempfile.mkdtemp(prefix="fourd_jax_events_")) if self.remote else self.events
+        self.tensorboard = SummaryWriter(str(self.local_events), purge_step=resume_from_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
-        row = {"step": step, **{k: (None if v is None else float(v)) for k, v in sorted(metrics.items())}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = json.dumps({"step": step, **{k: (None if v is None else float(v)) for k, v in sorted(metrics.items())}})
+        if self.remote:
+            self.lines.append(row)
+        else:
+            with self.path.open("a") as f:
+                f.write(row + "\n")
         for key, value in metrics.items():
             if value is not None:
                 self.tensorboard.add_scalar(key, float(value), step)
 
+    def flush(self) -> None:
+        """Make every row written so far durable (a remote workdir's file and events are uploaded)."""
+        if not self.active:
+            return
+        self.tensorboard.flush()
+        if self.remote:
+            write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
+            upload(self.local_events, self.events)
+
     def close(self) -> None:
         if self.active:
             self.tensorboard.close()
+            self.flush()
+            if self.remote:
+                shutil.rmtree(self.local_events, ignore_errors=True)
 
 
 def peak_flops(configured: float | None) -> float | None:
@@ -83,20 +111,23 @@ def vision_flops_per_patch(model_config: Any) -> float:
 
 
 def file_digest(paths: list[Path]) -> dict[str, str]:
+    """The SHA-256 of each file by its path (a remote file's is read from its staged copy, which the
+    records reader uses too)."""
     out = {}
     for path in paths:
         h = hashlib.sha256()
-        with path.open("rb") as f:
+        with local_copy(path).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         out[str(path)] = h.hexdigest()
     return out
 
 
-def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_digest: dict[str, str], mesh: Any) -> Path:
+def write_manifest(workdir: str | os.PathLike, config: dict, data_dir: str | os.PathLike, data_digest: dict[str, str],
+                   mesh: Any) -> epath.Path:
     """What a reproducibility study needs to rerun: versions, config, seed, the records directory
     and its files' SHA-256 (`file_digest`), devices. Written atomically."""
-    path = Path(workdir) / "manifest.json"
+    path = as_path(workdir) / "manifest.json"
     if jax.process_index() != 0:
         return path
     versions = {}
@@ -107,7 +138,7 @@ def write_manifest(workdir: str | Path, config: dict, data_dir: Path, data_diges
             versions[package] = None
     manifest = {
         "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-        "config": config, "seed": config.get("seed"), "data": str(Path(data_dir).absolute()),
+        "config": config, "seed": config.get("seed"), "data": str(absolute(data_dir)),
         "data_files": data_digest,
         "mesh_shape": dict(mesh.shape), "process_count": jax.process_count(),
         "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),

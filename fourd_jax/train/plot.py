@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
+import os
+
+from etils import epath
 
 from fourd_jax.errors import InputError
+from fourd_jax.files import as_path
 
 PANELS = (("loss", "ce", "latent_loss", "val_loss", "val_ce", "val_latent_loss"),
           ("reward", "reward_accuracy", "reward_format"), ("kl", "logprob_drift"),
           ("grad_norm",), ("lr",), ("tokens_per_s",))
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = as_path(workdir) / "metrics.jsonl"  # a local workdir or a URL (gs://...)
     if not path.exists():
         raise InputError(f"{path} does not exist (is {workdir} a training workdir?).")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -36,7 +40,7 @@ def panel_series(rows: list[dict]) -> list[list[tuple[str, list[tuple[int, float
     return panels
 
 
-def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
+def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> list[epath.Path]:
     """One PNG with a panel per metric group; returns the files written."""
     # matplotlib is heavy and only the plots need it.
     import matplotlib
@@ -46,7 +50,7 @@ def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Pat
 
     panels = panel_series(read_metrics(workdir))
     if not panels:
-        raise InputError(f"{Path(workdir) / 'metrics.jsonl'} holds no metrics to plot.")
+        raise InputError(f"{as_path(workdir) / 'metrics.jsonl'} holds no metrics to plot.")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, series in zip(axes[:, 0], panels, strict=True):
         for key, points, marker in series:
@@ -55,7 +59,9 @@ def plot_metrics(workdir: str | Path, out: str | Path | None = None) -> list[Pat
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    path = Path(out or Path(workdir) / "curves.png")
-    fig.savefig(path, dpi=90)
+    path = as_path(out or as_path(workdir) / "curves.png")
+    image = io.BytesIO()  # rendered in memory, then written as one file (local or gs://)
+    fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=90)
     plt.close(fig)
+    path.write_bytes(image.getvalue())
     return [path]

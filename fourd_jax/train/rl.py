@@ -28,6 +28,7 @@ import optax
 
 from fourd_jax.batch import completion_texts, gather_rows, prompt_inputs, row_sharding, shard_rows
 from fourd_jax.errors import InputError
+from fourd_jax.files import as_path
 from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
 from fourd_jax.model.vlm import Qwen25VL
@@ -281,7 +282,7 @@ def flops_fn(model_config: Any, grpo: GrpoConfig, max_new_tokens: int):
 def trained_on(source: ModelSource) -> str:
     """The records directory the run that wrote `source` trained on (its workdir's manifest.json),
     or "" when that is not known (an HF directory, a checkpoint without its workdir)."""
-    manifest = Path(source.weights).parent / "manifest.json"
+    manifest = as_path(source.weights).parent / "manifest.json"  # gs:// too
     if source.kind != "orbax" or not manifest.is_file():
         return ""
     return str(json.loads(manifest.read_text()).get("data", ""))
