@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 
 from fourd_jax.errors import InputError
@@ -92,8 +93,14 @@ def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = 
         raise ShardingError(
             f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices but {len(devices)} are available."
         )
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A logical axis that is no product of physical axes (8 over a 4x4x4 TPU slice): let the device
+        # order split a physical axis, as MaxText does for such meshes.
+        grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_specs(boxed_tree: Any) -> Any:

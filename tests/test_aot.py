@@ -84,3 +84,10 @@ def test_compile_the_grpo_update_and_the_sampler():
     assert update.temp_bytes > sample.temp_bytes
     with pytest.raises(InputError, match="stage rl compiles the GRPO programs: pass an rl config"):
         aot.compile_stage(RunSettings.of(load_config("dift", "tiny")), "rl", "v5e-4")
+
+
+def test_a_mesh_axis_that_splits_a_physical_axis():
+    """v5p-128 is 4x4x4 chips; its preset (8, 8, 1) needs a physical axis split between two mesh axes."""
+    mesh = sharding.make_mesh((8, 8, 1), aot.topology_devices("v5p-128"))
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 8, "tensor": 1}
+    assert len({d.id for d in mesh.devices.flat}) == 64
