@@ -217,13 +217,8 @@ def human_bytes(n: float) -> str:
 
 def state_bytes(abstract: TrainState) -> tuple[int, float]:
     """(per-device bytes of params + optimizer state, fraction of those bytes replicated on every device)."""
-    per_device = total = replicated = 0
-    for leaf in jax.tree_util.tree_leaves((abstract.params, abstract.opt_state)):
-        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
-        total += nbytes
-        per_device += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-        replicated += nbytes if leaf.sharding.is_fully_replicated else 0
-    return per_device, replicated / max(total, 1)
+    state = (abstract.params, abstract.opt_state)
+    return per_device_bytes(state), sharding.replicated_fraction(state)
 
 
 def per_device_bytes(tree: Any) -> int:
