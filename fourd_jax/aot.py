@@ -221,8 +221,12 @@ def state_bytes(abstract: TrainState) -> tuple[int, float]:
     return per_device_bytes(state), sharding.replicated_fraction(state)
 
 
-def per_device_bytes(tree: Any) -> int:
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+def per_device_bytes(tree: Any, float_dtype: Any = None) -> int:
+    """Bytes of one device's shards of `tree`; with `float_dtype`, as if its floats were cast to it."""
+    def itemsize(dtype):
+        cast = float_dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+        return jnp.dtype(float_dtype if cast else dtype).itemsize
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize(leaf.dtype)
                for leaf in jax.tree_util.tree_leaves(tree))
 
 
@@ -278,8 +282,8 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
             new_tokens = settings.sample.max_new_tokens
             if stage == "sample":
                 lowered = generate.lower(state.params, prompt, key, model=model, config=sampling, num_samples=g)
-                resident = per_device_bytes(state.opt_state) + (per_device_bytes(state.params) if settings.rl.beta
-                                                                else 0)
+                resident = per_device_bytes(state.opt_state) + (
+                    per_device_bytes(state.params, model.config.jnp_dtype) if settings.rl.beta else 0)
                 model_flops = rows * (seq_len + g * new_tokens) * decoder_flops_per_token(
                     model.config, seq_len + new_tokens, trainable=False)
             else:
@@ -290,9 +294,12 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
                 ref = _rows_sharded((rows * g, new_tokens), jnp.float32, mesh, rules) if settings.rl.beta else None
                 update = rl.jitted_update(settings, model, tx, trainable, shardings)
                 lowered = update.lower(state, prompt, rollout, advantages, ref)
-                resident = per_device_bytes(state.params) if settings.rl.beta else 0  # the reference policy
-                passes = settings.rl.num_iterations  # forward + backward per iteration (x3 in the per-token count)
-                model_flops = passes * rows * g * (seq_len + new_tokens) * decoder_flops_per_token(
+                # the reference policy, in the compute dtype (rl.reference_policy)
+                resident = per_device_bytes(state.params, model.config.jnp_dtype) if settings.rl.beta else 0
+                # forward + backward per iteration (x3 in the per-token count); the prompt is scored once
+                # per micro-batch (rl.completion_logprobs shares it across its samples)
+                passes, k = settings.rl.num_iterations, settings.optim.grad_accum
+                model_flops = passes * rows * (k * seq_len + g * new_tokens) * decoder_flops_per_token(
                     model.config, seq_len + new_tokens)
         try:
             compiled = lowered.compile()

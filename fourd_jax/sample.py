@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import flax
@@ -152,6 +152,27 @@ def _repeat_cache(cache: KVCache, times: int) -> KVCache:
     return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1))
 
 
+class Prefilled(NamedTuple):
+    """Prompts run once into a KV cache with room for their continuations, repeated per sample."""
+
+    cache: KVCache  # [layers, prompts x samples, prompt_len + n_new, kv_heads, head_dim]
+    mask: jax.Array  # [prompts x samples, prompt_len + n_new]: the prompt's tokens, 0 after
+    hidden: jax.Array  # [prompts x samples, hidden]: the final hidden state of each prompt's last token
+
+
+def prefill(params: Any, prompt: PreparedInputs, model: Qwen25VL, n_new: int, num_samples: int) -> Prefilled:
+    """Run the left-padded prompts (and their media) once, then repeat the cache `num_samples` times:
+    the sampler decodes from it, and GRPO scores the samples from it (the shared prompt prefix and
+    the vision tower run once per prompt, not once per sample)."""
+    prompts, prompt_len = prompt.input_ids.shape
+    cache = init_kv_cache(model.config, prompts, prompt_len + n_new)
+    mask = jnp.concatenate([prompt.attention_mask.astype(jnp.int32), jnp.zeros((prompts, n_new), jnp.int32)], axis=1)
+    out = model.apply({"params": params}, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
+                      vision=prompt.vision, kv_cache=cache, cache_index=0, compute_logits=False)
+    return Prefilled(_repeat_cache(out.kv_cache, num_samples), _repeat_rows(mask, num_samples),
+                     _repeat_rows(out.hidden_states[:, -1], num_samples))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "config", "num_samples", "row_sharding"))
 def generate(
     params: Any,
@@ -181,13 +202,7 @@ def generate(
     prompts, prompt_len = prompt.input_ids.shape
     variables = {"params": params}
 
-    cache = init_kv_cache(c, prompts, prompt_len + n_new)
-    mask = jnp.concatenate([prompt.attention_mask.astype(jnp.int32), jnp.zeros((prompts, n_new), jnp.int32)], axis=1)
-    out = model.apply(variables, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
-                      vision=prompt.vision, kv_cache=cache, cache_index=0, compute_logits=False)
-    hidden = out.hidden_states[:, -1]
-    cache, mask, hidden = _repeat_cache(out.kv_cache, num_samples), _repeat_rows(mask, num_samples), \
-        _repeat_rows(hidden, num_samples)
+    cache, mask, hidden = prefill(params, prompt, model, n_new, num_samples)
     rope_deltas = jnp.repeat(prompt.rope_deltas, num_samples)
     batch = prompts * num_samples
     chex.assert_shape(hidden, (batch, c.text.hidden_size))

@@ -344,7 +344,7 @@ def test_rollout_with_an_imagery_block_is_rescored_exactly(imagery_policy):
     inputs = rl.scoring_inputs(prompt, rollout, 1)
     n = tokens.shape[1]
     scored = np.asarray(jax.jit(rl.completion_logprobs, static_argnums=(1, 4, 5))(
-        params, model, inputs, rollout.latent_inputs, n, config.temperature))
+        params, model, prompt, rollout, 1, config.temperature))
     sampled = np.asarray(rollout.logprobs)
     np.testing.assert_allclose(scored[text], sampled[text], atol=1e-5, rtol=0)
     # The same from the forward's logits, log-softmaxed here: position t predicts token t + 1.
@@ -367,13 +367,13 @@ def test_logprob_drift_counts_drawn_tokens_only_even_with_the_latent_gradient(im
     forced pads and ends, which have no sampler log-prob; the drift check must still read 0."""
     model, params, prompt = imagery_policy
     config = SamplingConfig(max_new_tokens=14, temperature=1.0, top_p=0.9, latent_size=3, max_latent_blocks=1)
-    rollout = generate(params, prompt, jax.random.key(5), model=model, config=config)
+    rollout = generate(params, prompt, jax.random.key(5), model=model, config=config, num_samples=2)
     forced = np.asarray(rollout.forced_mask)
     full = rollout.completion_mask  # rl.latent_gradient=True: every completion token
     assert (forced & np.asarray(full)).any()
     grpo_config = GrpoConfig(num_generations=2, epsilon=EPS, beta=0.0)  # the advantages are given
-    _, aux = rl.grpo_loss(params, model=model, inputs=rl.scoring_inputs(prompt, rollout, 1), rollout=rollout,
-                          mask=full, advantages=jnp.array([1.0, -1.0]), old_logprobs=None, ref_logprobs=None,
+    _, aux = rl.grpo_loss(params, model=model, prompt=prompt, rollout=rollout,
+                          mask=full, advantages=jnp.array([1.0, -1.0, 1.0, -1.0]), old_logprobs=None, ref_logprobs=None,
                           config=grpo_config)
     assert float(aux["logprob_drift"]) <= 1e-5
     # ...while the scored log-probs of the forced tokens are far from the 0 the sampler wrote there.

@@ -14,13 +14,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from fourd_jax.bench.report import median_time
+from fourd_jax.bench import roofline
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig
 from fourd_jax.model.inputs import prepare_vision
 from fourd_jax.model.positions import get_rope_index
+from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 
 SIZES = {
     "small": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv=2, vocab=8192,
@@ -81,6 +82,14 @@ def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.n
     )
 
 
+def forward_flops(config: ModelConfig, batch: dict[str, np.ndarray]) -> float:
+    """FLOPs of one forward on a processor batch: the decoder on every token (logits included)
+    and the vision tower on every patch."""
+    patches = batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]
+    return (batch["input_ids"].size * decoder_flops_per_token(config, batch["input_ids"].shape[1], trainable=False)
+            + patches * vision_flops_per_patch(config))
+
+
 def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str, Any]:
     """Time both forwards; print and (optionally) record the ratio."""
     # The baseline; heavy, and only the torch side needs it.
@@ -117,18 +126,26 @@ def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str,
     if max_diff > 1e-3:
         raise RuntimeError(f"JAX and PyTorch forwards disagree (max |diff| {max_diff:.2e}); not timing.")
 
-    jax_s = median_time(lambda: forward(params, batch["input_ids"], positions, vision).block_until_ready(), repeats)
+    jax_runs = roofline.time_runs(
+        lambda: forward(params, batch["input_ids"], positions, vision).block_until_ready(), repeats)
     with torch.no_grad():
-        torch_s = median_time(lambda: torch_model(**torch_batch), repeats)
+        torch_runs = roofline.time_runs(lambda: torch_model(**torch_batch), repeats)
+    tokens = int(batch["input_ids"].size)
+    roof, roof_line = roofline.compute_roof(forward_flops(config, batch), jax_runs, torch_runs,
+                                            (tokens, config.text.hidden_size, config.text.intermediate_size),
+                                            "forward")
+    jax_s, torch_s = jax_runs.median, torch_runs.median
     result = {
-        "size": size, "tokens": int(batch["input_ids"].size), "jax ms": round(jax_s * 1e3, 1),
-        "torch ms": round(torch_s * 1e3, 1), "speed-up (torch / jax)": round(torch_s / jax_s, 2),
-        "jax compile s": round(compile_s, 1), "max logit diff": f"{max_diff:.1e}",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "size": size, "tokens": tokens, "jax ms": round(jax_s * 1e3, 1),
+        "jax spread ms": jax_runs.spread_ms(), "torch ms": round(torch_s * 1e3, 1),
+        "torch spread ms": torch_runs.spread_ms(),
+        "speed-up (torch / jax)": round(torch_s / jax_s, 2), **roof, "jax compile s": round(compile_s, 1),
+        "max logit diff": f"{max_diff:.1e}", "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    print(f"forward ({size}, {result['tokens']} tokens, batch 2, fp32): jax {result['jax ms']} ms, "
-          f"torch eager {result['torch ms']} ms -> jax is {result['speed-up (torch / jax)']}x "
-          f"the speed of torch (median of {repeats}; logits agree to {max_diff:.1e})")
+    print(f"forward ({size}, {tokens} tokens, batch 2, fp32): jax {jax_runs.ms()}, torch eager {torch_runs.ms()} "
+          f"-> jax is {result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; logits "
+          f"agree to {max_diff:.1e})")
+    print(roof_line)
     if record:
         path = record_row(
             "forward",

@@ -8,23 +8,11 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "PERFORMANCE.md"
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls of fn (which must block until its work is done)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def machine() -> str:

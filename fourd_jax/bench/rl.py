@@ -27,15 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.bench import roofline
 from fourd_jax.bench.forward import bench_config
-from fourd_jax.bench.report import median_time
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.bench.sample import bench_prompts, reference_models
 from fourd_jax.data.batching import media_arrays
 from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
+from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 from fourd_jax.train.optim import make_optimizer, trainable_mask
-from fourd_jax.train.rl import completion_logprobs, group_advantages, scoring_inputs, update_step
+from fourd_jax.train.rl import completion_logprobs, group_advantages, update_step
 from fourd_jax.train.settings import GrpoConfig, OptimSettings
 from fourd_jax.train.state import new_state
 
@@ -57,6 +58,17 @@ def jax_prompt(model: Any, batch: dict[str, np.ndarray]) -> Any:
     arrays = media_arrays(patches, [g[None] for g in grids], len(grids), model.config, "video")
     arrays = {k: v if k.endswith("frame_len") else jnp.asarray(v) for k, v in arrays.items()}
     return flat.replace(vision=vision_inputs(arrays, "video"))
+
+
+def grpo_step_flops(config: Any, prompts: int, prompt_len: int, patches: int, group: int, new_tokens: int) -> float:
+    """Model FLOPs of one GRPO step, each piece of work counted once: the rollout (prompt prefill and
+    G x n decoded tokens, forward), the reference scoring (forward) and the update (forward +
+    backward) of the prompt and its G completions, with the vision tower's forward on each."""
+    seq = prompt_len + new_tokens
+    tokens = prompts * (prompt_len + group * new_tokens)
+    forward = tokens * decoder_flops_per_token(config, seq, trainable=False)
+    backward = tokens * decoder_flops_per_token(config, seq) - forward
+    return 3 * forward + backward + 3 * patches * vision_flops_per_patch(config)
 
 
 def torch_grpo(torch_model: Any, batch: dict[str, np.ndarray], config: Any, group: int, max_new_tokens: int,
@@ -149,8 +161,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
                               imagery=True, latent_size=4)
     update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
                                        config=grpo), donate_argnums=0)
-    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(
-        p, model, scoring_inputs(prompt, rollout, group), rollout.latent_inputs, n, grpo.temperature))
+    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, group, grpo.temperature))
     reference = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the state's are donated
     state = new_state(params, tx, 0)
     key, steps = jax.random.key(0), 0
@@ -182,19 +193,28 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
     jax_step()  # compiles the scoring forward and the update
     compile_s += time.perf_counter() - start
     torch_step()  # warm-up
-    jax_s, torch_s = median_time(jax_step, repeats), median_time(torch_step, repeats)
-    rows = group * batch["input_ids"].shape[0]
+    jax_runs, torch_runs = roofline.time_runs(jax_step, repeats), roofline.time_runs(torch_step, repeats)
+    jax_s, torch_s = jax_runs.median, torch_runs.median
+    prompts, prompt_len = batch["input_ids"].shape
+    rows = group * prompts
+    flops = grpo_step_flops(config, prompts, prompt_len, batch["pixel_values_videos"].shape[0], group, n)
+    roof, roof_line = roofline.compute_roof(
+        flops, jax_runs, torch_runs, (rows * n, config.text.hidden_size, config.text.intermediate_size),
+        "step (rollout, reference scoring and update; each prompt's work counted once)")
     result = {
-        "size": size, "prompts x G": f"{batch['input_ids'].shape[0]}x{group}",
-        "prompt tokens": int(batch["input_ids"].shape[1]), "new tokens": n, "jax s/step": round(jax_s, 2),
-        "torch s/step": round(torch_s, 2), "speed-up (torch / jax)": round(torch_s / jax_s, 2),
-        "jax compile s": round(compile_s, 1), "max logprob diff": f"{max_diff:.1e}", "reward": "even-id fraction",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "size": size, "prompts x G": f"{prompts}x{group}", "prompt tokens": int(prompt_len), "new tokens": n,
+        "jax s/step": round(jax_s, 2), "jax spread s": f"{jax_runs.low:.2f}-{jax_runs.high:.2f}",
+        "torch s/step": round(torch_s, 2), "torch spread s": f"{torch_runs.low:.2f}-{torch_runs.high:.2f}",
+        "speed-up (torch / jax)": round(torch_s / jax_s, 2), **roof, "jax compile s": round(compile_s, 1),
+        "max logprob diff": f"{max_diff:.1e}", "reward": "even-id fraction", "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     print(f"GRPO step ({size}, {result['prompts x G']} = {rows} rollouts of {n} new tokens after prompts of up to "
-          f"{result['prompt tokens']} tokens with an 8-frame video, fp32): jax {result['jax s/step']} s, torch "
-          f"{result['torch s/step']} s -> jax is {result['speed-up (torch / jax)']}x the speed of torch (median of "
-          f"{repeats}; jax compile + first runs {compile_s:.1f} s; log-probs of one rollout agree to {max_diff:.1e})")
+          f"{result['prompt tokens']} tokens with an 8-frame video, fp32): jax {result['jax s/step']} s "
+          f"({result['jax spread s']}), torch {result['torch s/step']} s ({result['torch spread s']}) -> jax is "
+          f"{result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; jax compile + first "
+          f"runs {compile_s:.1f} s; log-probs of one rollout agree to {max_diff:.1e})")
+    print(roof_line)
     print("reward: the fraction of even token ids per completion (no tokenizer in this bench, so not "
           "fourdthinker_reward on decoded text)")
     if record:

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from fourd_jax.bench import roofline
 from fourd_jax.bench.forward import bench_config
-from fourd_jax.bench.report import median_time
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import patchify
@@ -114,21 +114,37 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     equal_rows = int(np.all(ours == ref, axis=1).sum())
     equal_tokens = float(np.mean(ours == ref))
 
-    jax_s = median_time(jax_generate, repeats)  # np.asarray blocks until the tokens exist
-    torch_s = median_time(torch_generate, repeats)
+    jax_runs = roofline.time_runs(jax_generate, repeats)  # np.asarray blocks until the tokens exist
+    torch_runs = roofline.time_runs(torch_generate, repeats)
+    peak_rss = roofline.peak_rss_bytes()
+    jax_s, torch_s = jax_runs.median, torch_runs.median
+    # The weight-streaming roof: each of the n decode steps reads every decoder weight once (the
+    # prefill and the KV cache reads come on top, so the fraction is a lower bound).
+    weights = roofline.decoder_weight_bytes(params)
+    rows = ours.shape[0]
+    bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size)
+    bound_s = n * weights / bandwidth
     new = ours.size
     result = {
-        "size": size, "rows": ours.shape[0], "prompt tokens": int(batch["input_ids"].shape[1]), "new tokens": n,
-        "jax tok/s": round(new / jax_s, 1), "torch tok/s": round(new / torch_s, 1),
-        "speed-up (torch / jax)": round(torch_s / jax_s, 2), "jax compile s": round(compile_s, 1),
-        "equal rows": f"{equal_rows}/{ours.shape[0]}", "torch": torch.__version__,
+        "size": size, "rows": rows, "prompt tokens": int(batch["input_ids"].shape[1]), "new tokens": n,
+        "jax tok/s": round(new / jax_s, 1), "jax spread tok/s": f"{new / jax_runs.high:.0f}-{new / jax_runs.low:.0f}",
+        "torch tok/s": round(new / torch_s, 1),
+        "torch spread tok/s": f"{new / torch_runs.high:.0f}-{new / torch_runs.low:.0f}",
+        "speed-up (torch / jax)": round(torch_s / jax_s, 2), "decoder MB": round(weights / 1e6, 1),
+        "stream GB/s": round(bandwidth / 1e9, 1), "jax of bound": roofline.fraction(bound_s, jax_s),
+        "torch of bound": roofline.fraction(bound_s, torch_s), "peak RSS GiB": round(peak_rss / 2**30, 2),
+        "jax compile s": round(compile_s, 1), "equal rows": f"{equal_rows}/{rows}", "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print(f"greedy sampling ({size}, {ours.shape[0]} left-padded prompts of up to {result['prompt tokens']} tokens, "
+    print(f"greedy sampling ({size}, {rows} left-padded prompts of up to {result['prompt tokens']} tokens, "
           f"2 with an 8-frame video, {n} new tokens each, fp32): jax {result['jax tok/s']} tok/s "
-          f"({jax_s * 1e3:.0f} ms), torch generate {result['torch tok/s']} tok/s ({torch_s * 1e3:.0f} ms) -> jax is "
-          f"{result['speed-up (torch / jax)']}x the speed of torch (median of {repeats}; jax compile + first run "
-          f"{compile_s:.1f} s)")
+          f"({jax_runs.ms()}), torch generate {result['torch tok/s']} tok/s ({torch_runs.ms()}) -> jax is "
+          f"{result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; jax compile + "
+          f"first run {compile_s:.1f} s)")
+    print(f"roofline: {n} steps x {weights / 1e6:.1f} MB of decoder weights at {bandwidth / 1e9:.1f} GB/s (a jitted "
+          f"{rows}-row matmul over as many bytes, measured now) = {bound_s * 1e3:.0f} ms at best; jax reaches "
+          f"{result['jax of bound']} and torch {result['torch of bound']} of that bound; peak host memory "
+          f"{result['peak RSS GiB']} GiB")
     print(f"greedy tokens: {equal_rows}/{ours.shape[0]} rows identical, {equal_tokens:.1%} of tokens equal"
           + ("" if equal_rows == ours.shape[0] else " (a near-tie flips a token, and the rows diverge after it)"))
     if record:

@@ -16,18 +16,19 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fourd_jax import sharding
 from fourd_jax.batch import device_batch
+from fourd_jax.bench import roofline
 from fourd_jax.bench.forward import bench_config
-from fourd_jax.bench.report import median_time
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.batching import collate
 from fourd_jax.data.processor import process
 from fourd_jax.model.positions import get_rope_index
-from fourd_jax.train.dift import StaticSizes, train_step
+from fourd_jax.train.dift import StaticSizes, flops_fn, train_step
 from fourd_jax.train.optim import make_optimizer, trainable_mask
 from fourd_jax.train.settings import DiftLossConfig, OptimSettings
 from fourd_jax.train.state import new_state
@@ -35,8 +36,9 @@ from fourd_jax.train.state import new_state
 LATENT = 4
 
 
-def dift_batch(config: Any, seed: int = 0) -> dict[str, Any]:
-    """Features of 2 examples, collated as the pipeline does."""
+def dift_batch(config: Any, seed: int = 0, packed: bool = False) -> dict[str, Any]:
+    """Features of 2 examples, collated as the pipeline does: one row each, padded to a multiple
+    of 128 tokens, or (packed) both in one row padded to a multiple of 64."""
     rs = np.random.RandomState(seed)
     vc = config.vision
     examples = []
@@ -63,6 +65,9 @@ def dift_batch(config: Any, seed: int = 0) -> dict[str, Any]:
             "imagery_grids": np.array([g for _, g in imagery]), "answer": "A", "sample_id": "bench", "family": "x",
             "subtask": "x",
         })
+    if packed:
+        length = -(-sum(len(e["input_ids"]) for e in examples) // 64) * 64
+        return collate(examples, 2, (length,), config, LATENT, packed_rows=1)
     length = -(-max(len(e["input_ids"]) for e in examples) // 128) * 128
     return collate(examples, 2, (length,), config, LATENT)
 
@@ -148,31 +153,53 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable_mask(params, optim.freeze),
                                      loss_config=DiftLossConfig()), static_argnames=("sizes",), donate_argnums=0)
-    state = new_state(params, tx, 0)
-    dev = device_batch(batch, mesh, sharding.DEFAULT_RULES)
-    sizes = StaticSizes.of(batch)
-    start = time.perf_counter()
-    state, metrics = step(state, dev, sizes=sizes)
-    jax_first = float(metrics["loss"])
-    compile_s = time.perf_counter() - start
+    packed = dift_batch(config, packed=True)
+
+    def jax_step(batch: dict[str, Any]) -> tuple[Any, Any, float]:
+        """(time one step on `batch`, its compile + first run in s, the first loss); each layout
+        starts from the same initial weights."""
+        state = new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)
+        dev, sizes = device_batch(batch, mesh, sharding.DEFAULT_RULES), StaticSizes.of(batch)
+        start = time.perf_counter()
+        state, metrics = step(state, dev, sizes=sizes)
+        first, compile_s = float(metrics["loss"]), time.perf_counter() - start
+
+        def once():
+            nonlocal state
+            state, m = step(state, dev, sizes=sizes)
+            jax.block_until_ready(m["loss"])
+        return once, compile_s, first
+
+    jax_once, compile_s, jax_first = jax_step(packed)
+    unpacked_once, _, unpacked_first = jax_step(batch)
     torch_first = torch_step()
-    if abs(jax_first - torch_first) > 1e-3 * max(1.0, abs(torch_first)):
-        raise RuntimeError(f"first-step losses disagree: JAX {jax_first:.6f} vs PyTorch {torch_first:.6f}")
+    for name, first in (("packed", jax_first), ("unpacked", unpacked_first)):
+        if abs(first - torch_first) > 1e-3 * max(1.0, abs(torch_first)):
+            raise RuntimeError(f"first-step losses disagree: JAX ({name}) {first:.6f} vs PyTorch {torch_first:.6f}")
 
-    def jax_once():
-        nonlocal state
-        state, m = step(state, dev, sizes=sizes)
-        jax.block_until_ready(m["loss"])
-
-    jax_s, torch_s = median_time(jax_once, repeats), median_time(torch_step, repeats)
+    jax_runs, unpacked_runs = roofline.time_runs(jax_once, repeats), roofline.time_runs(unpacked_once, repeats)
+    torch_runs = roofline.time_runs(torch_step, repeats)
+    jax_s, torch_s = jax_runs.median, torch_runs.median
     tokens = int(batch["attention_mask"].sum())
-    result = {"tokens": tokens, "jax ms": round(jax_s * 1e3, 1), "torch ms": round(torch_s * 1e3, 1),
-              "speed-up (torch / jax)": round(torch_s / jax_s, 2), "jax compile s": round(compile_s, 1),
-              "first loss jax": round(jax_first, 5), "first loss torch": round(torch_first, 5),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(f"DIFT step (small model, {tokens} tokens, 2 rows, fp32): jax {result['jax ms']} ms, torch "
-          f"{result['torch ms']} ms -> jax is {result['speed-up (torch / jax)']}x the speed of torch "
-          f"(median of {repeats}; first losses {jax_first:.5f} vs {torch_first:.5f})")
+    flops = flops_fn(config)(packed)  # the real tokens and patches: the same count in either layout
+    roof, roof_line = roofline.compute_roof(
+        flops, jax_runs, torch_runs, (packed["input_ids"].shape[1], config.text.hidden_size,
+                                      config.text.intermediate_size),
+        "step (decoder forward + backward on the real tokens, frozen vision forward)")
+    result = {"tokens": tokens, "slots packed": int(packed["input_ids"].size),
+              "slots unpacked": int(batch["input_ids"].size), "jax ms": round(jax_s * 1e3, 1),
+              "jax spread ms": jax_runs.spread_ms(),
+              "jax unpacked ms": round(unpacked_runs.median * 1e3, 1), "torch ms": round(torch_s * 1e3, 1),
+              "torch spread ms": torch_runs.spread_ms(),
+              "speed-up (torch / jax)": round(torch_s / jax_s, 2), **roof,
+              "jax compile s": round(compile_s, 1), "first loss jax": round(jax_first, 5),
+              "first loss torch": round(torch_first, 5), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    print(f"DIFT step (small model, {tokens} tokens, 2 examples, fp32): jax {jax_runs.ms()} packed in one row of "
+          f"{result['slots packed']} (unpacked, 2 rows of {batch['input_ids'].shape[1]}: {unpacked_runs.ms()}), torch "
+          f"{torch_runs.ms()} -> jax is {result['speed-up (torch / jax)']}x the speed of torch (median (spread) of "
+          f"{repeats}; first losses {jax_first:.5f} packed, {unpacked_first:.5f} unpacked, {torch_first:.5f} torch)")
+    print(roof_line)
     if record:
         path = record_row(
             "train",

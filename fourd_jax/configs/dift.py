@@ -13,10 +13,11 @@ from fourd_jax.errors import InputError
 MESHES = {
     "cpu": (1, -1, 1),
     # v5e chips hold 16 GiB: the 7B recipe's one 8K-token sequence per chip needs its activations split
-    # over 2 chips by tensor parallelism (docs/SCALE.md).
+    # over 2 chips by tensor parallelism (docs/SCALE.md). On v6e-256 every tensor-1 mesh compiled to
+    # 60-71 GiB of temporaries per chip (v6e-64's (8, 8, 1) needs 27): tensor 2 fits there too.
     "v5e-8": (1, 4, 2), "v5e-16": (1, 8, 2), "v5e-64": (4, 8, 2), "v5e-256": (16, 8, 2),
     "v5p-8": (1, 4, 1), "v5p-32": (2, 8, 1), "v5p-64": (4, 8, 1), "v5p-128": (8, 8, 1),
-    "v6e-8": (1, 8, 1), "v6e-16": (2, 8, 1), "v6e-64": (8, 8, 1), "v6e-256": (32, 8, 1),
+    "v6e-8": (1, 8, 1), "v6e-16": (2, 8, 1), "v6e-64": (8, 8, 1), "v6e-256": (16, 8, 2),
     "8xh100": (1, 8, 1), "16xh100": (2, 8, 1),
 }
 
@@ -51,6 +52,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.assistant = "imagery_trace"
     c.data.video = True  # False: the blind control (question and options only, no video tokens)
     c.data.subtasks = ()  # keep only records of these sub-tasks, e.g. ("camera_motion",); () = all
+    # > 0: each batch's batch_size examples are packed into this many rows (docs/DATA.md, Packing).
+    c.data.packed_rows = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-3

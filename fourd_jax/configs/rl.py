@@ -62,7 +62,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.max_frames = 16
         c.data.video_max_pixels = 448 * 448
         c.data.video_max_side = 448  # SPEC 2: RL frames have their longest side <= 448
-        c.data.seq_buckets = (2048, 4096)  # 16 frames at 448x448 are 2048 video tokens, plus the question
+        c.data.seq_buckets = (2048, 2560)  # 16 frames at 448x448 are 2048 video tokens; with the question, 2245 at most
         c.data.path = "data/rl"
         c.optim.lr = 1e-6
         c.optim.min_lr_ratio = 1.0  # constant after warmup

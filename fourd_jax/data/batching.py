@@ -112,16 +112,19 @@ def imagery_segments(grids: np.ndarray, merge: int, latent_size: int, units: int
 
 
 # ----------------------------------------------------------------------------- the batch schema
-# What `collate` returns: per-example arrays with the batch on axis 0 (position_ids [3, B, L] on axis
-# 1); `{video,imagery}_*` media arrays whose `*_frame_len` and the `loss_window` scalar are static
-# sizes of the compiled step; text fields (object arrays) that stay on the host for rewards and eval.
+# What `collate` returns: per-row arrays with the batch on axis 0 (position_ids [3, B, L] on axis 1);
+# `{video,imagery}_*` media arrays whose `*_frame_len` scalars are static sizes of the compiled step;
+# text fields (object arrays) that stay on the host for rewards and eval. A row holds one example, or
+# several when packed (`segment_ids` 1, 2, ... per example, 0 = padding).
 
 BATCH_AXIS = {"position_ids": 1}
 MEDIA_PREFIXES = ("video", "imagery")
 # The token axis of the arrays laid out along the sequence: a left-padded batch (prompts, which has
 # `rope_deltas`) grows at the front of this axis, so every row keeps ending in its last token.
-SEQUENCE_AXIS = {"input_ids": 1, "targets": 1, "attention_mask": 1, "loss_mask": 1, "latent_mask": 1,
-                 "position_ids": 2}
+SEQUENCE_AXIS = {"input_ids": 1, "targets": 1, "attention_mask": 1, "segment_ids": 1, "loss_mask": 1,
+                 "latent_mask": 1, "position_ids": 2}
+# Arrays whose padding is not zero: a padding entry of `loss_positions` points nowhere.
+PAD_VALUE = {"loss_positions": -1}
 
 
 def batch_axis(key: str) -> int:
@@ -143,11 +146,10 @@ def _padded_keys(batch: dict[str, Any]) -> list[str]:
 
 def shape_summary(batch: dict[str, Any]) -> np.ndarray:
     """One process's sizes, for `pad_to_agreed`: every numeric array's shape (padded to 4 axes),
-    then (frame_len, any media used) per media prefix, then the loss window (-1 when absent)."""
+    then (frame_len, any media used) per media prefix."""
     shapes = [list(batch[k].shape) + [0] * (4 - batch[k].ndim) for k in _padded_keys(batch)]
     media = [[int(batch[f"{p}_frame_len"]), int(batch[f"{p}_valid"].any())] for p in MEDIA_PREFIXES]
-    return np.concatenate([np.ravel(np.array(shapes, np.int64)), np.ravel(media),
-                           [int(batch.get("loss_window", -1))]]).astype(np.int64)
+    return np.concatenate([np.ravel(np.array(shapes, np.int64)), np.ravel(media)]).astype(np.int64)
 
 
 def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any]:
@@ -156,11 +158,10 @@ def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any
     Padding is zeros (the pad token in `input_ids`) at the end of each axis: no attention, no loss,
     invalid media slots, rows past every example's media (which read padding patches that nothing
     attends to). A left-padded batch grows its sequences at the front instead, and its rows' rope
-    deltas and loss starts move with their tokens, so it equals the batch one process would have
+    deltas and loss positions move with their tokens, so it equals the batch one process would have
     collated from every process's rows. The largest bucket of any process is a bucket, so every
     process ends up on the same one. A process whose rows have no media of a kind has an empty
-    layout, which fits any frame size; the loss window becomes the widest, which still holds every
-    row's supervised positions.
+    layout, which fits any frame size. `loss_positions` grows with entries that point nowhere (-1).
     """
     keys = _padded_keys(batch)
     summaries = np.asarray(summaries)
@@ -174,44 +175,96 @@ def pad_to_agreed(batch: dict[str, Any], summaries: np.ndarray) -> dict[str, Any
             raise RuntimeError(f"processes hold {prefix} frames of different sizes {sorted(sizes)}; use one frame "
                                "size per run")
         out[f"{prefix}_frame_len"] = np.int32(sizes.pop() if sizes else 0)
-    if "loss_window" in batch:
-        out["loss_window"] = np.int32(summaries[:, -1].max())
     for key, want in zip(keys, largest, strict=True):
         value = batch[key]
         pad = [(0, int(w) - d) for d, w in zip(value.shape, want, strict=False)]
         if left and key in SEQUENCE_AXIS:
             pad[SEQUENCE_AXIS[key]] = pad[SEQUENCE_AXIS[key]][::-1]
-        fill = int(batch.get("pad_token_id", 0)) if key == "input_ids" else 0
+        fill = int(batch.get("pad_token_id", 0)) if key == "input_ids" else PAD_VALUE.get(key, 0)
         out[key] = np.pad(value, pad, constant_values=fill) if any(a or b for a, b in pad) else value
     if left:
         grown = out["input_ids"].shape[1] - batch["input_ids"].shape[1]
         rows = np.asarray(batch["example_mask"], bool)
         # decoding slot s + delta is the same position when every slot moved right by `grown`
         out["rope_deltas"] = np.where(rows, batch["rope_deltas"] - grown, batch["rope_deltas"]).astype(np.int32)
-        if "loss_start" in batch:
-            supervised = np.asarray(batch["loss_mask"]).any(axis=1)
-            out["loss_start"] = np.where(supervised, batch["loss_start"] + grown, batch["loss_start"]).astype(np.int32)
+        if "loss_positions" in out:
+            positions = out["loss_positions"]
+            out["loss_positions"] = np.where(positions >= 0, positions + grown, positions).astype(np.int32)
     return out
 
 
+def pack(lengths: Sequence[int], rows: int) -> list[list[int]]:
+    """Example indices per row for `rows` packed rows: longest first, each into the row with the
+    fewest tokens so far (the longest row sets the bucket every row is padded to). Indices in a row
+    keep their input order, so a packed row reads its examples in stream order."""
+    filled, members = [0] * rows, [[] for _ in range(rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = min(range(rows), key=lambda r: (filled[r], r))
+        filled[row] += lengths[i]
+        members[row].append(i)
+    return [sorted(m) for m in members]
+
+
+# How the arrays of one example are joined when several share a row: along axis 0 unless named.
+_JOIN_AXIS = {"position_ids": 1}
+_GRID_KEYS = ("video_grid", "imagery_grids")
+
+
+def merge_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several featurized examples as one packed sequence: tokens, labels, masks and M-RoPE positions
+    (each example's own, from 0) end to end, with `segment_ids` 1, 2, ...; media and imagery
+    targets in the same order, so each example's placeholders and latent pads read its own. The
+    host-side fields (answer, sample_id, stream_position, ...) are the first example's: a packed row
+    is for teacher-forced training, where only the tokens count."""
+    if len(examples) == 1:
+        return {**examples[0], "segment_ids": np.ones(len(examples[0]["input_ids"]), np.int32)}
+    merged = dict(examples[0])
+    for key in ("input_ids", "targets", "loss_mask", "latent_mask", "position_ids", "video_patches",
+                "imagery_patches", *_GRID_KEYS):
+        parts = [np.asarray(e[key]) for e in examples]
+        if key in _GRID_KEYS:
+            parts = [p.reshape(-1, 3) for p in parts]
+        merged[key] = np.concatenate(parts, axis=_JOIN_AXIS.get(key, 0))
+    merged["video_grid"] = merged["video_grid"].reshape(-1)
+    if any("latent_targets" in e for e in examples):
+        hidden = next(e["latent_targets"].shape[-1] for e in examples if "latent_targets" in e)
+        merged["latent_targets"] = np.concatenate([e.get("latent_targets", np.zeros((0, hidden), np.float32))
+                                                   for e in examples])
+    merged["segment_ids"] = np.concatenate([np.full(len(e["input_ids"]), i + 1, np.int32)
+                                            for i, e in enumerate(examples)])
+    return merged
+
+
 def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, seq_buckets: Sequence[int],
-            model_config: ModelConfig, latent_size: int, left_pad: bool = False) -> dict[str, Any]:
+            model_config: ModelConfig, latent_size: int, left_pad: bool = False,
+            packed_rows: int = 0) -> dict[str, Any]:
     """A fixed-shape batch of `batch_size` rows from the good examples (bad ones counted).
 
     left_pad puts each row's tokens at the right edge (prompts for generation) and adds
     `rope_deltas` [B]: a token decoded into cache slot s sits at M-RoPE position s + delta.
+    packed_rows > 0 packs the examples (up to `batch_size` of them) into that many rows instead
+    (`pack`, `merge_examples`): the bucket then fits the longest packed row, and attention stays
+    within each example through `segment_ids`.
     """
     good = [e for e in examples if not isinstance(e, BadExample)]
     skipped = [e.reason for e in examples if isinstance(e, BadExample)]
+    if packed_rows:
+        if left_pad:
+            raise ValueError("packed rows are for teacher-forced training; prompts (left_pad) are not packed")
+        rows = pack([len(e["input_ids"]) for e in good], packed_rows)
+        good = [merge_examples([good[i] for i in row]) for row in rows if row]
+        batch_size = packed_rows
     longest = max((len(e["input_ids"]) for e in good), default=1)
     length = next((b for b in sorted(seq_buckets) if b >= longest), None)
     if length is None:
-        raise ValueError(f"an example of {longest} tokens exceeds the largest sequence bucket {max(seq_buckets)}")
+        raise ValueError(f"{'a packed row' if packed_rows else 'an example'} of {longest} tokens exceeds the "
+                         f"largest sequence bucket {max(seq_buckets)}")
     pad_id = model_config.pad_token_id or 0
     batch: dict[str, Any] = {
         "input_ids": np.full((batch_size, length), pad_id, np.int32),
         "targets": np.zeros((batch_size, length), np.int32),
         "attention_mask": np.zeros((batch_size, length), np.int32),
+        "segment_ids": np.zeros((batch_size, length), np.int32),
         "loss_mask": np.zeros((batch_size, length), np.float32),
         "latent_mask": np.zeros((batch_size, length), bool),
         "position_ids": np.zeros((3, batch_size, length), np.int32),
@@ -228,6 +281,7 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         batch["input_ids"][row, cols] = e["input_ids"]
         batch["targets"][row, cols] = e["targets"]
         batch["attention_mask"][row, cols] = 1
+        batch["segment_ids"][row, cols] = e.get("segment_ids", 1)
         batch["loss_mask"][row, cols] = e["loss_mask"]
         batch["latent_mask"][row, cols] = e["latent_mask"]
         batch["position_ids"][:, row, cols] = e["position_ids"]
@@ -251,7 +305,7 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
         for row, e in enumerate(good):
             targets = e.get("latent_targets", np.zeros((0, hidden), np.float32))
             batch["latent_targets"][row, : len(targets)] = targets
-    batch["loss_start"], batch["loss_window"] = loss_window(batch["loss_mask"], length)
+    batch["loss_positions"] = loss_positions(batch["loss_mask"])
     batch["num_skipped"] = np.int32(len(skipped))
     batch["prompt_length"] = np.array([e["prompt_length"] for e in good] + [0] * (batch_size - len(good)), np.int32)
     for key in ("answer", "sample_id", "family", "subtask", "trace"):
@@ -261,18 +315,17 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
     return batch
 
 
-MIN_LOSS_WINDOW = 16
+MIN_LOSS_POSITIONS = 16
 
 
-def loss_window(loss_mask: np.ndarray, length: int) -> tuple[np.ndarray, np.int32]:
-    """(first supervised position per row [B], window) with every row's supervised positions in
-    [start, start + window): the positions whose logits the loss needs. The window is a power of
-    two (at least MIN_LOSS_WINDOW, at most the row length), so it takes few distinct values."""
-    starts = np.zeros(len(loss_mask), np.int32)
-    span = 1
-    for row, mask in enumerate(loss_mask):
-        supervised = np.flatnonzero(mask)
-        if supervised.size:
-            starts[row] = supervised[0]
-            span = max(span, int(supervised[-1] - supervised[0]) + 1)
-    return starts, np.int32(min(length, max(MIN_LOSS_WINDOW, 1 << (span - 1).bit_length())))
+def loss_positions(loss_mask: np.ndarray) -> np.ndarray:
+    """The supervised positions of each row [B, W], -1 past a row's last: the positions whose logits
+    the loss needs (the assistant turns, not the prompts and their video tokens). W is a power of
+    two (at least MIN_LOSS_POSITIONS, at most the row length), so it takes few distinct values."""
+    supervised = [np.flatnonzero(mask) for mask in np.asarray(loss_mask)]
+    most = max([1, *(s.size for s in supervised)])
+    width = min(loss_mask.shape[1], max(MIN_LOSS_POSITIONS, 1 << (most - 1).bit_length()))
+    out = np.full((len(supervised), width), -1, np.int32)
+    for row, s in enumerate(supervised):
+        out[row, : s.size] = s
+    return out

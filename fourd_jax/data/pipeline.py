@@ -43,6 +43,7 @@ class PipelineConfig:
     skip_bad_records: bool = True
     drop_remainder: bool = True
     left_pad: bool = False  # prompts for generation are left-padded (collate adds rope_deltas)
+    packed_rows: int = 0  # per JAX process; > 0 packs each batch's examples into this many rows
     # Threads featurizing ahead inside each process, and how many examples they may buffer.
     # Grain's defaults (16 threads, 500 examples) hold gigabytes of video patches.
     read_threads: int = 2
@@ -146,7 +147,8 @@ class Collate:
 
     def __call__(self, examples):
         return collate(examples, self.config.batch_size, self.config.seq_buckets, self.model_config,
-                       self.config.features.latent_size, left_pad=self.config.left_pad)
+                       self.config.features.latent_size, left_pad=self.config.left_pad,
+                       packed_rows=self.config.packed_rows)
 
 
 def build_dataset(path: str | Path | Sequence[str | Path], tokenizer: Any, model_config: ModelConfig,

@@ -53,18 +53,23 @@ def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Ar
 
 
 def attention_mask_for(
-    attention_mask: jax.Array | None, batch: int, length: int, cache_len: int | None, cache_index
+    attention_mask: jax.Array | None, batch: int, length: int, cache_len: int | None, cache_index,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean [B, L, K] mask: causal, and keys that are not padding.
 
     Without a cache K = L and attention_mask is [B, L]; with a cache of K slots the queries sit
     at slots cache_index .. cache_index + L - 1 and attention_mask is [B, K] over the slots.
+    segment_ids [B, L] (no cache): packed rows, where a token attends only within its own segment.
     """
     if cache_len is None:
         keys = jnp.arange(length)
         causal = keys[None, :] <= keys[:, None]
         ok = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask != 0
-        return causal[None] & ok[:, None, :]
+        mask = causal[None] & ok[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        return mask
     slots = cache_index + jnp.arange(length)
     causal = jnp.arange(cache_len)[None, :] <= slots[:, None]
     ok = jnp.ones((batch, cache_len), bool) if attention_mask is None else attention_mask != 0
@@ -100,6 +105,7 @@ class Qwen25VL(nn.Module):
         position_ids: jax.Array | None = None,
         vision: VisionInputs | None = None,
         latent_embeds: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         kv_cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         compute_logits: bool = True,
@@ -116,6 +122,8 @@ class Qwen25VL(nn.Module):
           vision: precomputed `prepare_vision(...)` (instead of the pixel arguments).
           latent_embeds: vectors that replace the input embeddings at the `<|latent_pad|>`
             positions: [N, hidden] in row-major order, or [B, N, hidden] per batch row.
+          segment_ids: [B, L] for rows packed with several sequences (1, 2, ... per sequence):
+            attention stays within a sequence. Not with `kv_cache`.
           kv_cache: a cache to write this chunk into at slot `cache_index` and attend over.
           compute_logits: False returns only hidden states (e.g. for the latent loss).
         """
@@ -163,7 +171,9 @@ class Qwen25VL(nn.Module):
             embeds = replace_rows(embeds, input_ids == c.latent_pad_token_id, latent_embeds)
 
         cache_len = None if kv_cache is None else kv_cache.max_len
-        mask = attention_mask_for(attention_mask, batch, length, cache_len, cache_index)
+        if segment_ids is not None and kv_cache is not None:
+            raise InputError("segment_ids (packed rows) cannot be combined with a KV cache.")
+        mask = attention_mask_for(attention_mask, batch, length, cache_len, cache_index, segment_ids)
         cos, sin = rope.mrope_cos_sin(position_ids, c.text)
         cos, sin = cos.astype(c.jnp_dtype), sin.astype(c.jnp_dtype)
         hidden, new_cache = self.language_model(embeds, cos, sin, mask, kv_cache, cache_index)

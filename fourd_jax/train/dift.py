@@ -22,11 +22,13 @@ import numpy as np
 import optax
 
 from fourd_jax.batch import device_batch
+from fourd_jax.data.batching import batch_axis
 from fourd_jax.errors import InputError
 from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train import job, observe
+from fourd_jax.train.accumulate import accumulate, split_rows
 from fourd_jax.train.job import Trainer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
 from fourd_jax.train.settings import DiftLossConfig, RunSettings
@@ -63,11 +65,10 @@ class StaticSizes(NamedTuple):
 
     video_frame_len: int
     imagery_frame_len: int
-    loss_window: int  # positions whose logits the CE needs, from each row's `loss_start`
 
     @classmethod
     def of(cls, batch: dict[str, Any]) -> StaticSizes:
-        return cls(int(batch["video_frame_len"]), int(batch["imagery_frame_len"]), int(batch["loss_window"]))
+        return cls(int(batch["video_frame_len"]), int(batch["imagery_frame_len"]))
 
 
 def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes,
@@ -83,47 +84,38 @@ def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: S
         tokens = jax.lax.stop_gradient(model.apply({"params": tower}, imagery, method=Qwen25VL.encode_vision))
         targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      position_ids=batch["position_ids"],
+                      position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"),
                       vision=vision_inputs({**batch, "video_frame_len": sizes.video_frame_len}, "video"),
                       latent_embeds=targets, compute_logits=compute_logits)
     return out, targets
 
 
-def row_windows(x: jax.Array, starts: jax.Array, window: int) -> jax.Array:
-    """x[b, starts[b] : starts[b] + window] for every row b of x [B, L, ...] (a start too close to
-    the end is moved back so the window fits, which keeps every supervised position inside)."""
-    return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, window, axis=0))(x, starts)
+def at_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x[b, positions[b, w]] for x [B, L, ...] and positions [B, W]; zero where a position is -1."""
+    picked = jnp.take_along_axis(x, jnp.maximum(positions, 0).reshape(*positions.shape, *[1] * (x.ndim - 2)),
+                                 axis=1)
+    return jnp.where((positions >= 0).reshape(*positions.shape, *[1] * (x.ndim - 2)), picked, 0)
 
 
 def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: StaticSizes,
               target_tower: Any = None) -> dict[str, jax.Array]:
     """Summed CE and latent losses over a (micro-)batch.
 
-    Logits are computed only in each row's loss window (the assistant turn), not over the prompt
-    and its video tokens: the LM head and its softmax are a large share of a step's FLOPs and the
-    largest activation ([B, L, vocab]) when most of a sequence is video.
+    Logits are computed only at each row's supervised positions (`loss_positions`: the assistant
+    turns), not over the prompts and their video tokens: the LM head and its softmax are a large
+    share of a step's FLOPs and the largest activation ([B, L, vocab]) when most of a sequence is video.
     """
     out, targets = teacher_forced(params, batch, model, sizes, compute_logits=False, target_tower=target_tower)
-    starts, window = batch["loss_start"], sizes.loss_window
-    logits = model.apply({"params": params}, row_windows(out.hidden_states, starts, window), method=Qwen25VL.logits)
-    ce = (token_cross_entropy(logits, row_windows(batch["targets"], starts, window))
-          * row_windows(batch["loss_mask"], starts, window))
+    positions = batch["loss_positions"]
+    logits = model.apply({"params": params}, at_positions(out.hidden_states, positions), method=Qwen25VL.logits)
+    ce = (token_cross_entropy(logits, at_positions(batch["targets"], positions))
+          * at_positions(batch["loss_mask"], positions))
     latent = latent_cosine_terms(out.hidden_states, targets, batch["latent_mask"])
     return {"ce_sum": ce.sum(), "latent_sum": latent.sum()}
 
 
 def counts(batch: dict[str, Any]) -> dict[str, jax.Array]:
     return {"ce_count": batch["loss_mask"].sum(), "latent_count": batch["latent_mask"].sum().astype(jnp.float32)}
-
-
-def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
-    """Every per-example array [B, ...] -> [k, B / k, ...] (position_ids [3, B, L] -> [k, 3, B / k, L])."""
-    def split(key, x):
-        if key == "position_ids":
-            return jnp.moveaxis(x.reshape(3, k, x.shape[1] // k, x.shape[2]), 1, 0)
-        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
-
-    return {key: split(key, x) for key, x in batch.items()}
 
 
 def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = None, *, model: Qwen25VL,
@@ -147,13 +139,8 @@ def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = Non
     if grad_accum == 1:
         (loss, sums), grads = grad_fn(state.params, batch)
     else:
-        def accumulate(carry, micro):
-            (micro_loss, micro_sums), micro_grads = grad_fn(state.params, micro)
-            return jax.tree_util.tree_map(jnp.add, carry, (micro_loss, micro_sums, micro_grads)), None
-
-        zero = jnp.zeros((), jnp.float32)
-        init = (zero, {"ce_sum": zero, "latent_sum": zero}, jax.tree_util.tree_map(jnp.zeros_like, state.params))
-        (loss, sums, grads), _ = jax.lax.scan(accumulate, init, split_micro_batches(batch, grad_accum))
+        micro_batches = {key: split_rows(x, grad_accum, batch_axis(key)) for key, x in batch.items()}
+        ((loss, sums), grads), _ = accumulate(lambda micro: (grad_fn(state.params, micro), ()), micro_batches)
     new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
     metrics = {
         "loss": loss, "ce": sums["ce_sum"] / jnp.maximum(n["ce_count"], 1.0),

@@ -215,6 +215,8 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
         raise InputError(f"steps must be a whole number >= 1, not {steps!r}.")
     mesh = sharding.make_mesh(settings.mesh_shape)
     check_batch_divides(settings.data.batch_size, mesh)
+    if settings.data.packed_rows:
+        check_batch_divides(settings.data.packed_rows, mesh, "data.packed_rows")
     data_dir = data_directory(settings, data)
     data_digest = observe.file_digest(records.files(data_dir / "train"))
     workdir = as_path(workdir)  # a local directory or a URL (gs://...)

@@ -32,8 +32,9 @@ from fourd_jax.files import as_path
 from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.sample import Rollout, SamplingConfig, generate, sampling_for, token_logprobs
+from fourd_jax.sample import Rollout, SamplingConfig, generate, prefill, sampling_for, token_logprobs
 from fourd_jax.train import job, observe, rewards
+from fourd_jax.train.accumulate import accumulate, merge_rows, split_rows
 from fourd_jax.train.job import Trainer
 from fourd_jax.train.optim import stop_frozen, trainable_mask
 from fourd_jax.train.settings import GrpoConfig, RewardSettings, RunSettings
@@ -82,16 +83,25 @@ def scoring_inputs(prompt: PreparedInputs, rollout: Rollout, num_samples: int) -
         position_ids=positions, rope_deltas=deltas, vision=vision)
 
 
-def completion_logprobs(params: Any, model: Qwen25VL, inputs: PreparedInputs, latent_inputs: jax.Array,
-                        num_new: int, temperature: float) -> jax.Array:
-    """log p of each completion token [B, num_new] given everything before it, with the fed
-    hidden states at the latent pads."""
-    out = model.apply({"params": params}, inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids,
-                      vision=inputs.vision, latent_embeds=latent_inputs, compute_logits=False)
-    length = inputs.input_ids.shape[1]
-    hidden = out.hidden_states[:, length - num_new - 1:length - 1]  # position t predicts token t + 1
+def completion_logprobs(params: Any, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, num_samples: int,
+                        temperature: float) -> jax.Array:
+    """log p of each completion token [B x num_samples, N] given everything before it, with the fed
+    hidden states at the latent pads: the sequences of `scoring_inputs`, computed as the sampler
+    computes them. Each prompt (and its media) runs once into a KV cache (`sample.prefill`); the G
+    completions then attend to its repeated keys and values, so the prompt's work, and its gradient,
+    is done once per prompt, not once per sample."""
+    n_new = rollout.tokens.shape[1]
+    prompt_len = prompt.input_ids.shape[1]
+    cache, mask, last_hidden = prefill(params, prompt, model, n_new, num_samples)
+    mask = jnp.concatenate([mask[:, :prompt_len], rollout.completion_mask.astype(jnp.int32)], axis=1)
+    slots = prompt_len + jnp.arange(n_new)[None, :] + jnp.repeat(prompt.rope_deltas, num_samples)[:, None]
+    out = model.apply({"params": params}, rollout.tokens, attention_mask=mask,
+                      position_ids=jnp.broadcast_to(slots[None], (3,) + slots.shape), kv_cache=cache,
+                      cache_index=prompt_len, latent_embeds=rollout.latent_inputs, compute_logits=False)
+    # position t predicts token t + 1: the prompt's last position predicts the first completion token
+    hidden = jnp.concatenate([last_hidden[:, None], out.hidden_states[:, :-1]], axis=1)
     logits = model.apply({"params": params}, hidden, method=Qwen25VL.logits)
-    return token_logprobs(logits, inputs.input_ids[:, length - num_new:], temperature)
+    return token_logprobs(logits, rollout.tokens, temperature)
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
@@ -103,10 +113,12 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Arra
 
 
 def grpo_objective(logp: jax.Array, *, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
-                   advantages: jax.Array, mask: jax.Array, config: GrpoConfig
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   advantages: jax.Array, mask: jax.Array, config: GrpoConfig,
+                   totals: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The clipped surrogate + beta * KL from per-token log-probs [B, N], aggregated over `mask`
-    (the text completion tokens). old_logprobs None: the first iteration (ratio 1, gradient kept)."""
+    (the text completion tokens). old_logprobs None: the first iteration (ratio 1, gradient kept).
+    `totals` (sequences, tokens): the whole batch's counts when these rows are one micro-batch of
+    it, so that the micro-batches' losses and metrics add up to the batch's; default these rows'."""
     old = jax.lax.stop_gradient(logp) if old_logprobs is None else old_logprobs
     ratio = jnp.exp(logp - old)
     adv = advantages[:, None]
@@ -115,23 +127,30 @@ def grpo_objective(logp: jax.Array, *, old_logprobs: jax.Array | None, ref_logpr
     if config.beta:
         per_token = per_token + config.beta * kl
     m = mask.astype(jnp.float32)
+    sequences, tokens = batch_totals(mask) if totals is None else totals
     if config.aggregation == "sequence-mean":
-        loss = jnp.mean(jnp.sum(per_token * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+        loss = jnp.sum(jnp.sum(per_token * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)) / sequences
     else:
-        loss = jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
-    tokens = jnp.maximum(jnp.sum(m), 1.0)
+        loss = jnp.sum(per_token * m) / tokens
     clipped = (jnp.abs(ratio - 1.0) > config.epsilon) & mask
     return loss, {"kl": jax.lax.stop_gradient(jnp.sum(kl * m) / tokens), "clip_fraction": jnp.sum(clipped) / tokens}
 
 
-def grpo_loss(params: Any, *, model: Qwen25VL, inputs: PreparedInputs, rollout: Rollout, mask: jax.Array,
+def batch_totals(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sequences, tokens) that `grpo_objective` divides by: the rows, and the policy tokens (at least 1)."""
+    return jnp.asarray(mask.shape[0], jnp.float32), jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def grpo_loss(params: Any, *, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, mask: jax.Array,
               advantages: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
-              config: GrpoConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`grpo_objective` on the policy's log-probs of the sampled sequences."""
-    logp = completion_logprobs(params, model, inputs, rollout.latent_inputs, rollout.tokens.shape[1],
-                               config.temperature)
+              config: GrpoConfig, num_samples: int | None = None,
+              totals: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`grpo_objective` on the policy's log-probs of the sampled sequences: `num_samples` rollout
+    rows per prompt (default rl.num_generations; fewer for a micro-batch of each group)."""
+    n = config.num_generations if num_samples is None else num_samples
+    logp = completion_logprobs(params, model, prompt, rollout, n, config.temperature)
     loss, aux = grpo_objective(logp, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-                               mask=mask, config=config)
+                               mask=mask, config=config, totals=totals)
     fixed = jax.lax.stop_gradient(logp)
     # Sampler vs recomputed log-probs at the same params, on every token the sampler drew: 0 up to
     # float error when the scored sequence is the sampled one. Forced tokens (latent pads and ends)
@@ -144,21 +163,49 @@ def grpo_loss(params: Any, *, model: Qwen25VL, inputs: PreparedInputs, rollout: 
 
 def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, advantages: jax.Array,
                 ref_logprobs: jax.Array | None, *, model: Qwen25VL, tx: optax.GradientTransformation, trainable: Any,
-                config: GrpoConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`num_iterations` guarded optimizer updates on one rollout batch (one loop step)."""
-    c = model.config
-    inputs = scoring_inputs(prompt, rollout, config.num_generations)
+                config: GrpoConfig, micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`num_iterations` guarded optimizer updates on one rollout batch (one loop step).
+
+    With `micro_batches` k > 1 (optim.grad_accum), micro-batch j scores every prompt with its
+    samples j, j + k, ... (G / k of each group) and the gradients are summed: the same update in
+    about 1/k of the completions' activation memory. The split is over samples, not prompts, because
+    on a pod each device usually holds a single prompt; the price is one prompt prefill per micro-batch.
+    """
+    c, g = model.config, config.num_generations
     mask = policy_token_mask(rollout.tokens, rollout.completion_mask,
                              () if config.latent_gradient else (c.latent_token_ids or ()))
+    totals = batch_totals(mask)
+    k = micro_batches
+    if g % k:
+        raise InputError(f"{k} micro-batches do not split the {g} samples of each prompt (rl.num_generations).")
 
-    def objective(params, old):
-        return grpo_loss(stop_frozen(params, trainable), model=model, inputs=inputs, rollout=rollout, mask=mask,
-                         advantages=advantages, old_logprobs=old, ref_logprobs=ref_logprobs, config=config)
+    def objective(params, rows):
+        rollout, mask, advantages, ref_logprobs, old = rows
+        return grpo_loss(stop_frozen(params, trainable), model=model, prompt=prompt, rollout=rollout, mask=mask,
+                         advantages=advantages, old_logprobs=old, ref_logprobs=ref_logprobs, config=config,
+                         num_samples=g // k, totals=totals)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def gradients(params, old):
+        """(loss, aux, grads) of the whole batch, summed over its micro-batches."""
+        rows = (rollout, mask, advantages, ref_logprobs, old)
+        if k == 1:
+            (loss, aux), grads = grad_fn(params, rows)
+            return loss, aux, grads
+
+        def one(micro):
+            (loss, aux), grads = grad_fn(params, micro)
+            return (loss, aux["kl"], aux["clip_fraction"], grads), (aux["logp"], aux["logprob_drift"])
+
+        split = jax.tree_util.tree_map(lambda x: split_rows(x, k), rows)  # row p * G + i -> micro-batch i % k
+        (loss, kl, clip_fraction, grads), (logp, drift) = accumulate(one, split)
+        aux = {"kl": kl, "clip_fraction": clip_fraction, "logp": merge_rows(logp), "logprob_drift": jnp.max(drift)}
+        return loss, aux, grads
+
     start, old, first = state, None, None
     for _ in range(config.num_iterations):
-        (loss, aux), grads = grad_fn(state.params, old)
+        loss, aux, grads = gradients(state.params, old)
         if first is None:
             first, old = aux, aux["logp"]  # log-probs of the params that sampled: the old policy
         state, grad_norm, finite = guarded_update(state, grads, loss, tx)
@@ -169,7 +216,7 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
                "completion_length": jnp.mean(jnp.sum(rollout.completion_mask, axis=1).astype(jnp.float32)),
                "latent_blocks": jnp.mean(jnp.sum(rollout.tokens == (c.latent_start_token_id or -1), axis=1)
                                          .astype(jnp.float32)),
-               "tokens": jnp.sum(inputs.attention_mask).astype(jnp.float32)}
+               "tokens": (jnp.sum(prompt.attention_mask) * g + jnp.sum(rollout.completion_mask)).astype(jnp.float32)}
     return state, metrics
 
 
@@ -223,8 +270,16 @@ def jitted_update(settings: RunSettings, model: Qwen25VL, tx: optax.GradientTran
                   shardings: TrainState):
     """The compiled GRPO update of a run: `update_step` with the state donated and kept on `shardings`
     (what the trainer runs, and what `fourd-jax compile` lowers for a TPU topology)."""
-    return jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable, config=settings.rl),
+    return jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable, config=settings.rl,
+                                     micro_batches=settings.optim.grad_accum),
                    donate_argnums=0, out_shardings=(shardings, None))
+
+
+def reference_policy(params: Any, dtype: Any) -> Any:
+    """The frozen reference's copy of the weights, held in the compute dtype: every layer casts its
+    weights to that dtype before use, so the reference's log-probs are the same, in half the memory
+    beside a float32 policy trained in bfloat16."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer:
@@ -233,13 +288,13 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
     model, params = job.model_and_params(settings, tokenizer, mesh)
     tx, shardings, state, schedule = job.optimizer_and_state(settings, model, params, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        reference = jax.jit(lambda p: p, out_shardings=shardings.params)(params) if grpo.beta else None
+        reference = (jax.jit(functools.partial(reference_policy, dtype=model.config.jnp_dtype),
+                             out_shardings=shardings.params)(params) if grpo.beta else None)
     knobs = settings.sample
     sampling = sampling_config(settings, tokenizer, model.config)
     update = jitted_update(settings, model, tx, trainable_mask(params, settings.optim.freeze), shardings)
-    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(
-        p, model, scoring_inputs(prompt, rollout, grpo.num_generations), rollout.latent_inputs,
-        rollout.tokens.shape[1], grpo.temperature))
+    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, grpo.num_generations,
+                                                                   grpo.temperature))
 
     def step_fn(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
         g = grpo.num_generations

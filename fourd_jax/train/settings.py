@@ -89,6 +89,12 @@ class DataSettings:
     num_workers: int
     skip_bad_records: bool
     subtasks: tuple[str, ...]
+    packed_rows: int = 0  # global; 0 = one example per row
+
+    @property
+    def rows(self) -> int:
+        """Rows of a global batch on the devices."""
+        return self.packed_rows or self.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +239,11 @@ class RunSettings:
         data = DataSettings(path=str(d.path), batch_size=_number(config, "data.batch_size", minimum=1),
                             seq_buckets=buckets, features=features,
                             num_workers=_number(config, "data.num_workers", minimum=0),
-                            skip_bad_records=bool(d.skip_bad_records), subtasks=tuple(d.get("subtasks", ())))
+                            skip_bad_records=bool(d.skip_bad_records), subtasks=tuple(d.get("subtasks", ())),
+                            packed_rows=_number(config, "data.packed_rows", minimum=0, default=0))
+        if data.packed_rows > data.batch_size:
+            raise InputError(f"data.packed_rows {data.packed_rows} is more than data.batch_size {data.batch_size} "
+                             "(the examples of a batch packed into fewer rows).")
         optim = OptimSettings(
             lr=_number(config, "optim.lr", float, minimum=0),
             min_lr_ratio=_number(config, "optim.min_lr_ratio", float, minimum=0),
@@ -245,6 +255,9 @@ class RunSettings:
             eps=_number(config, "optim.eps", float, minimum=0),
             clip_norm=_number(config, "optim.clip_norm", float, above=0),
             grad_accum=_number(config, "optim.grad_accum", minimum=1), freeze=tuple(config.optim.freeze))
+        if "rl" not in config and data.rows % optim.grad_accum:
+            raise InputError(f"optim.grad_accum {optim.grad_accum} must divide the {data.rows} rows of a batch "
+                             "(data.packed_rows, or data.batch_size when not packing).")
         t = config.train
         loop = LoopSettings(
             checkpoint_every=_number(config, "train.checkpoint_every", minimum=1),
@@ -271,6 +284,9 @@ class RunSettings:
                 beta=_number(config, "rl.beta", float, minimum=0), kl_estimator=str(r.kl_estimator),
                 num_iterations=_number(config, "rl.num_iterations", minimum=1), aggregation=str(r.aggregation),
                 temperature=sample.temperature, latent_gradient=bool(r.get("latent_gradient", False)))
+            if rl.num_generations % optim.grad_accum:
+                raise InputError(f"optim.grad_accum {optim.grad_accum} must divide rl.num_generations "
+                                 f"{rl.num_generations} (a GRPO micro-batch holds G / grad_accum samples per prompt).")
             reward = RewardSettings(**{k: _number(config, f"reward.{k}", float)
                                        for k in ("accuracy", "format", "st_format", "st_accuracy", "st_camera",
                                                  "st_object")})
@@ -302,6 +318,7 @@ class RunSettings:
         (`supervised`) or as prompts (GRPO: unsupervised, left-padded)."""
         d = self.data
         return PipelineConfig(batch_size=d.batch_size // jax.process_count(), seq_buckets=d.seq_buckets,
+                              packed_rows=0 if left_pad else d.packed_rows // jax.process_count(),
                               seed=self.seed, num_epochs=None, num_workers=d.num_workers,
                               skip_bad_records=d.skip_bad_records, subtasks=d.subtasks, left_pad=left_pad,
                               features=dataclasses.replace(d.features, supervised=supervised))

@@ -1,0 +1,134 @@
+"""The machine's limits, measured in the same run as a benchmark, and a bench's fraction of them.
+
+A speed-up against torch says nothing about how much faster the work could go. Each bench
+therefore also measures, on the same machine and in the same process:
+
+- `matmul_peak`: FLOP/s of one jitted matmul at the bench's own sizes (the compute roof);
+- `stream_bandwidth`: bytes/s of a jitted small-batch matmul over a weight as large as the
+  bench's decoder (the roof of weight-streaming decode, where every step reads every weight);
+
+and reports its achieved FLOP/s or bytes/s as a fraction of them. The work counts are arithmetic
+on the model's shapes (`fourd_jax.train.observe`), never timings, so the tests check them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Wall times of repeated calls: the median and the spread."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def low(self) -> float:
+        return min(self.times)
+
+    @property
+    def high(self) -> float:
+        return max(self.times)
+
+    def ms(self) -> str:
+        """'median ms (low-high)'."""
+        return f"{self.median * 1e3:.1f} ms ({self.spread_ms()})"
+
+    def spread_ms(self) -> str:
+        """'low-high' in ms."""
+        return f"{self.low * 1e3:.1f}-{self.high * 1e3:.1f}"
+
+
+def time_runs(fn: Callable[[], Any], repeats: int) -> Runs:
+    """Wall times of `repeats` calls of fn (which must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Runs(tuple(times))
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """Multiply-adds of an [m, k] @ [k, n] matmul, counted as 2 FLOPs each."""
+    return 2 * m * k * n
+
+
+def matmul_peak(m: int, k: int, n: int, repeats: int = 7, dtype: Any = jnp.float32) -> tuple[float, Runs]:
+    """(FLOP/s at the median, the runs) of a jitted [m, k] @ [k, n] matmul."""
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rs.standard_normal((k, n)), dtype)
+    f = jax.jit(jnp.matmul)
+    f(x, w).block_until_ready()
+    runs = time_runs(lambda: f(x, w).block_until_ready(), repeats)
+    return matmul_flops(m, k, n) / runs.median, runs
+
+
+def stream_bandwidth(weight_bytes: int, rows: int, k: int, repeats: int = 7,
+                     dtype: Any = jnp.float32) -> tuple[float, Runs]:
+    """(bytes/s at the median, the runs) of a jitted [rows, k] @ [k, n] with the weight about
+    `weight_bytes` large: what one decode step does to every decoder weight."""
+    itemsize = jnp.dtype(dtype).itemsize
+    n = max(1, weight_bytes // (k * itemsize))
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.standard_normal((rows, k)), dtype)
+    w = jnp.asarray(rs.standard_normal((k, n)), dtype)
+    f = jax.jit(jnp.matmul)
+    f(x, w).block_until_ready()
+    runs = time_runs(lambda: f(x, w).block_until_ready(), repeats)
+    return w.nbytes / runs.median, runs
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array in a pytree."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def decoder_weight_bytes(params: Any) -> int:
+    """Bytes of the weights one decode step reads whole: the decoder's layers and the LM head.
+    Not the vision tower, and not the input embedding (a gather of one row per token), unless the
+    LM head is that embedding (tied)."""
+    lm = params["language_model"]
+    embedding = tree_bytes(lm["embed_tokens"]) if "lm_head" in params else 0
+    return tree_bytes({k: v for k, v in params.items() if k != "visual"}) - embedding
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fraction(achieved: float, limit: float) -> str:
+    return f"{achieved / limit:.0%}"
+
+
+def compute_roof(flops: float, jax_runs: Runs, torch_runs: Runs, shape: tuple[int, int, int],
+                 what: str) -> tuple[dict[str, object], str]:
+    """(result columns, a printed line) for a compute-bound bench: `flops` of work per call
+    against the matmul peak measured now at `shape` (m, k, n), and this process's peak memory."""
+    peak, _ = matmul_peak(*shape)
+    jax_s, torch_s = jax_runs.median, torch_runs.median
+    rss = peak_rss_bytes()
+    columns = {"GFLOP": round(flops / 1e9, 2), "jax GFLOP/s": round(flops / jax_s / 1e9, 1),
+               "matmul peak GFLOP/s": round(peak / 1e9, 1), "jax of peak": fraction(flops / jax_s, peak),
+               "torch of peak": fraction(flops / torch_s, peak), "peak RSS GiB": round(rss / 2**30, 2)}
+    m, k, n = shape
+    line = (f"roofline: {flops / 1e9:.2f} GFLOP per {what}; jax {columns['jax GFLOP/s']} GFLOP/s = "
+            f"{columns['jax of peak']} and torch {columns['torch of peak']} of this machine's jitted {m}x{k} @ {k}x{n} "
+            f"matmul ({columns['matmul peak GFLOP/s']} GFLOP/s, measured now); peak host memory "
+            f"{columns['peak RSS GiB']} GiB")
+    return columns, line

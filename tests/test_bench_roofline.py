@@ -1,0 +1,82 @@
+"""The benches' roofline arithmetic: work counts checked against XLA's own count and against the
+arrays, and a bench run that reports them (numbers, never timings)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fourd_jax.bench import roofline
+from fourd_jax.bench.forward import bench_config
+from fourd_jax.model.apply import abstract_params
+from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train.observe import decoder_flops_per_token
+
+
+def one_layer(tied: bool = False):
+    c = bench_config("tiny")
+    return c.replace(text=dataclasses.replace(c.text, num_layers=1), tie_word_embeddings=tied)
+
+
+def xla_flops(fn, *args) -> float:
+    return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_decoder_flops_agree_with_xla_cost_analysis(trainable):
+    """One decoder layer (XLA counts a scanned layer once, so one layer is all of it) and the LM
+    head, text only: the model-shape count is within 10% of XLA's (which adds norms, softmax and
+    the elementwise work the count leaves out)."""
+    config = one_layer()
+    model = Qwen25VL(config)
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(model))
+    rows, length = 2, 256
+    ids = jnp.zeros((rows, length), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length), (3, rows, length))
+
+    def forward(p, ids):
+        return jnp.sum(model.apply({"params": p}, ids, position_ids=positions).logits ** 2)  # a dense gradient
+
+    fn = jax.grad(forward) if trainable else forward
+    counted = rows * length * decoder_flops_per_token(config, length, trainable=trainable)
+    measured = xla_flops(fn, params, ids)
+    assert abs(measured / counted - 1) < 0.1, (measured, counted)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decoder_weight_bytes_are_the_layers_and_the_head(tied):
+    """Every parameter but the vision tower, without the embedding table unless it is the head."""
+    config = one_layer(tied)
+    params = abstract_params(Qwen25VL(config))
+    t = config.text
+    d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
+    layer = d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d  # q, k, v (with bias), o, MLP, norms
+    expected = 4 * (layer * t.num_layers + d + t.vocab_size * d)  # + final norm + the head (fp32)
+    assert roofline.decoder_weight_bytes(params) == expected
+
+
+def test_stream_bandwidth_reads_a_weight_of_the_asked_size():
+    rate, runs = roofline.stream_bandwidth(4 * 64 * 1000, rows=4, k=64, repeats=2)
+    assert len(runs.times) == 2 and rate > 0
+    assert roofline.matmul_flops(3, 5, 7) == 210
+
+
+def test_bench_forward_reports_its_fraction_of_the_matmul_peak(tmp_path, monkeypatch):
+    """`bench forward` (tiny) records the roofline columns, with the FLOPs of `forward_flops`."""
+    from fourd_jax.bench import forward
+
+    monkeypatch.setenv("FOURD_JAX_PERF_FILE", str(tmp_path / "perf.md"))
+    result = forward.run(size="tiny", repeats=2, record=True)
+    batch = forward.bench_batch(bench_config("tiny"), "tiny")
+    assert result["GFLOP"] == round(forward.forward_flops(bench_config("tiny"), batch) / 1e9, 2)
+    assert result["tokens"] == batch["input_ids"].size
+    for column in ("jax of peak", "torch of peak", "matmul peak GFLOP/s", "peak RSS GiB", "jax spread ms"):
+        assert column in result
+    assert result["jax of peak"].endswith("%") and result["peak RSS GiB"] > 0
+    table = (tmp_path / "perf.md").read_text()
+    assert "| jax of peak |" in table and str(result["jax ms"]) in table
+    np.testing.assert_allclose(float(result["max logit diff"]), 0.0, atol=1e-4)
