@@ -24,7 +24,7 @@ SLICES = ("v5p-8", "v6e-8", "v5e-16", "v5p-32", "v5p-64", "v6e-64", "v5e-64", "v
 FIRST = ("v5e-16", "v5e-64", "v5e-256")  # the slices whose presets changed: compiled first
 
 
-def settings_for(model: str, stage: str, mesh: tuple[int, int, int]):
+def settings_for(model: str, stage: str, mesh: tuple[int, int, int], tpu: str = ""):
     from fourd_jax.configs import dift, rl
     from fourd_jax.train.settings import RunSettings
 
@@ -32,7 +32,15 @@ def settings_for(model: str, stage: str, mesh: tuple[int, int, int]):
     config.mesh.shape = mesh
     ways = mesh[0] * mesh[1]
     config.data.batch_size = -(-config.data.batch_size // ways) * ways
+    if stage == "rl":
+        config.optim.grad_accum = rl_micro_batches(tpu, config.rl.num_generations)
     return RunSettings.of(config)
+
+
+def rl_micro_batches(tpu: str, group: int) -> int:
+    """GRPO micro-batches (optim.grad_accum): one sample of each prompt at a time on v5e and v6e
+    (16 and 32 GiB per chip), the whole group at once on v5p (95 GiB)."""
+    return 1 if tpu.startswith("v5p") else group
 
 
 def compile_one(model: str, stage: str, tpu: str) -> dict:
@@ -41,12 +49,14 @@ def compile_one(model: str, stage: str, tpu: str) -> dict:
     from fourd_jax.errors import InputError
 
     mesh = tuple(MESHES[tpu])
+    settings = settings_for(model, stage, mesh, tpu)
     began = time.time()
     try:
-        row = {**aot.compile_stage(settings_for(model, stage, mesh), stage, tpu).as_dict(0.4), "error": ""}
+        row = {**aot.compile_stage(settings, stage, tpu).as_dict(0.4), "error": ""}
     except InputError as e:
         row = {"error": str(e), "mesh_shape": list(mesh)}
-    return {**row, "model": model, "stage": stage, "topology": tpu, "compile_seconds": round(time.time() - began, 1)}
+    return {**row, "model": model, "stage": stage, "topology": tpu, "micro_batches": settings.optim.grad_accum,
+            "compile_seconds": round(time.time() - began, 1)}
 
 
 def compile_all(only: str = "") -> None:
@@ -65,6 +75,11 @@ def compile_all(only: str = "") -> None:
                       flush=True)
 
 
+def micro(row: dict) -> str:
+    k = row.get("micro_batches", 1)
+    return f" in {k} micro-batches" if k > 1 else ""
+
+
 def render() -> str:
     rows = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
     gib = 1024**3
@@ -80,7 +95,8 @@ def render() -> str:
             continue
         out.append(
             f"| {name} | {r['stage']} | {r['topology']} | {r['devices']} | {tuple(r['mesh_shape'])} "
-            f"| {r['global_batch']} x {r['seq_len']} | {r['peak_bytes'] / gib:.1f} / {r['hbm_bytes'] / gib:.0f} GiB "
+            f"| {r['global_batch']} x {r['seq_len']}{micro(r)} "
+            f"| {r['peak_bytes'] / gib:.1f} / {r['hbm_bytes'] / gib:.0f} GiB "
             f"| {'yes' if r['fits'] else 'no'} | {r['state_bytes'] / gib:.1f} GiB | {r['replicated_fraction']:.2%} "
             f"| {r['model_flops'] / 1e12:.0f} | {r['step_seconds']:.1f} s | {r['compile_seconds']:.0f} s |")
     return "\n".join(out)

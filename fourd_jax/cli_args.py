@@ -101,6 +101,9 @@ def _bench(sub) -> None:
         one = _add(what, name, helps[name], "bench")
         if name in ("forward", "sample", "rl"):
             one.add_argument("--size", default="small", choices=["small", "tiny"], help="model size")
+        if name == "sample":
+            one.add_argument("--rows", type=whole_number(4), default=4,
+                             help="prompts decoded together, a multiple of 4 (e.g. 32: an RL batch of prompts x G)")
         if name != "data":
             one.add_argument("--repeats", type=whole_number(1), default=5, help="timed repetitions (median reported)")
         one.add_argument("--no-record", action="store_true", help="print only, do not write docs/PERFORMANCE.md")

@@ -160,15 +160,18 @@ class Prefilled(NamedTuple):
     hidden: jax.Array  # [prompts x samples, hidden]: the final hidden state of each prompt's last token
 
 
-def prefill(params: Any, prompt: PreparedInputs, model: Qwen25VL, n_new: int, num_samples: int) -> Prefilled:
+def prefill(params: Any, prompt: PreparedInputs, model: Qwen25VL, n_new: int, num_samples: int,
+            vision_features: jax.Array | None = None) -> Prefilled:
     """Run the left-padded prompts (and their media) once, then repeat the cache `num_samples` times:
     the sampler decodes from it, and GRPO scores the samples from it (the shared prompt prefix and
-    the vision tower run once per prompt, not once per sample)."""
+    the vision tower run once per prompt, not once per sample). `vision_features`: the prompts'
+    merged visual tokens when computed outside (a frozen tower), else the tower runs here."""
     prompts, prompt_len = prompt.input_ids.shape
     cache = init_kv_cache(model.config, prompts, prompt_len + n_new)
     mask = jnp.concatenate([prompt.attention_mask.astype(jnp.int32), jnp.zeros((prompts, n_new), jnp.int32)], axis=1)
     out = model.apply({"params": params}, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
-                      vision=prompt.vision, kv_cache=cache, cache_index=0, compute_logits=False)
+                      vision=prompt.vision, vision_features=vision_features, kv_cache=cache, cache_index=0,
+                      compute_logits=False)
     return Prefilled(_repeat_cache(out.kv_cache, num_samples), _repeat_rows(mask, num_samples),
                      _repeat_rows(out.hidden_states[:, -1], num_samples))
 

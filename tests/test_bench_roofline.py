@@ -80,3 +80,18 @@ def test_bench_forward_reports_its_fraction_of_the_matmul_peak(tmp_path, monkeyp
     table = (tmp_path / "perf.md").read_text()
     assert "| jax of peak |" in table and str(result["jax ms"]) in table
     np.testing.assert_allclose(float(result["max logit diff"]), 0.0, atol=1e-4)
+
+
+def test_bench_sample_reports_its_fraction_of_the_decode_roof():
+    """`bench sample` (tiny, 8 rows) bounds each decode step by the weight bytes it streams and the
+    matmuls of its rows, and reports the greedy tokens it compared with `generate`."""
+    from fourd_jax.bench import sample
+
+    result = sample.run(size="tiny", repeats=1, record=False, max_new_tokens=6, rows=8)
+    _, _, params = sample.reference_models(bench_config("tiny"))
+    assert result["rows"] == 8 and result["new tokens"] == 6
+    assert result["decoder MB"] == round(roofline.decoder_weight_bytes(params) / 1e6, 1)
+    assert result["bound"] in ("weights", "compute") and result["jax of bound"].endswith("%")
+    assert result["equal rows"].endswith("/8")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sample.run(size="tiny", rows=6, record=False)

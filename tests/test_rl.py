@@ -227,6 +227,24 @@ def test_micro_batched_update_equals_the_whole_batch(data):
                                                micro_batches=k))
             state, metrics = update(new_state(params, tx, 0), prompt, rollout, advantages, ref)
             results.append(jax.device_get((metrics, state.params)))
+        # The frozen tower runs once per update, outside the micro-batches and iterations: traced once,
+        # and its precomputed tokens give the log-probs of running it inside the scoring forward.
+        features = rl.frozen_vision_features(params, trainable_mask(params, settings.optim.freeze), model, prompt)
+        inside = rl.completion_logprobs(params, model, prompt, rollout, g, settings.rl.temperature)
+        outside = rl.completion_logprobs(params, model, prompt, rollout, g, settings.rl.temperature, features)
+        np.testing.assert_allclose(np.asarray(outside), np.asarray(inside), atol=1e-6)
+        from fourd_jax.model.vision import VisionTower
+        calls = [0]
+
+        def count_tower(next_fn, args, kwargs, context):
+            calls[0] += isinstance(context.module, VisionTower) and context.method_name == "__call__"
+            return next_fn(*args, **kwargs)
+
+        with nn.intercept_methods(count_tower):
+            jax.make_jaxpr(functools.partial(rl.update_step, model=model, tx=tx, config=settings.rl, micro_batches=2,
+                                             trainable=trainable_mask(params, settings.optim.freeze)))(
+                new_state(params, tx, 0), prompt, rollout, advantages, ref)
+        assert calls[0] == 1
     (whole, p_whole), (micro, p_micro) = results
     assert abs(float(whole["kl"])) > 1e-5 and float(whole["clip_fraction"]) > 0  # both terms at work
     for key in ("loss", "kl", "clip_fraction", "logprob_drift", "grad_norm", "policy_tokens", "tokens"):

@@ -67,14 +67,19 @@ def matmul_flops(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
-def matmul_peak(m: int, k: int, n: int, repeats: int = 7, dtype: Any = jnp.float32) -> tuple[float, Runs]:
-    """(FLOP/s at the median, the runs) of a jitted [m, k] @ [k, n] matmul."""
+def timed_matmul(m: int, k: int, n: int, repeats: int, dtype: Any = jnp.float32) -> tuple[Runs, int]:
+    """(wall times, weight bytes) of a jitted [m, k] @ [k, n] on random operands, after a warm-up."""
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.standard_normal((m, k)), dtype)
     w = jnp.asarray(rs.standard_normal((k, n)), dtype)
     f = jax.jit(jnp.matmul)
     f(x, w).block_until_ready()
-    runs = time_runs(lambda: f(x, w).block_until_ready(), repeats)
+    return time_runs(lambda: f(x, w).block_until_ready(), repeats), w.nbytes
+
+
+def matmul_peak(m: int, k: int, n: int, repeats: int = 7, dtype: Any = jnp.float32) -> tuple[float, Runs]:
+    """(FLOP/s at the median, the runs) of a jitted [m, k] @ [k, n] matmul."""
+    runs, _ = timed_matmul(m, k, n, repeats, dtype)
     return matmul_flops(m, k, n) / runs.median, runs
 
 
@@ -82,15 +87,9 @@ def stream_bandwidth(weight_bytes: int, rows: int, k: int, repeats: int = 7,
                      dtype: Any = jnp.float32) -> tuple[float, Runs]:
     """(bytes/s at the median, the runs) of a jitted [rows, k] @ [k, n] with the weight about
     `weight_bytes` large: what one decode step does to every decoder weight."""
-    itemsize = jnp.dtype(dtype).itemsize
-    n = max(1, weight_bytes // (k * itemsize))
-    rs = np.random.RandomState(0)
-    x = jnp.asarray(rs.standard_normal((rows, k)), dtype)
-    w = jnp.asarray(rs.standard_normal((k, n)), dtype)
-    f = jax.jit(jnp.matmul)
-    f(x, w).block_until_ready()
-    runs = time_runs(lambda: f(x, w).block_until_ready(), repeats)
-    return w.nbytes / runs.median, runs
+    n = max(1, weight_bytes // (k * jnp.dtype(dtype).itemsize))
+    runs, nbytes = timed_matmul(rows, k, n, repeats, dtype)
+    return nbytes / runs.median, runs
 
 
 def tree_bytes(tree: Any) -> int:

@@ -1,11 +1,12 @@
 """`fourd-jax bench sample`: greedy new tokens/s of the jitted JAX sampler vs `transformers` generate.
 
 Both frameworks continue the same left-padded prompts (4 rows of text, two of them with an
-8-frame 112 px video) with the same Qwen2.5-VL weights (written once by `transformers`, read by
-`fourd_jax.hf.load`), greedily, for exactly `max_new_tokens` tokens: neither side has an EOS
-token, so no row stops early. JAX: one compiled program (prefill + `lax.while_loop` over a
-preallocated KV cache); PyTorch: `generate(do_sample=False)` with its dynamic cache, eager.
-The tokens are compared (rows that agree are counted; a near-tie may flip one token in fp32).
+8-frame 112 px video, or those four repeated to `rows`, as an RL batch of prompts x G) with the
+same Qwen2.5-VL weights (written once by `transformers`, read by `fourd_jax.hf.load`), greedily,
+for exactly `max_new_tokens` tokens: neither side has an EOS token, so no row stops early. JAX:
+one compiled program (prefill + `lax.while_loop` over a preallocated KV cache); PyTorch:
+`generate(do_sample=False)` with its dynamic cache, eager. The tokens are compared (rows that
+agree are counted; a near-tie may flip one token in fp32).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
+from fourd_jax.train.observe import decoder_flops_per_token
 
 
 def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
@@ -82,13 +84,18 @@ def bench_prompts(config: ModelConfig, lengths: Sequence[int], video_rows: Seque
     return batch
 
 
-def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64) -> dict[str, Any]:
-    """Time greedy generation in both frameworks; print and (optionally) record the ratio."""
+def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64,
+        rows: int = 4) -> dict[str, Any]:
+    """Time greedy generation of `rows` prompts (a multiple of 4: the bench's four prompts
+    repeated, e.g. 32 for an RL batch of prompts x G) in both frameworks; print and (optionally)
+    record the ratio and the fraction of this machine's roof."""
     import torch  # the baseline; heavy, and only the torch side needs it
 
     config = bench_config(size)
     torch_model, model, params = reference_models(config)
-    batch = bench_prompts(config, lengths=(24, 40, 16, 32), video_rows=(0, 2))
+    if rows < 4 or rows % 4:
+        raise ValueError(f"rows must be a positive multiple of 4, not {rows}")
+    batch = bench_prompts(config, lengths=(24, 40, 16, 32) * (rows // 4), video_rows=range(0, rows, 2))
     torch_batch = {k: torch.tensor(v) for k, v in batch.items()}
     prompt = prepare_prompt(model, **batch)
     n = max_new_tokens
@@ -118,12 +125,15 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     torch_runs = roofline.time_runs(torch_generate, repeats)
     peak_rss = roofline.peak_rss_bytes()
     jax_s, torch_s = jax_runs.median, torch_runs.median
-    # The weight-streaming roof: each of the n decode steps reads every decoder weight once (the
-    # prefill and the KV cache reads come on top, so the fraction is a lower bound).
+    # The roof of decoding: each of the n steps reads every decoder weight once (bandwidth) and
+    # does `rows` tokens of matmuls (compute); the slower of the two bounds the step. The prefill
+    # and the KV cache reads come on top, so the fraction is a lower bound.
     weights = roofline.decoder_weight_bytes(params)
-    rows = ours.shape[0]
     bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size)
-    bound_s = n * weights / bandwidth
+    peak, _ = roofline.matmul_peak(rows, config.text.hidden_size, config.text.intermediate_size)
+    per_token = decoder_flops_per_token(config, batch["input_ids"].shape[1] + n, trainable=False)
+    bound_s = max(n * weights / bandwidth, n * rows * per_token / peak)
+    bound = "weights" if n * weights / bandwidth >= n * rows * per_token / peak else "compute"
     new = ours.size
     result = {
         "size": size, "rows": rows, "prompt tokens": int(batch["input_ids"].shape[1]), "new tokens": n,
@@ -131,18 +141,20 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
         "torch tok/s": round(new / torch_s, 1),
         "torch spread tok/s": f"{new / torch_runs.high:.0f}-{new / torch_runs.low:.0f}",
         "speed-up (torch / jax)": round(torch_s / jax_s, 2), "decoder MB": round(weights / 1e6, 1),
-        "stream GB/s": round(bandwidth / 1e9, 1), "jax of bound": roofline.fraction(bound_s, jax_s),
+        "stream GB/s": round(bandwidth / 1e9, 1), "matmul peak GFLOP/s": round(peak / 1e9, 1), "bound": bound,
+        "jax of bound": roofline.fraction(bound_s, jax_s),
         "torch of bound": roofline.fraction(bound_s, torch_s), "peak RSS GiB": round(peak_rss / 2**30, 2),
         "jax compile s": round(compile_s, 1), "equal rows": f"{equal_rows}/{rows}", "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     print(f"greedy sampling ({size}, {rows} left-padded prompts of up to {result['prompt tokens']} tokens, "
-          f"2 with an 8-frame video, {n} new tokens each, fp32): jax {result['jax tok/s']} tok/s "
+          f"half with an 8-frame video, {n} new tokens each, fp32): jax {result['jax tok/s']} tok/s "
           f"({jax_runs.ms()}), torch generate {result['torch tok/s']} tok/s ({torch_runs.ms()}) -> jax is "
           f"{result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; jax compile + "
           f"first run {compile_s:.1f} s)")
-    print(f"roofline: {n} steps x {weights / 1e6:.1f} MB of decoder weights at {bandwidth / 1e9:.1f} GB/s (a jitted "
-          f"{rows}-row matmul over as many bytes, measured now) = {bound_s * 1e3:.0f} ms at best; jax reaches "
+    print(f"roofline: {n} steps, each reading {weights / 1e6:.1f} MB of decoder weights at {bandwidth / 1e9:.1f} GB/s "
+          f"and doing {rows} tokens x {per_token / 1e6:.0f} MFLOP at {peak / 1e9:.0f} GFLOP/s (a jitted {rows}-row "
+          f"matmul, measured now for each): {bound_s * 1e3:.0f} ms at best, bound by {bound}; jax reaches "
           f"{result['jax of bound']} and torch {result['torch of bound']} of that bound; peak host memory "
           f"{result['peak RSS GiB']} GiB")
     print(f"greedy tokens: {equal_rows}/{ours.shape[0]} rows identical, {equal_tokens:.1%} of tokens equal"
@@ -152,9 +164,9 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
             "sample",
             "`fourd-jax bench sample`: greedy new tokens/s of the jitted JAX sampler (`fourd_jax.sample.generate`: "
             "one compiled prefill + `lax.while_loop` over a preallocated KV cache) vs `transformers` "
-            "`generate(do_sample=False)` (eager, `torch.no_grad`), same weights, same 4 left-padded prompts (two "
-            "with an 8-frame 112 px video), no EOS so every row generates all new tokens, fp32, median wall time. "
-            "`equal rows`: rows whose tokens are identical in both.",
+            "`generate(do_sample=False)` (eager, `torch.no_grad`), same weights, same left-padded prompts (`rows`: "
+            "4, or 4 repeated; half with an 8-frame 112 px video), no EOS so every row generates all new tokens, "
+            "fp32, median wall time. `equal rows`: rows whose tokens are identical in both.",
             result,
         )
         print(f"recorded in {path}")

@@ -104,6 +104,7 @@ class Qwen25VL(nn.Module):
         *,
         position_ids: jax.Array | None = None,
         vision: VisionInputs | None = None,
+        vision_features: jax.Array | None = None,
         latent_embeds: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         kv_cache: KVCache | None = None,
@@ -120,6 +121,8 @@ class Qwen25VL(nn.Module):
             mm_token_type_ids: as returned by the `transformers` processor (all optional).
           position_ids: [3, B, L] M-RoPE positions; computed from the inputs when omitted.
           vision: precomputed `prepare_vision(...)` (instead of the pixel arguments).
+          vision_features: the merged visual tokens of `vision` (`encode_vision`), computed once
+            outside, e.g. by a frozen tower shared by several calls: the tower is then not run.
           latent_embeds: vectors that replace the input embeddings at the `<|latent_pad|>`
             positions: [N, hidden] in row-major order, or [B, N, hidden] per batch row.
           segment_ids: [B, L] for rows packed with several sequences (1, 2, ... per sequence):
@@ -158,8 +161,11 @@ class Qwen25VL(nn.Module):
             position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
 
         embeds = self.language_model.embed(input_ids)
+        if vision_features is not None and vision is None:
+            raise InputError("`vision_features` fill the placeholders `vision=` lays out: pass both.")
         if vision is not None:
-            features = self.visual(vision.patches, vision.layout)  # [U, D] or per example [B, U, D]
+            features = (self.visual(vision.patches, vision.layout) if vision_features is None
+                        else vision_features)  # [U, D] or per example [B, U, D]
             n_img = vision.num_image_tokens
             if n_img:
                 embeds = replace_rows(embeds, input_ids == c.image_token_id, features[..., :n_img, :])

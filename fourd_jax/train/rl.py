@@ -84,15 +84,16 @@ def scoring_inputs(prompt: PreparedInputs, rollout: Rollout, num_samples: int) -
 
 
 def completion_logprobs(params: Any, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, num_samples: int,
-                        temperature: float) -> jax.Array:
+                        temperature: float, vision_features: jax.Array | None = None) -> jax.Array:
     """log p of each completion token [B x num_samples, N] given everything before it, with the fed
     hidden states at the latent pads: the sequences of `scoring_inputs`, computed as the sampler
     computes them. Each prompt (and its media) runs once into a KV cache (`sample.prefill`); the G
     completions then attend to its repeated keys and values, so the prompt's work, and its gradient,
-    is done once per prompt, not once per sample."""
+    is done once per prompt, not once per sample. `vision_features`: the prompts' visual tokens from
+    a frozen tower, computed once outside (`frozen_vision_features`)."""
     n_new = rollout.tokens.shape[1]
     prompt_len = prompt.input_ids.shape[1]
-    cache, mask, last_hidden = prefill(params, prompt, model, n_new, num_samples)
+    cache, mask, last_hidden = prefill(params, prompt, model, n_new, num_samples, vision_features)
     mask = jnp.concatenate([mask[:, :prompt_len], rollout.completion_mask.astype(jnp.int32)], axis=1)
     slots = prompt_len + jnp.arange(n_new)[None, :] + jnp.repeat(prompt.rope_deltas, num_samples)[:, None]
     out = model.apply({"params": params}, rollout.tokens, attention_mask=mask,
@@ -144,11 +145,12 @@ def batch_totals(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 def grpo_loss(params: Any, *, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, mask: jax.Array,
               advantages: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
               config: GrpoConfig, num_samples: int | None = None,
-              totals: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              totals: tuple[jax.Array, jax.Array] | None = None, vision_features: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`grpo_objective` on the policy's log-probs of the sampled sequences: `num_samples` rollout
     rows per prompt (default rl.num_generations; fewer for a micro-batch of each group)."""
     n = config.num_generations if num_samples is None else num_samples
-    logp = completion_logprobs(params, model, prompt, rollout, n, config.temperature)
+    logp = completion_logprobs(params, model, prompt, rollout, n, config.temperature, vision_features)
     loss, aux = grpo_objective(logp, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                                mask=mask, config=config, totals=totals)
     fixed = jax.lax.stop_gradient(logp)
@@ -159,6 +161,14 @@ def grpo_loss(params: Any, *, model: Qwen25VL, prompt: PreparedInputs, rollout: 
     aux["logprob_drift"] = jnp.max(jnp.where(drawn, jnp.abs(fixed - rollout.logprobs), 0.0))
     aux["logp"] = fixed
     return loss, aux
+
+
+def frozen_vision_features(params: Any, trainable: Any, model: Qwen25VL, prompt: PreparedInputs) -> jax.Array | None:
+    """The prompts' merged visual tokens, once, when no vision-tower parameter is trained (the
+    default freeze); None (the tower runs inside the differentiated forward) otherwise."""
+    if prompt.vision is None or any(jax.tree_util.tree_leaves(trainable.get("visual", {}))):
+        return None
+    return jax.lax.stop_gradient(model.apply({"params": params}, prompt.vision, method=Qwen25VL.encode_vision))
 
 
 def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, advantages: jax.Array,
@@ -178,12 +188,14 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
     k = micro_batches
     if g % k:
         raise InputError(f"{k} micro-batches do not split the {g} samples of each prompt (rl.num_generations).")
+    # Frozen tower: the prompts' visual tokens are the same for every micro-batch and iteration.
+    features = frozen_vision_features(state.params, trainable, model, prompt)
 
     def objective(params, rows):
         rollout, mask, advantages, ref_logprobs, old = rows
         return grpo_loss(stop_frozen(params, trainable), model=model, prompt=prompt, rollout=rollout, mask=mask,
                          advantages=advantages, old_logprobs=old, ref_logprobs=ref_logprobs, config=config,
-                         num_samples=g // k, totals=totals)
+                         num_samples=g // k, totals=totals, vision_features=features)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
