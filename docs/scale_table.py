@@ -4,7 +4,8 @@
     .venv/bin/python docs/scale_table.py render > docs/SCALE.md
 
 Each (model, stage, slice) is compiled with the mesh preset of the slice (fourd_jax/configs/dift.py
-MESHES) and the recipe's global batch raised to a multiple of data x fsdp.
+MESHES; for RL fourd_jax/configs/rl.py MESHES) and the recipe's global batch raised to a multiple of
+data x fsdp.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def rl_micro_batches(tpu: str, group: int) -> int:
 
 def compile_one(model: str, stage: str, tpu: str) -> dict:
     from fourd_jax import aot
-    from fourd_jax.configs.dift import MESHES
+    from fourd_jax.configs import dift, rl
     from fourd_jax.errors import InputError
 
-    mesh = tuple(MESHES[tpu])
+    mesh = tuple((rl if stage == "rl" else dift).MESHES[tpu])
     settings = settings_for(model, stage, mesh, tpu)
     began = time.time()
     try:

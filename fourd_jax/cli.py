@@ -97,10 +97,11 @@ def _train(args: argparse.Namespace, stage: str) -> None:
 def _compile(args: argparse.Namespace) -> None:
     """`fourd-jax compile`: the config's program compiled for a TPU slice, its report, and the two refusals.
     A config that names no mesh gets the topology's mesh preset."""
-    aot, meshes = _module("aot"), _module("configs.dift").MESHES
+    aot = _module("aot")
     if args.mfu > 1 or args.max_replicated > 1:
         raise InputError("--mfu and --max-replicated are fractions: each must be in (0, 1].")
     config = parse_config("fourd-jax compile", args.config_args, "dift")
+    meshes = _module("configs.rl" if "rl" in config else "configs.dift").MESHES
     if not _names_a_mesh(args.config_args) and args.topology in meshes:
         config.mesh.shape = meshes[args.topology]
     settings = _module("train.settings").RunSettings.of(config)

@@ -10,6 +10,11 @@ import ml_collections
 
 from fourd_jax.configs import dift
 
+# The GRPO update holds more beside the state than a DIFT step: the micro-batches' summed gradients
+# and the frozen reference policy. On 16 GiB v5e chips the 7B state then needs sharding over 64
+# chips (fsdp 32 x tensor 2), not 16 (docs/SCALE.md); other slices keep the DIFT meshes.
+MESHES = {**dift.MESHES, "v5e-64": (1, 32, 2), "v5e-256": (4, 32, 2)}
+
 
 def dift_config(arg: str) -> ml_collections.ConfigDict:
     return dift.get_config(arg)
@@ -18,6 +23,9 @@ def dift_config(arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = dift_config(arg)
     preset = c.model.preset
+    mesh = arg.partition(",")[2]
+    if mesh:
+        c.mesh.shape = MESHES[mesh]
 
     c.rl = ml_collections.ConfigDict()
     c.rl.num_generations = 4  # G rollouts per prompt

@@ -7,7 +7,6 @@ Softmax and normalisation statistics are computed in float32 whatever the comput
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -175,18 +174,13 @@ def _attention_bwd(residuals, d_out):
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                              extents: tuple[int, ...] | None = None) -> jax.Array:
+@jax.custom_vjp
+def _blockwise_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """`_attention_core` one query block at a time: q [nb, N, Q, D] (N = batch x KV heads, Q = G x
     block), k/v [N, S, D], mask [nb, B, block, S] (shared by the N / B heads of a batch row).
     Only one block's [N, Q, S] scores exist at once; the backward recomputes them from the saved
-    row max and sum instead of keeping every probability (memory O(L x block), not O(L^2)).
-
-    `extents` (causal attention): block i attends only keys [0, extents[i]), the keys its mask can
-    let through, so the blocks above the diagonal are never computed (about half the score and
-    value FLOPs of a long sequence). The blocks are then unrolled, each with its own key length."""
-    return _blockwise_fwd(q, k, v, mask, extents)[0]
+    row max and sum instead of keeping every probability (memory O(L x block), not O(L^2))."""
+    return _blockwise_fwd(q, k, v, mask)[0]
 
 
 def _block_scores(q_blk, k, mask_blk):
@@ -197,42 +191,28 @@ def _block_scores(q_blk, k, mask_blk):
     return _masked_scores(q_blk, k, mask)
 
 
-def _blockwise_fwd(q, k, v, mask, extents):
-    def one_block(q_blk, mask_blk, k, v):
+def _blockwise_fwd(q, k, v, mask):
+    def one_block(_, xs):
+        q_blk, mask_blk = xs
         probs, stats = _softmax_with_stats(_block_scores(q_blk, k, mask_blk))
-        return _batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), stats
+        return None, (_batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), stats)
 
-    if extents is None:
-        _, (out, stats) = jax.lax.scan(lambda _, xs: (None, one_block(*xs, k, v)), None, (q, mask))
-    else:
-        blocks = [one_block(q[i], mask[i, ..., :e], k[:, :e], v[:, :e]) for i, e in enumerate(extents)]
-        out = jnp.stack([o for o, _ in blocks])
-        stats = tuple(jnp.stack([st[j] for _, st in blocks]) for j in range(2))
+    _, (out, stats) = jax.lax.scan(one_block, None, (q, mask))
     return out, (q, k, v, mask, stats)
 
 
-def _blockwise_bwd(extents, residuals, d_out):
+def _blockwise_bwd(residuals, d_out):
     q, k, v, mask, (peak, total) = residuals
 
-    def one_block(q_blk, mask_blk, d_out_blk, peak_blk, total_blk, k, v):
+    def one_block(carry, xs):
+        d_k, d_v = carry
+        q_blk, mask_blk, d_out_blk, peak_blk, total_blk = xs
         probs = jnp.exp(_block_scores(q_blk, k, mask_blk) - peak_blk[..., None]) / total_blk[..., None]
-        return _attention_grads(q_blk, k, v, probs, d_out_blk)
+        d_q, d_k_blk, d_v_blk = _attention_grads(q_blk, k, v, probs, d_out_blk)
+        return (d_k + d_k_blk, d_v + d_v_blk), d_q.astype(q_blk.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    if extents is None:
-        def step(carry, xs):
-            d_q, d_k_blk, d_v_blk = one_block(*xs, k, v)
-            return (carry[0] + d_k_blk, carry[1] + d_v_blk), d_q.astype(q.dtype)
-
-        (d_k, d_v), d_q = jax.lax.scan(step, (zeros, zeros), (q, mask, d_out, peak, total))
-    else:
-        d_k, d_v, d_qs = zeros, zeros, []
-        for i, e in enumerate(extents):
-            d_q_blk, d_k_blk, d_v_blk = one_block(q[i], mask[i, ..., :e], d_out[i], peak[i], total[i], k[:, :e],
-                                                  v[:, :e])
-            d_k, d_v = d_k.at[:, :e].add(d_k_blk), d_v.at[:, :e].add(d_v_blk)
-            d_qs.append(d_q_blk.astype(q.dtype))
-        d_q = jnp.stack(d_qs)
+    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), (q, mask, d_out, peak, total))
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
@@ -246,8 +226,7 @@ def _fold_kv_heads(x: jax.Array, dtype) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int = 0,
-    causal: bool = False,
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int = 0
 ) -> jax.Array:
     """Grouped-query attention with a boolean mask; scores and softmax in float32.
 
@@ -257,9 +236,6 @@ def attention(
     into the query axis, so K and V are never repeated. `block` > 0 with Lq > block attends one
     block of `block` queries at a time (the same numbers, with O(Lq x block) instead of O(Lq^2)
     memory for scores and saved probabilities: what makes 8K-16K-token training sequences fit).
-    `causal`: the caller's mask never lets query i see a key after i (a decoder without a cache),
-    so blockwise attention skips the key blocks above the diagonal; rows with nothing to attend
-    to then average the keys up to their block instead of all keys (they are padding either way).
     """
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
     chex.assert_equal_shape([k, v])
@@ -268,7 +244,7 @@ def attention(
     lk, kv = k.shape[1], k.shape[2]
     g = h // kv
     if 0 < block < lq:
-        return _blockwise_attention(q, k, v, mask, scale, block, causal and lk == lq)
+        return _blockwise_attention(q, k, v, mask, scale, block)
     q = (q * jnp.asarray(scale, q.dtype)).reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * lq, d)
     k, v = _fold_kv_heads(k, q.dtype), _fold_kv_heads(v, q.dtype)
     mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, lq, lk)).reshape(b * kv, g * lq, lk)
@@ -276,7 +252,7 @@ def attention(
     return out.reshape(b, kv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
-def _blockwise_attention(q, k, v, mask, scale, block, causal):
+def _blockwise_attention(q, k, v, mask, scale, block):
     b, lq, h, d = q.shape
     lk, kv = k.shape[1], k.shape[2]
     g, nb = h // kv, -(-lq // block)
@@ -286,8 +262,7 @@ def _blockwise_attention(q, k, v, mask, scale, block, causal):
     q = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b * kv, g * block, d)
     k, v = _fold_kv_heads(k, q.dtype), _fold_kv_heads(v, q.dtype)
     mask = mask.reshape(b, nb, block, lk).transpose(1, 0, 2, 3)
-    extents = tuple(min(lk, (i + 1) * block) for i in range(nb)) if causal else None
-    out = _blockwise_attention_core(q, k, v, mask, extents)
+    out = _blockwise_attention_core(q, k, v, mask)
     out = out.reshape(nb, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, h, d)
     return out[:, :lq]
 

@@ -65,8 +65,7 @@ class DecoderLayer(nn.Module):
             k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
             v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
             new_cache = (k, v)
-        out = attention(q, k.astype(dtype), v.astype(dtype), mask, hd**-0.5, block=self.config.attention_block,
-                        causal=cache_kv is None)
+        out = attention(q, k.astype(dtype), v.astype(dtype), mask, hd**-0.5, block=self.config.attention_block)
         out = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype, std,
                     name="o_proj")(out)
         x = x + out
