@@ -25,32 +25,24 @@ SLICES = ("v5p-8", "v6e-8", "v5e-16", "v5p-32", "v5p-64", "v6e-64", "v5e-64", "v
 FIRST = ("v5e-16", "v5e-64", "v5e-256")  # the slices whose presets changed: compiled first
 
 
-def settings_for(model: str, stage: str, mesh: tuple[int, int, int], tpu: str = ""):
+def settings_for(model: str, stage: str, tpu: str):
+    """The run's settings as `--config STAGE:MODEL,TPU` gives them, with the global batch raised to
+    one sequence (DIFT) or prompt (RL) per data-parallel group."""
     from fourd_jax.configs import dift, rl
     from fourd_jax.train.settings import RunSettings
 
-    config = (dift if stage == "dift" else rl).get_config(model)
-    config.mesh.shape = mesh
-    ways = mesh[0] * mesh[1]
+    config = (dift if stage == "dift" else rl).get_config(f"{model},{tpu}")
+    ways = config.mesh.shape[0] * config.mesh.shape[1]
     config.data.batch_size = -(-config.data.batch_size // ways) * ways
-    if stage == "rl":
-        config.optim.grad_accum = rl_micro_batches(tpu, config.rl.num_generations)
     return RunSettings.of(config)
-
-
-def rl_micro_batches(tpu: str, group: int) -> int:
-    """GRPO micro-batches (optim.grad_accum): one sample of each prompt at a time on v5e and v6e
-    (16 and 32 GiB per chip), the whole group at once on v5p (95 GiB)."""
-    return 1 if tpu.startswith("v5p") else group
 
 
 def compile_one(model: str, stage: str, tpu: str) -> dict:
     from fourd_jax import aot
-    from fourd_jax.configs import dift, rl
     from fourd_jax.errors import InputError
 
-    mesh = tuple((rl if stage == "rl" else dift).MESHES[tpu])
-    settings = settings_for(model, stage, mesh, tpu)
+    settings = settings_for(model, stage, tpu)
+    mesh = settings.mesh_shape
     began = time.time()
     try:
         row = {**aot.compile_stage(settings, stage, tpu).as_dict(0.4), "error": ""}

@@ -101,9 +101,9 @@ def _compile(args: argparse.Namespace) -> None:
     if args.mfu > 1 or args.max_replicated > 1:
         raise InputError("--mfu and --max-replicated are fractions: each must be in (0, 1].")
     config = parse_config("fourd-jax compile", args.config_args, "dift")
-    meshes = _module("configs.rl" if "rl" in config else "configs.dift").MESHES
-    if not _names_a_mesh(args.config_args) and args.topology in meshes:
-        config.mesh.shape = meshes[args.topology]
+    presets = _module("configs.rl" if "rl" in config else "configs.dift")
+    if not _names_a_mesh(args.config_args) and args.topology in presets.MESHES:
+        presets.for_slice(config, args.topology)
     settings = _module("train.settings").RunSettings.of(config)
     stage = args.stage or ("rl" if settings.rl is not None else "dift")
     report = aot.compile_stage(settings, stage, args.topology)

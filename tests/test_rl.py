@@ -190,6 +190,11 @@ def test_rl_presets_carry_the_4dthinker_recipe():
         assert (c.reward.accuracy, c.reward.format) == (1.0, 0.2) and c.model.preset == preset
         assert c.mesh.shape == (4, 8, 1) and c.model.dtype == "bfloat16"
         assert isinstance(RunSettings.of(c).rl, GrpoConfig)
+        # Slice choices (docs/SCALE.md): whole groups on v5p; on 16 GiB v5e chips one sample of each
+        # prompt at a time, with the state over 64 chips
+        assert c.optim.grad_accum == 1 and c.data.seq_buckets == (2048, 2560)
+        small = load_config("rl", f"{preset},v5e-64")
+        assert small.mesh.shape == (1, 32, 2) and small.optim.grad_accum == 8
 
 
 def test_micro_batched_update_equals_the_whole_batch(data):

@@ -118,7 +118,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     elif preset != "tiny":
         raise InputError(f"unknown preset {preset!r}; choose tiny, qwen25vl_3b or qwen25vl_7b.")
     if mesh:
-        if mesh not in MESHES:
-            raise InputError(f"unknown mesh preset {mesh!r}; choose from {sorted(MESHES)}.")
-        c.mesh.shape = MESHES[mesh]
+        for_slice(c, mesh)
+    return c
+
+
+def for_slice(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config's choices for a slice (a `MESHES` name): its mesh."""
+    if name not in MESHES:
+        raise InputError(f"unknown mesh preset {name!r}; choose from {sorted(MESHES)}.")
+    c.mesh.shape = MESHES[name]
     return c

@@ -23,9 +23,6 @@ def dift_config(arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = dift_config(arg)
     preset = c.model.preset
-    mesh = arg.partition(",")[2]
-    if mesh:
-        c.mesh.shape = MESHES[mesh]
 
     c.rl = ml_collections.ConfigDict()
     c.rl.num_generations = 4  # G rollouts per prompt
@@ -76,4 +73,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.optim.min_lr_ratio = 1.0  # constant after warmup
         c.optim.total_steps = 500
         c.train.checkpoint_every = 50
+    mesh = arg.partition(",")[2]
+    if mesh:
+        for_slice(c, mesh)
+    return c
+
+
+def for_slice(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config's choices for a slice (a `MESHES` name): its mesh, and for the 3B/7B recipes the
+    GRPO micro-batches: on 16 and 32 GiB chips (v5e, v6e) one sample of each prompt at a time, on
+    v5p (95 GiB) the whole group at once (docs/SCALE.md)."""
+    dift.for_slice(c, name)
+    c.mesh.shape = MESHES[name]
+    if c.model.preset != "tiny":
+        c.optim.grad_accum = 1 if name.startswith("v5p") else c.rl.num_generations
     return c
