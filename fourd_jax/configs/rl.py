@@ -11,9 +11,10 @@ import ml_collections
 from fourd_jax.configs import dift
 
 # The GRPO update holds more beside the state than a DIFT step: the micro-batches' summed gradients
-# and the frozen reference policy. On 16 GiB v5e chips the 7B state then needs sharding over 64
-# chips (fsdp 32 x tensor 2), not 16 (docs/SCALE.md); other slices keep the DIFT meshes.
-MESHES = {**dift.MESHES, "v5e-64": (1, 32, 2), "v5e-256": (4, 32, 2)}
+# and the frozen reference policy. The 7B update needs more than 256 GiB of HBM in all (16 v5e or
+# 8 v6e chips do not hold it), so on larger slices the RL meshes shard the state over more chips
+# than DIFT's: 64 on v5e-64/256 (fsdp 32 x tensor 2), 32 on v6e-64 (docs/SCALE.md).
+MESHES = {**dift.MESHES, "v5e-64": (1, 32, 2), "v5e-256": (4, 32, 2), "v6e-64": (2, 32, 1)}
 
 
 def dift_config(arg: str) -> ml_collections.ConfigDict:
