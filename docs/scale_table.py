@@ -1,6 +1,7 @@
 """Make docs/SCALE.md from real ahead-of-time compiles (`fourd_jax.aot`) on this host.
 
     .venv/bin/python docs/scale_table.py compile [--only 7b]   # appends to docs/scale_runs.jsonl, skips done rows
+    .venv/bin/python docs/scale_table.py redo rl:v5e-16 ...    # compiles those rows again, replacing them
     .venv/bin/python docs/scale_table.py render > docs/SCALE.md
 
 Each (model, stage, slice) is compiled with the mesh preset of the slice (fourd_jax/configs/dift.py
@@ -95,8 +96,23 @@ def render() -> str:
     return "\n".join(out)
 
 
+def redo(keys: list[str]) -> None:
+    """Compile the rows STAGE:SLICE again for both models (e.g. after a change to the step), replacing
+    their earlier lines."""
+    for key in keys:
+        stage, tpu = key.split(":")
+        for model in MODELS:
+            row = compile_one(model, stage, tpu)
+            kept = [line for line in RUNS.read_text().splitlines()
+                    if (lambda r: (r["model"], r["stage"], r["topology"]) != (model, stage, tpu))(json.loads(line))]
+            RUNS.write_text("\n".join([*kept, json.dumps(row)]) + "\n")
+            print(model, stage, tpu, row.get("fits"), row["compile_seconds"], row.get("error", "")[:120], flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["compile"]:
+    if sys.argv[1:2] == ["redo"]:
+        redo(sys.argv[2:])
+    elif sys.argv[1:2] == ["compile"]:
         compile_all(sys.argv[3] if sys.argv[2:3] == ["--only"] else "")
     else:
         print(render())

@@ -34,12 +34,12 @@ from fourd_jax.data.batching import batch_axis, collate, device_arrays
 from fourd_jax.data.features import OUTPUT_IMAGE, featurize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
-from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.config import PRESETS
 from fourd_jax.model.inputs import PreparedInputs, vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import generate
 from fourd_jax.train import dift, rl
+from fourd_jax.train.lora import boxed_params
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 from fourd_jax.train.optim import make_optimizer, trainable_mask
 from fourd_jax.train.settings import RunSettings
@@ -253,10 +253,10 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
     check_batch_divides(settings.data.batch_size, mesh)
     rules = settings.rules
     model, tokenizer = compile_model(settings)
-    params = nn.meta.unbox(abstract_params(model))
+    params = nn.meta.unbox(boxed_params(model, settings.lora))  # with the LoRA adapters of a LoRA run
     tx = make_optimizer(settings.optim, params)
-    shardings = state_shardings(model, tx, mesh, rules)
-    state = abstract_state(shardings, model, tx)
+    shardings = state_shardings(model, tx, mesh, rules, settings.lora)
+    state = abstract_state(shardings, model, tx, settings.lora)
     trainable = trainable_mask(params, settings.optim.freeze)
     rows = settings.data.batch_size
     host = largest_host_batch(settings, tokenizer, model.config, supervised=stage == "dift", left_pad=stage != "dift")
@@ -296,11 +296,10 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
                 lowered = update.lower(state, prompt, rollout, advantages, ref)
                 # the reference policy, in the compute dtype (rl.reference_policy)
                 resident = per_device_bytes(state.params, model.config.jnp_dtype) if settings.rl.beta else 0
-                # forward + backward per iteration (x3 in the per-token count); the prompt is scored once
-                # per micro-batch (rl.completion_logprobs shares it across its samples)
-                passes, k = settings.rl.num_iterations, settings.optim.grad_accum
-                model_flops = passes * rows * (k * seq_len + g * new_tokens) * decoder_flops_per_token(
-                    model.config, seq_len + new_tokens)
+                # forward + backward per iteration (x3 in the per-token count); the prompt runs once per
+                # iteration, shared by its samples and by every micro-batch (rl.update_step)
+                model_flops = settings.rl.num_iterations * rows * (seq_len + g * new_tokens) * \
+                    decoder_flops_per_token(model.config, seq_len + new_tokens)
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - XLA reports an HBM overflow at compile time as a runtime error

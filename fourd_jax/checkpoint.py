@@ -9,21 +9,25 @@ export any of them by restoring only these two.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from fourd_jax import families
 from fourd_jax.errors import InputError, first_line, root_cause
 from fourd_jax.files import absolute
+from fourd_jax.model import lora
 from fourd_jax.model.apply import abstract_params
 
 PARAMS_ITEM = "params"
@@ -128,6 +132,28 @@ def latest_step(directory: str | os.PathLike) -> int:
     return step
 
 
+def _with_saved_adapters(abstract: Any, directory: epath.Path, step: int, where: Any) -> Any:
+    """The restore target plus the LoRA adapter leaves the saved params hold (a LoRA run's
+    checkpoint: `fourd_jax.model.lora`), read from the checkpoint's metadata."""
+    with warnings.catch_warnings():
+        # A damaged checkpoint leaves Orbax's metadata reads unawaited; they are dropped here, quietly, so
+        # that the restore below reports the damage in its one sentence.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / PARAMS_ITEM)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself names the damage
+            saved = None
+        gc.collect()
+    if saved is None:
+        return abstract
+    flat = traverse_util.flatten_dict(dict(saved), sep="/")
+    adapters = {path: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=where)
+                for path, m in flat.items() if lora.is_adapter(path)}
+    if not adapters:
+        return abstract
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(abstract, sep="/"), **adapters}, sep="/")
+
+
 def restore_params(
     directory: str | os.PathLike, step: int | None = None, shardings: Any = None, **config_overrides
 ) -> tuple[Any, Any]:
@@ -163,6 +189,7 @@ def restore_params(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
             nn.meta.unbox(abstract_params(model)),
         )
+        abstract = _with_saved_adapters(abstract, directory, step, local)
         if shardings is not None:
             abstract = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -40,7 +40,20 @@ def _convert(args: argparse.Namespace) -> None:
     else:
         tokenizer_dir = args.tokenizer or source.tokenizer  # a training workdir's own, unless one is given
         tokenizer = load.load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        out = hf.save(loaded.model, loaded.params, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+        lora = _module("model.lora")
+        if args.adapter:
+            base = args.base_name
+            if base is None:  # the unadapted base beside the adapter, so the directory is self-contained
+                base = str(hf.save(loaded.model, lora.split(loaded.params)[0], Path(args.dst) / "base",
+                                   tokenizer=tokenizer, max_shard_size=args.max_shard_size).resolve())
+            out = _module("convert.peft").save_adapter(loaded.model, loaded.params, args.dst, base)
+            print(f"wrote PEFT LoRA adapter {out} (base {base}) from {args.src}")
+            return
+        if args.base_name is not None:
+            raise InputError("--base-name goes with --adapter (a merged export has no separate base).")
+        # A LoRA run's adapters are folded into the kernels: a plain checkpoint any transformers loads.
+        out = hf.save(loaded.model, lora.merge(loaded.params), args.dst, tokenizer=tokenizer,
+                      max_shard_size=args.max_shard_size)
         print(f"wrote Hugging Face checkpoint {out} from {args.src}")
 
 

@@ -90,6 +90,13 @@ def _convert(sub) -> None:
     to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory to copy into the output (default: "
                                                          "the one beside the checkpoint, if any)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    to_hf.add_argument("--adapter", action="store_true",
+                       help="write a LoRA run's adapters as a PEFT adapter directory (adapter_config.json, "
+                            "adapter_model.safetensors) instead of the merged model; the base goes to DST/base "
+                            "unless --base-name is given")
+    to_hf.add_argument("--base-name", default=None,
+                       help="with --adapter: the base_model_name_or_path to record (an HF directory or hub name) "
+                            "instead of writing the base")
 
 
 def _bench(sub) -> None:

@@ -3,8 +3,9 @@
 Each family names its config type and presets, its Linen module, its Hugging Face name table and
 config mapping, the `model_type` its HF checkpoints declare, and the settings of its processor. Code
 is named by dotted path ("module:attribute") and imported on first use, so this registry imports
-neither JAX nor the model: the host-side data code reads it freely. Adding an architecture (e.g.
-Qwen3-VL) means writing its modules and adding one entry to FAMILIES.
+neither JAX nor the model: the host-side data code reads it freely. Adding an architecture means
+writing its modules and adding one entry to FAMILIES, as Qwen3-VL does (its own tower, media layout
+and positions; the decoder, sampler and conversion code are shared).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Family:
     hf_names: str  # the `convert.tables.NameTable` of its HF tensors
     hf_config: str  # a module with config_from_hf(hf_config, source, **overrides) and config_to_hf(config)
     processor: ProcessorSettings
+    # Host-side (numpy) bookkeeping that depends on grid values: the tower's media layout, called
+    # as f(grid_thw, config.vision), and M-RoPE positions, called like positions.get_rope_index.
+    vision_layout: str = "fourd_jax.model.layout:vision_layout"
+    rope_index: str = "fourd_jax.model.positions:get_rope_index"
 
     def config_type(self) -> type:
         return resolve(self.config)
@@ -105,7 +110,31 @@ QWEN2_5_VL = Family(
     ),
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL,)}
+QWEN3_VL = Family(
+    name="qwen3_vl",
+    title="Qwen3-VL",
+    hf_model_type="qwen3_vl",
+    config="fourd_jax.model.qwen3vl_config:Qwen3VLConfig",
+    vision_config="fourd_jax.model.qwen3vl_config:Qwen3VisionConfig",
+    presets="fourd_jax.model.qwen3vl_config:PRESETS",
+    module="fourd_jax.model.qwen3vl:Qwen3VL",
+    hf_names="fourd_jax.convert.qwen3vl:NAMES",
+    hf_config="fourd_jax.convert.qwen3vl",
+    # The Qwen3-VL processor: mean/std 0.5; images [65536, 16777216] pixels (preprocessor_config.json
+    # `size`); videos [128 * 32 * 32, 768 * 32 * 32] (the video processor's `size`, which transformers'
+    # Qwen3-VL smart_resize bounds by frames x height x width rather than per frame).
+    processor=ProcessorSettings(
+        patch_size=16, merge_size=2, temporal_patch_size=2,
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+        image_min_pixels=65536, image_max_pixels=16777216,
+        video_min_pixels=128 * 32 * 32, video_max_pixels=768 * 32 * 32,
+        image_token="<|image_pad|>", video_token="<|video_pad|>",
+    ),
+    vision_layout="fourd_jax.model.qwen3vl_layout:qwen3_vision_layout",
+    rope_index="fourd_jax.model.qwen3vl_layout:get_rope_index",
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL, QWEN3_VL)}
 # What a checkpoint without a family of its own (an Orbax ModelConfig) and the processor defaults are.
 DEFAULT = QWEN2_5_VL
 
@@ -121,8 +150,11 @@ def for_hf_model_type(model_type: Any) -> Family | None:
 
 
 def family_of(obj: Any) -> Family:
-    """The family of a config, vision config or module (instance or type)."""
-    family = next((f for f in FAMILIES.values() if f.owns(obj)), None)
+    """The family of a config, vision config or module (instance or type): the one that owns the most
+    specific class of its MRO (Qwen3VL is a subclass of Qwen25VL, and a Qwen3-VL)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    family = next((f for c in cls.__mro__ for f in FAMILIES.values()
+                   if f"{c.__module__}:{c.__qualname__}" in (f.config, f.vision_config, f.module)), None)
     if family is None:
         name = (obj if isinstance(obj, type) else type(obj)).__qualname__
         raise InputError(f"{name} belongs to no model family in fourd_jax.families.FAMILIES.")

@@ -8,11 +8,12 @@ all load through `load_model`, so a path means the same everywhere and fails wit
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 from fourd_jax import checkpoint
-from fourd_jax.convert import hf
+from fourd_jax.convert import hf, peft
 from fourd_jax.data.latent_tokens import LATENT_TOKENS
 from fourd_jax.errors import InputError
 from fourd_jax.files import as_path, local_copy
@@ -25,6 +26,7 @@ class ModelSource:
     kind: str  # "hf" or "orbax"
     weights: str  # the HF directory, or the Orbax checkpoint directory (a CheckpointManager root)
     tokenizer: str  # the tokenizer directory found with them; "" when there is none
+    adapter: str = ""  # a PEFT LoRA directory applied on top of the weights (`convert jax-to-hf --adapter`)
 
 
 def find_model(path: str | Path | None, what: str = "--checkpoint") -> ModelSource:
@@ -34,6 +36,12 @@ def find_model(path: str | Path | None, what: str = "--checkpoint") -> ModelSour
     if not str(path or "") or not as_path(path).exists():
         raise InputError(f"{what} {str(path or '') or '(empty)'} does not exist.")
     source = as_path(path)  # a local directory or a URL (gs://...)
+    if (source / peft.CONFIG_FILE).exists():  # a LoRA adapter: its base, with the adapter on top
+        base = json.loads((source / peft.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
+        if not base or not as_path(base).exists():
+            raise InputError(f"{what} {path} is a LoRA adapter whose base_model_name_or_path {base!r} is no local "
+                             "model directory; load the base and `fourd_jax.convert.peft.load_adapter` it.")
+        return dataclasses.replace(find_model(base, f"{what} {path}'s base"), adapter=str(source))
     if (source / "checkpoints").is_dir():
         tokenizer = source / "tokenizer"
         return ModelSource("orbax", str(source / "checkpoints"), str(tokenizer) if tokenizer.is_dir() else "")
@@ -66,6 +74,8 @@ def load_model(path: str | Path | ModelSource | None, *, what: str = "--checkpoi
     else:
         numerics = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
         model, params = checkpoint.restore_params(source.weights, step=step, **numerics, **overrides)
+    if source.adapter:
+        params = peft.load_adapter(model, params, local_copy(source.adapter))
     return LoadedModel(model, params, source)
 
 

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.inputs import PreparedInputs, prepare_inputs
-from fourd_jax.model.text import KVCache, init_kv_cache
+from fourd_jax.model.text import KVCache, init_kv_cache, unstack_layers
 from fourd_jax.model.vlm import Qwen25VL
 
 
@@ -155,9 +155,14 @@ def _repeat_cache(cache: KVCache, times: int) -> KVCache:
 class Prefilled(NamedTuple):
     """Prompts run once into a KV cache with room for their continuations, repeated per sample."""
 
-    cache: KVCache  # [layers, prompts x samples, prompt_len + n_new, kv_heads, head_dim]
+    cache: KVCache  # [layers, prompts x samples, kv_heads, prompt_len + n_new, head_dim]
     mask: jax.Array  # [prompts x samples, prompt_len + n_new]: the prompt's tokens, 0 after
     hidden: jax.Array  # [prompts x samples, hidden]: the final hidden state of each prompt's last token
+
+    def repeat(self, times: int) -> Prefilled:
+        """Each prompt's row `times` times in a row (its samples), as `prefill(..., num_samples=times)`."""
+        return Prefilled(_repeat_cache(self.cache, times), _repeat_rows(self.mask, times),
+                         _repeat_rows(self.hidden, times))
 
 
 def prefill(params: Any, prompt: PreparedInputs, model: Qwen25VL, n_new: int, num_samples: int,
@@ -169,11 +174,11 @@ def prefill(params: Any, prompt: PreparedInputs, model: Qwen25VL, n_new: int, nu
     prompts, prompt_len = prompt.input_ids.shape
     cache = init_kv_cache(model.config, prompts, prompt_len + n_new)
     mask = jnp.concatenate([prompt.attention_mask.astype(jnp.int32), jnp.zeros((prompts, n_new), jnp.int32)], axis=1)
-    out = model.apply({"params": params}, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
-                      vision=prompt.vision, vision_features=vision_features, kv_cache=cache, cache_index=0,
-                      compute_logits=False)
-    return Prefilled(_repeat_cache(out.kv_cache, num_samples), _repeat_rows(mask, num_samples),
-                     _repeat_rows(out.hidden_states[:, -1], num_samples))
+    with jax.named_scope("prompt_prefill"):  # named: profiles and tests find where the prompts run
+        out = model.apply({"params": params}, prompt.input_ids, attention_mask=mask, position_ids=prompt.position_ids,
+                          vision=prompt.vision, vision_features=vision_features, kv_cache=cache, cache_index=0,
+                          compute_logits=False)
+    return Prefilled(out.kv_cache, mask, out.hidden_states[:, -1]).repeat(num_samples)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "num_samples", "row_sharding"))
@@ -206,6 +211,11 @@ def generate(
     variables = {"params": params}
 
     cache, mask, hidden = prefill(params, prompt, model, n_new, num_samples)
+    # The token loop runs the layers unrolled, each with its weights and its cache in buffers of their
+    # own (split once, here): a scanned layer would copy its slice of both out of the stacks per token.
+    decoder = model.clone(config=c.replace(scan_layers=False))
+    cache = cache.unstack()
+    decode_variables = {"params": {**params, "language_model": unstack_layers(params["language_model"])}}
     rope_deltas = jnp.repeat(prompt.rope_deltas, num_samples)
     batch = prompts * num_samples
     chex.assert_shape(hidden, (batch, c.text.hidden_size))
@@ -267,7 +277,7 @@ def generate(
         slot = prompt_len + step
         mask = jax.lax.dynamic_update_slice(state["mask"], live[:, None].astype(jnp.int32), (0, slot))
         positions = rope.text_position_ids(jnp.full((batch, 1), slot), rope_deltas)
-        out = model.apply(variables, token[:, None], attention_mask=mask, position_ids=positions,
+        out = decoder.apply(decode_variables, token[:, None], attention_mask=mask, position_ids=positions,
                           latent_embeds=state["hidden"][:, None, :] if imagery else None,
                           kv_cache=state["cache"], cache_index=slot, compute_logits=False)
         hidden = out.hidden_states[:, -1]

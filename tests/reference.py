@@ -88,9 +88,18 @@ def make_batch(config: ModelConfig, rows: list[Row], seed: int = 0, pad_left: bo
             if part[0] == "video":
                 seconds.append(part[2])
         seqs.append(ids)
+    batch = assemble_batch(config, seqs, images, videos, rs, pad_left)
+    if videos:
+        batch["second_per_grid_ts"] = np.array(seconds, np.float32)
+    return batch
+
+
+def assemble_batch(config, seqs: list[list[int]], images: list, videos: list, rs: np.random.RandomState,
+                   pad_left: bool) -> dict:
+    """Padded input_ids / attention_mask of token rows, random pixel rows for the image and video
+    grids, and mm_token_type_ids, as a processor returns them."""
     length = max(len(s) for s in seqs)
-    pad = config.pad_token_id
-    input_ids = np.full((len(seqs), length), pad, np.int64)
+    input_ids = np.full((len(seqs), length), config.pad_token_id, np.int64)
     mask = np.zeros((len(seqs), length), np.int64)
     for i, s in enumerate(seqs):
         sl = slice(length - len(s), length) if pad_left else slice(0, len(s))
@@ -104,7 +113,6 @@ def make_batch(config: ModelConfig, rows: list[Row], seed: int = 0, pad_left: bo
     if videos:
         batch["video_grid_thw"] = np.array(videos, np.int64)
         batch["pixel_values_videos"] = rs.randn(sum(int(np.prod(g)) for g in videos), pd).astype(np.float32)
-        batch["second_per_grid_ts"] = np.array(seconds, np.float32)
     batch["mm_token_type_ids"] = np.where(
         input_ids == config.image_token_id, 1, np.where(input_ids == config.video_token_id, 2, 0))
     return batch

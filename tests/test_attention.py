@@ -1,4 +1,5 @@
-"""Attention: the blockwise path equals the dense one (values and gradients) with less memory."""
+"""Attention: the blockwise path equals the dense one (values and gradients) with less memory; a decode step's
+attention over the cache as it was plus the new token equals attending over the updated cache."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import tiny
-from fourd_jax.model.layers import attention
+from fourd_jax.model.layers import attention, decode_attention
 
 
 def inputs(batch=2, length=50, heads=4, kv_heads=2, dim=16, dtype=jnp.float32):
@@ -66,3 +67,22 @@ def test_a_negative_attention_block_is_refused_in_one_sentence():
     with pytest.raises(InputError, match=r"^Invalid model config: attention_block must be 0 \(off\) or a positive "
                                          r"block size, not -4\.$"):
         tiny(attention_block=-4)
+
+
+def test_decode_attention_equals_attention_over_the_updated_cache():
+    """The cache as it was (holding a stale, nonzero entry at the new token's slot) plus the token's own key and
+    value give what writing the token into the cache and attending over it gives; a finished row (its mask all
+    False) gets the same uniform output both ways."""
+    batch, slots, heads, kv_heads, dim, slot = 3, 20, 4, 2, 16, 11
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(keys[0], (batch, 1, heads, dim))
+    k_cache, v_cache = (jax.random.normal(key, (batch, kv_heads, slots, dim)) for key in keys[1:3])
+    k_new, v_new = (jax.random.normal(key, (batch, kv_heads, 1, dim)) for key in keys[3:5])
+    mask = (jnp.arange(slots)[None, None, :] <= slot) & (jnp.arange(slots) >= jnp.array([0, 4, 0])[:, None, None])
+    mask = mask.at[2].set(False)  # a finished row
+    written = [jax.lax.dynamic_update_slice(c, t, (0, 0, slot, 0)) for c, t in ((k_cache, k_new), (v_cache, v_new))]
+    want = attention(q, *written, mask, 0.25, kv_heads_first=True)
+    got = decode_attention(q, k_cache, v_cache, mask, k_new, v_new, jnp.int32(slot), 0.25)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    # heads-first keys are the [B, S, KV, D] layout transposed: the same attention
+    np.testing.assert_allclose(attention(q, *(c.transpose(0, 2, 1, 3) for c in written), mask, 0.25), want, atol=1e-6)

@@ -6,22 +6,21 @@ import json
 import shutil
 import tracemalloc
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
+from meta_trees import assert_tree_matches_transformers
 from reference import Row, build_hf_model, config_a, config_b, hf_logits, make_batch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from fourd_jax import hf
-from fourd_jax.convert.hf import CheckpointError, canonical_name, config_to_hf, hf_shape, tensor_slots
+from fourd_jax.convert.hf import CheckpointError
 from fourd_jax.data.latent_tokens import LATENT_TOKENS, latent_token_ids
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
-from fourd_jax.model.apply import abstract_params, init_params
+from fourd_jax.model.apply import init_params
 from fourd_jax.model.config import qwen25vl_3b, qwen25vl_7b
 from fourd_jax.model.vlm import Qwen25VL
 
@@ -127,26 +126,8 @@ def test_bfloat16_round_trip_and_sharded_files(reference, tmp_path):
 @pytest.mark.parametrize("preset", [qwen25vl_3b, qwen25vl_7b])
 def test_published_sizes_match_transformers_on_meta_device(preset):
     config = preset()
-    with torch.device("meta"):
-        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config_to_hf(config)))
-    ref_shapes = {canonical_name(k): tuple(v.shape) for k, v in ref.state_dict().items()}
-    if config.tie_word_embeddings:  # the tied head is the embedding, not a separate tensor
-        assert "lm_head.weight" in ref_shapes
-        ref_shapes.pop("lm_head.weight")
-    flat = {"/".join(k): leaf.shape for k, leaf in
-            traverse_util.flatten_dict(nn.meta.unbox(abstract_params(Qwen25VL(config)))).items()}
-    slots = tensor_slots(config)
-    assert set(slots) == set(ref_shapes)
-    # Each parameter (each layer of a stacked one) is exactly one HF tensor, none left over.
-    places = [(slot.path, slot.layer) for slot in slots.values()]
-    assert len(set(places)) == len(places)
-    assert set(places) == {(path, layer) for path, shape in flat.items()
-                           for layer in (range(shape[0]) if path.startswith("language_model/layers/") else [None])}
-    for name, slot in slots.items():
-        shape = flat[slot.path] if slot.layer is None else flat[slot.path][1:]
-        assert hf_shape(slot.rule, shape, config) == ref_shapes[name], name
-    total = sum(int(np.prod(shape)) for shape in flat.values())
-    assert total == sum(int(np.prod(s)) for s in ref_shapes.values())
+    total = assert_tree_matches_transformers(config, Qwen25VL(config), Qwen2_5_VLForConditionalGeneration,
+                                             Qwen2_5_VLConfig)
     assert total == {"qwen25vl_3b": 3_754_622_976, "qwen25vl_7b": 8_292_166_656}[preset.__name__]
 
 

@@ -131,3 +131,24 @@ def test_imagery_blocks_feed_hidden_states(policy):
         for k, p in enumerate(pads):
             np.testing.assert_allclose(fed[row, k], np.asarray(hidden[row, prompt_len + p - 1]), atol=2e-5)
         assert not fed[row, len(pads):].any()
+
+
+def test_the_token_loop_copies_neither_weights_nor_the_cache(policy):
+    """Each decode step reads every layer's weights and cache where they lie: the loop runs the layers unrolled on
+    weights split from the stack once, before it (a scanned layer copies its slice of the stacked weights out at
+    every token), and writes the new token into each layer's cache in place (attending over the updated cache
+    made XLA copy the whole cache, once per consumer, at every token)."""
+    model, params, prompt = policy
+    c = model.config
+    config = SamplingConfig(max_new_tokens=6, pad_token_id=0, imagery=False)
+    hlo = generate.lower(params, prompt, jax.random.key(0), model=model, config=config).compile().as_text()
+    rows, slots = prompt.input_ids.shape[0], prompt.input_ids.shape[1] + 6
+    layer_cache = f"f32[{rows},{c.text.num_kv_heads},{slots},{c.text.head_dim}]"
+    assert f"{layer_cache}{{3,2,1,0}} copy(" not in hlo and f"{layer_cache} copy(" not in hlo
+    mlp = c.text.intermediate_size * c.text.hidden_size
+    in_loop_slices = [line for line in hlo.splitlines()
+                      if "jit(generate)/while/body/" in line and (" slice(" in line or "dynamic-slice(" in line)]
+    shapes = [line.split("[", 1)[1].split("]", 1)[0] for line in in_loop_slices]
+    sizes = [np.prod([int(n) for n in shape.split(",") if n]) for shape in shapes]
+    assert not [s for s in sizes if s >= mlp], "a weight matrix is sliced out of the stack inside the token loop"
+    assert len(in_loop_slices) > 0  # the check sees the token loop's instructions (e.g. the rotary halves)

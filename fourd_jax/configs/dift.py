@@ -55,6 +55,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # > 0: each batch's batch_size examples are packed into this many rows (docs/DATA.md, Packing).
     c.data.packed_rows = 0
 
+    # LoRA (docs/TRAINING.md): rank 0 = off (the whole model trains, minus optim.freeze). rank > 0 freezes
+    # every base parameter and trains adapters on the linear kernels `targets` matches (re.search on the path).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update is alpha / rank · B A
+    c.lora.dropout = 0.0  # on the adapter path's inputs, while training
+    c.lora.targets = r"^language_model/layers/.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+    c.lora.base_dtype = ""  # the frozen base's dtype: "" = model.param_dtype, or "bfloat16" to halve it
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-3
     c.optim.min_lr_ratio = 0.1

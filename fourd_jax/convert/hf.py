@@ -126,7 +126,7 @@ def load(
     shardings: Any = None,
     **config_overrides,
 ) -> tuple[Any, Any]:
-    """Read a `transformers` directory of a known family (Qwen2.5-VL) into (model, params).
+    """Read a `transformers` directory of a known family (Qwen2.5-VL, Qwen3-VL) into (model, params).
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded index).
@@ -246,7 +246,7 @@ def save(
     *,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Write params as a `transformers` directory of the model's family (Qwen2.5-VL).
+    """Write params as a `transformers` directory of the model's family (Qwen2.5-VL, Qwen3-VL).
 
     Writes config.json, model.safetensors (or shards plus model.safetensors.index.json when the
     total exceeds `max_shard_size`) and, when given, the tokenizer files. Each file is written

@@ -27,6 +27,7 @@ class Rule:
     hf: HF name; `{i}` stands for a layer/block index.
     path: parameter path joined by '/'; `{i}` in it means one parameter per block (vision),
       otherwise `stacked` parameters hold all layers on a leading axis (scanned decoder).
+      Stacked rules cover config.text.num_layers; the others the blocks `count` names.
     kind: 'linear' (HF [out, in] <-> kernel [*in, *out] with `n_in` input axes), 'conv'
       (Conv3d weight <-> patch matmul kernel), 'flat' (HF 1-D <-> [heads, head_dim]-shaped
       biases) or 'same' (identical layout: norms, embeddings).
@@ -37,6 +38,8 @@ class Rule:
     kind: str = "same"
     n_in: int = 1
     stacked: bool = False
+    # For unstacked `{i}` rules: the config attribute (dotted) that counts the blocks.
+    count: str = "vision.depth"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ class NameTable:
     """Every HF tensor of a family, and the other spellings of their names it accepts.
 
     rules: one per tensor family; `{i}` rules cover config.text.num_layers (stacked) or
-      config.vision.depth blocks.
+      the blocks their `count` names (config.vision.depth by default).
     aliases: (pattern, replacement) pairs that turn an accepted spelling into the on-disk name.
     tied_head: the HF name of the LM head, absent from tied checkpoints (tie_word_embeddings).
     embedding: the parameter path of the token embedding a tied head must equal.
@@ -79,12 +82,18 @@ class NameTable:
             if "{i}" not in rule.hf:
                 slots[rule.hf] = Slot(rule.path, None, rule)
                 continue
-            depth = config.text.num_layers if rule.stacked else config.vision.depth
+            depth = config.text.num_layers if rule.stacked else _attribute(config, rule.count)
             for i in range(depth):
                 slots[rule.hf.format(i=i)] = Slot(
                     rule.path if rule.stacked else rule.path.format(i=i), i if rule.stacked else None, rule
                 )
         return slots
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def hf_shape(rule: Rule, param_shape: tuple[int, ...], config: Any) -> tuple[int, ...]:

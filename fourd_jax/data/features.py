@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from fourd_jax import families
+from fourd_jax.data import video_layout
 from fourd_jax.data.latent_tokens import OUTPUT_IMAGE, expand_output_images, latent_token_ids
 from fourd_jax.data.processor import expand_placeholders, process
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.positions import get_rope_index
 
 ASSISTANT_TURNS = ("imagery_trace", "text_trace", "answer", "conclusion", "option_lookup")
 INSTRUCTION = ("Think about the question with mental imagery inside <think> </think> tags, and give only the "
@@ -35,9 +36,11 @@ INSTRUCTION = ("Think about the question with mental imagery inside <think> </th
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
     latent_size: int = 4
-    max_frames: int = 16  # evenly spaced frames kept from the shown frames
-    video_min_pixels: int = 4 * 28 * 28  # per frame
-    video_max_pixels: int = 256 * 28 * 28  # per frame (4DThinker SFT)
+    max_frames: int = 16  # evenly spaced frames kept from the shown frames (Qwen3-VL: caps its 2 fps sampling)
+    # Per frame; for a family whose limits bound the whole clip (Qwen3-VL) they are multiplied by the
+    # frame count (what qwen-vl-utils' per-frame cap amounts to).
+    video_min_pixels: int = 4 * 28 * 28
+    video_max_pixels: int = 256 * 28 * 28  # 4DThinker SFT
     video_max_side: int = 0  # longest frame side after resizing (4DThinker RL: 448); 0 = no cap
     imagery_min_pixels: int = 4 * 28 * 28
     imagery_max_pixels: int = 256 * 28 * 28
@@ -96,15 +99,26 @@ def assistant_text(sample: dict[str, Any], latent_size: int, assistant: str = "i
     return f"<answer>{sample['answer']}. {key}</answer>"
 
 
-def select_frames(sample: dict[str, Any], max_frames: int) -> tuple[np.ndarray, float]:
-    """Frames shown to the model, evenly thinned to max_frames, and the seconds per frame step."""
+def select_frames(sample: dict[str, Any], max_frames: int, rules: video_layout.VideoRules | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Frames shown to the model, their times (seconds) and the mean seconds per frame step.
+
+    The shown frames are evenly thinned to max_frames, or, for a timestamped family (Qwen3-VL),
+    sampled as its video processor does (`rules.fps` per second at the record's fps, at most
+    max_frames).
+    """
     shown = np.asarray(sample["shown_frames"])
     if shown.size == 0:
         raise InputError("the record shows no frames")
-    keep = shown[np.linspace(0, shown.size - 1, min(max_frames, shown.size)).round().astype(int)]
+    if rules is not None and rules.timestamps:
+        picks = video_layout.sample_frame_indices(shown.size, float(sample["fps"]), rules.fps, rules.min_frames,
+                                                  min(rules.max_frames, max_frames))
+    else:
+        picks = np.linspace(0, shown.size - 1, min(max_frames, shown.size)).round().astype(int)
+    keep = shown[picks]
     times = np.asarray(sample["timestamps"], np.float64)[keep]
     step = float(np.mean(np.diff(times))) if keep.size > 1 else 1.0 / float(sample["fps"])
-    return np.asarray(sample["frames"])[keep], step
+    return np.asarray(sample["frames"])[keep], times, step
 
 
 def imagery_patches(images: list[np.ndarray], vision_config, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -118,19 +132,26 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
               ) -> dict[str, Any]:
     """Features of one decoded record. Raises InputError when the record cannot be used."""
     vc = model_config.vision
+    rules = video_layout.video_rules(vc)
     text = {"type": "text", "text": f"{question_text(sample)}\n{config.instruction}"}
+    video_times = [] if rules.timestamps else None  # per video, its temporal patches' times (Qwen3-VL)
     if config.video:
-        frames, step = select_frames(sample, config.max_frames)
-        video, grid = process(frames, vc, config.video_min_pixels, config.video_max_pixels, config.video_max_side)
+        frames, times, step = select_frames(sample, config.max_frames, rules)
+        n = len(frames) if rules.clip_budget else 1  # a clip budget: the per-frame limits times the frames
+        video, grid = process(frames, vc, config.video_min_pixels * n, config.video_max_pixels * n,
+                              config.video_max_side, clip_budget=rules.clip_budget)
         user, video_grids = [{"type": "video"}, text], np.array([grid], np.int64)
+        if rules.timestamps:
+            video_times.append(video_layout.temporal_patch_times(times, vc.temporal_patch_size))
     else:  # blind: the question and options alone
         video, step = np.zeros((0, vc.patch_dim), np.float32), 1.0
         user, video_grids = [text], np.zeros((0, 3), np.int64)
     seconds_per_grid = vc.temporal_patch_size * step
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                            add_generation_prompt=True)
-    prompt_ids = tokenizer(expand_placeholders(prompt, video_grids=list(video_grids), merge=vc.spatial_merge_size),
-                           add_special_tokens=False)["input_ids"]
+    prompt = expand_placeholders(prompt, video_grids=list(video_grids), merge=vc.spatial_merge_size,
+                                 video_timestamps=video_times)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids)
     imagery, imagery_grids = np.zeros((0, vc.patch_dim), np.float32), np.zeros((0, 3), np.int64)
     latent_targets = None
@@ -166,6 +187,7 @@ def featurize(sample: dict[str, Any], tokenizer: Any, model_config: ModelConfig,
     if config.supervised:
         loss_mask[len(prompt_ids) - 1:-1] = 1.0
         loss_mask[:-1][latent_mask[1:]] = 0.0  # the pads are predicted by the latent loss instead
+    get_rope_index = families.resolve(families.family_of(vc).rope_index)  # the family's M-RoPE placement
     positions, _ = get_rope_index(model_config, ids[None], video_grid_thw=video_grids,
                                   second_per_grid_ts=np.full(len(video_grids), seconds_per_grid))
     return {

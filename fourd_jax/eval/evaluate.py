@@ -36,6 +36,7 @@ from fourd_jax.errors import InputError
 from fourd_jax.eval.report import UNREADABLE, Prediction, accuracy_table, write_results
 from fourd_jax.files import as_path
 from fourd_jax.load import check_latent_ids, find_model, load_model, load_tokenizer
+from fourd_jax.model import lora
 from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, sampling_for
@@ -221,7 +222,8 @@ def predict(model: Qwen25VL, params: Any, tokenizer: Any, records_dir: str | Pat
     questions = questions[: config.max_samples or None]
     if not questions:
         raise InputError(f"{records_dir} holds no questions to evaluate.")
-    params = sharding.place(params, sharding.param_shardings(abstract_params(model), mesh, rules))
+    # A LoRA model answers with its adapters folded in: the same forward, with no adapter matmuls.
+    params = sharding.place(lora.merge(params), sharding.param_shardings(abstract_params(model), mesh, rules))
     # This process's records in scope: stream positions process_index, + process_count, ... below the count.
     quota = len(range(jax.process_index(), len(questions), jax.process_count()))
     empty = collate([], per_process, config.seq_buckets, model.config, config.latent_size, left_pad=True)

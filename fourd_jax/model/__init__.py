@@ -1,4 +1,4 @@
-"""Qwen2.5-VL in Flax Linen, with 4DThinker latent-imagery inputs.
+"""Qwen2.5-VL and Qwen3-VL in Flax Linen, with 4DThinker latent-imagery inputs.
 
 Import from the defining modules; the package itself imports nothing, so the host-side modules
 (`config`, `layout`, `positions`) load without JAX or Flax:
@@ -12,4 +12,11 @@ Import from the defining modules; the package itself imports nothing, so the hos
     apply      forward, encode_vision, init_params, abstract_params, dummy_inputs: jitted entry points
     text       KVCache, init_kv_cache, the decoder; vision: the tower; rope: M-RoPE angles
     imagery    grow_embeddings, add_latent_imagery, chunk_means, segment_means, imagery_targets
+
+Qwen3-VL (the second family, `fourd_jax.families.QWEN3_VL`) reuses the decoder, attention, KV cache,
+M-RoPE and the multimodal wrapper:
+
+    qwen3vl_config  Qwen3VLConfig, Qwen3TextConfig, Qwen3VisionConfig, presets (qwen3vl_2b/4b/8b, tiny)
+    qwen3vl_layout  Qwen3VisionLayout, qwen3_vision_layout, get_rope_index: host-side bookkeeping (numpy)
+    qwen3vl         Qwen3VL (the Linen module, a Qwen25VL with its own tower and DeepStack), the tower
 """

@@ -16,8 +16,7 @@ import numpy as np
 
 from fourd_jax import sharding
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.inputs import PreparedInputs, VisionInputs, prepare_inputs, prepare_vision
-from fourd_jax.model.positions import get_rope_index
+from fourd_jax.model.inputs import PreparedInputs, VisionInputs, prepare_inputs, prepare_vision, rope_index
 from fourd_jax.model.vlm import ModelOutput, Qwen25VL
 
 
@@ -67,7 +66,7 @@ def dummy_inputs(config: ModelConfig) -> dict[str, Any]:
     ids = np.array([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]])
     return dict(
         input_ids=ids,
-        position_ids=get_rope_index(config, ids, grid)[0],
+        position_ids=rope_index(config, ids, grid)[0],
         vision=prepare_vision(config, np.zeros((m * m, config.vision.patch_dim), np.float32), grid),
     )
 

@@ -8,7 +8,7 @@ as a static argument of `jax.jit`. Conversion to and from a `transformers` confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 import ml_dtypes
 import numpy as np
@@ -89,14 +89,70 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 128000
+    # Read by the shared decoder layer and M-RoPE (Qwen3-VL's decoder sets them the other way).
+    attention_bias: ClassVar[bool] = True
+    qk_norm: ClassVar[bool] = False
+    mrope_interleaved: ClassVar[bool] = False
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
 
+class NetworkConfig:
+    """What the complete config of every family shares: dtype lookups, the checks of the parts all
+    families have, copies and dicts. Each family's config is a frozen dataclass with `text` and
+    `vision` parts and the fields param_dtype, dtype, remat_policy, attention_block and the latent
+    token ids."""
+
+    def shared_problems(self) -> list[str]:
+        """What is wrong with the parts every family has (decoder heads and M-RoPE, vision heads, the
+        merger's width, numerics and execution), one phrase each."""
+        t, v = self.text, self.vision
+        problems = []
+        if t.num_heads % t.num_kv_heads:
+            problems.append(f"text.num_heads {t.num_heads} is not divisible by num_kv_heads {t.num_kv_heads}")
+        if sum(t.mrope_section) * 2 != t.head_dim:
+            problems.append(f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if v.hidden_size % v.num_heads:
+            problems.append(f"vision.hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
+        if v.head_dim % 4:
+            problems.append(f"vision head_dim {v.head_dim} must be divisible by 4 for the 2D rotary")
+        if v.out_hidden_size != t.hidden_size:
+            problems.append(f"vision.out_hidden_size {v.out_hidden_size} must equal text.hidden_size {t.hidden_size}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in tuple(DTYPES):
+                problems.append(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy must be one of {REMAT_POLICIES}, not {self.remat_policy!r}")
+        if self.attention_block < 0:
+            problems.append(f"attention_block must be 0 (off) or a positive block size, not {self.attention_block}")
+        return problems
+
+    @property
+    def jnp_param_dtype(self) -> np.dtype:
+        return DTYPES[self.param_dtype]
+
+    @property
+    def jnp_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def latent_token_ids(self) -> tuple[int, int, int] | None:
+        ids = (self.latent_start_token_id, self.latent_pad_token_id, self.latent_end_token_id)
+        return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
+
+    def replace(self, **changes) -> Self:
+        """A copy with top-level fields changed (use `dataclasses.replace` on `text`/`vision`)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (inverse of `from_dict`)."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(NetworkConfig):
     """A complete Qwen2.5-VL network with the latent-imagery tokens and a dtype policy."""
 
     text: TextConfig = TextConfig()
@@ -121,6 +177,11 @@ class ModelConfig:
     # Decoder queries attended per block (layers.attention); 0 = all at once. Blocks bound the
     # attention memory by L x block instead of L^2: set it for sequences of thousands of tokens.
     attention_block: int = 0
+    # True: the decoder layers' parameters are stacked and run by one scanned layer (training, prefill;
+    # one compiled layer). False: one module per layer, unrolled (`text.unstack_layers` converts the
+    # parameters), what the sampler's token loop runs: a scanned layer copies its weights out of the
+    # stack at every step, which doubles the bytes a weight-streaming decode step reads.
+    scan_layers: bool = True
     mrope_text_start: MropeTextStart = "max_position"
 
     def __post_init__(self) -> None:
@@ -128,16 +189,6 @@ class ModelConfig:
         problems = []
         if t.hidden_size % t.num_heads:
             problems.append(f"text.hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}")
-        if t.num_heads % t.num_kv_heads:
-            problems.append(f"text.num_heads {t.num_heads} is not divisible by num_kv_heads {t.num_kv_heads}")
-        if sum(t.mrope_section) * 2 != t.head_dim:
-            problems.append(
-                f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}"
-            )
-        if v.hidden_size % v.num_heads:
-            problems.append(f"vision.hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
-        if v.head_dim % 4:
-            problems.append(f"vision head_dim {v.head_dim} must be divisible by 4 for the 2D rotary")
         if v.window_units < 1 or v.window_size % (v.spatial_merge_size * v.patch_size):
             problems.append(
                 f"vision.window_size {v.window_size} must be a positive multiple of "
@@ -145,44 +196,13 @@ class ModelConfig:
             )
         if any(i < 0 or i >= v.depth for i in v.fullatt_block_indexes):
             problems.append(f"vision.fullatt_block_indexes {v.fullatt_block_indexes} fall outside depth {v.depth}")
-        if v.out_hidden_size != t.hidden_size:
-            problems.append(
-                f"vision.out_hidden_size {v.out_hidden_size} must equal text.hidden_size {t.hidden_size}"
-            )
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in tuple(DTYPES):
-                problems.append(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            problems.append(f"remat_policy must be one of {REMAT_POLICIES}, not {self.remat_policy!r}")
-        if self.attention_block < 0:
-            problems.append(f"attention_block must be 0 (off) or a positive block size, not {self.attention_block}")
+        problems += self.shared_problems()
         if self.mrope_text_start not in ("max_position", "spatial_extent"):
             problems.append(
                 f"mrope_text_start must be 'max_position' or 'spatial_extent', not {self.mrope_text_start!r}"
             )
         if problems:
             raise InputError("Invalid model config: " + "; ".join(problems) + ".")
-
-    @property
-    def jnp_param_dtype(self) -> np.dtype:
-        return DTYPES[self.param_dtype]
-
-    @property
-    def jnp_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def latent_token_ids(self) -> tuple[int, int, int] | None:
-        ids = (self.latent_start_token_id, self.latent_pad_token_id, self.latent_end_token_id)
-        return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
-
-    def replace(self, **changes) -> ModelConfig:
-        """A copy with top-level fields changed (use `dataclasses.replace` on `text`/`vision`)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable dict (inverse of `from_dict`)."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

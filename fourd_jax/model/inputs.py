@@ -14,16 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax import families
 from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.layout import VisionLayout, num_patches, vision_layout
-from fourd_jax.model.positions import get_rope_index
+from fourd_jax.model.layout import VisionLayout, num_patches
+from fourd_jax.model.qwen3vl_layout import Qwen3VisionLayout
 
-# The layout is host numpy (JAX-free for the data pipeline); on its way into jit its arrays are
-# leaves and frame_len is static.
+# The layouts are host numpy (JAX-free for the data pipeline); on their way into jit their arrays
+# are leaves and frame_len is static.
 jax.tree_util.register_dataclass(
     VisionLayout, data_fields=["patch_index", "valid", "rotary_pos", "frame_id", "unit_slot"],
     meta_fields=["frame_len"])
+jax.tree_util.register_dataclass(
+    Qwen3VisionLayout, data_fields=["rotary_pos", "frame_id", "interp_index", "interp_weight"],
+    meta_fields=["frame_len"])
+
+
+def rope_index(config: Any, input_ids: Any, image_grid_thw: Any = None, video_grid_thw: Any = None,
+               second_per_grid_ts: Any = None, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions [3, B, L] and rope deltas [B] by the config's family (e.g.
+    `fourd_jax.model.positions.get_rope_index` for Qwen2.5-VL)."""
+    compute = families.resolve(families.family_of(config).rope_index)
+    return compute(config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask)
 
 
 @flax.struct.dataclass
@@ -89,7 +101,8 @@ def prepare_vision(
     image_grids, video_grids = grids.get("image_grid_thw", ()), grids.get("video_grid_thw", ())
     return VisionInputs(
         patches=jnp.concatenate(parts) if len(parts) > 1 else parts[0],
-        layout=vision_layout(np.array(image_grids + video_grids), config.vision),
+        layout=families.resolve(families.family_of(config).vision_layout)(np.array(image_grids + video_grids),
+                                                                         config.vision),
         num_image_tokens=num_patches(np.array(image_grids)) // config.vision.spatial_merge_size**2
         if image_grids else 0,
     )
@@ -145,7 +158,7 @@ def prepare_inputs(
         raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
     vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     check_placeholders(config, ids, image_grid_thw, video_grid_thw, mm_token_type_ids)
-    positions, deltas = get_rope_index(config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask)
+    positions, deltas = rope_index(config, ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask)
     return PreparedInputs(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
                           jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32), vision)
 

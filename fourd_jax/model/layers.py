@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fourd_jax.model import lora
+
 
 def param_init(initializer, names: Sequence[str | None]):
     """An initializer whose parameter carries the given logical axis names."""
@@ -38,6 +40,25 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * weight.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and a bias; statistics in float32, output in the compute dtype."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape, names = (x.shape[-1],), (self.axis_name,)
+        weight = self.param("weight", param_init(nn.initializers.ones, names), shape, self.param_dtype)
+        bias = self.param("bias", param_init(nn.initializers.zeros, names), shape, self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class Dense(nn.Module):
@@ -70,7 +91,11 @@ class Dense(nn.Module):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         rows = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape))
         matrix = kernel.astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
-        y = (rows @ matrix).reshape(*lead, *self.out_shape)
+        y = rows @ matrix
+        adapted = lora.adapter_output(self, rows, self.dtype)  # a LoRA adapter, when this module holds one
+        if adapted is not None:
+            y = y + adapted
+        y = y.reshape(*lead, *self.out_shape)
         if self.use_bias:
             bias = self.param(
                 "bias", param_init(nn.initializers.zeros, self.out_names), self.out_shape,
@@ -220,13 +245,14 @@ _blockwise_attention_core.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def _fold_kv_heads(x: jax.Array, dtype) -> jax.Array:
-    """k or v [B, S, KV, D] -> [B x KV, S, D], the layout both attention paths contract over."""
-    b, s, kv, d = x.shape
-    return x.astype(dtype).transpose(0, 2, 1, 3).reshape(b * kv, s, d)
+    """k or v [B, KV, S, D] -> [B x KV, S, D], the layout both attention paths contract over."""
+    b, kv, s, d = x.shape
+    return x.astype(dtype).reshape(b * kv, s, d)
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int = 0
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int = 0,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Grouped-query attention with a boolean mask; scores and softmax in float32.
 
@@ -239,9 +265,11 @@ def attention(
     """
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
     chex.assert_equal_shape([k, v])
-    chex.assert_shape(mask, (q.shape[0], q.shape[1], k.shape[1]))
+    if not kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    chex.assert_shape(mask, (q.shape[0], q.shape[1], k.shape[2]))
     b, lq, h, d = q.shape
-    lk, kv = k.shape[1], k.shape[2]
+    kv, lk = k.shape[1], k.shape[2]
     g = h // kv
     if 0 < block < lq:
         return _blockwise_attention(q, k, v, mask, scale, block)
@@ -252,9 +280,39 @@ def attention(
     return out.reshape(b, kv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, k_new: jax.Array,
+                     v_new: jax.Array, slot: jax.Array, scale: float) -> jax.Array:
+    """`attention` of one new token per row over a KV cache that does not hold it yet, plus its own key
+    and value: the same numbers as writing the token at `slot` and attending over the cache.
+
+    q [B, 1, H, D]; k_cache, v_cache [B, KV, S, D] (heads first); k_new, v_new [B, KV, 1, D]; mask
+    [B, 1, S] over the cache's slots, `slot` included. Reading the cache as it was lets a decode
+    step write the token into the cache in place: when the attention reads the updated cache, XLA:CPU
+    fuses the update into both the attention and the returned cache, and copies the cache for each.
+    """
+    b, _, h, d = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    g = h // kv
+    chex.assert_shape([k_new, v_new], (b, kv, 1, d))
+    chex.assert_shape(mask, (b, 1, s))
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b * kv, g, d)
+    k_cache, v_cache = _fold_kv_heads(k_cache, q.dtype), _fold_kv_heads(v_cache, q.dtype)
+    k_new, v_new = _fold_kv_heads(k_new, q.dtype), _fold_kv_heads(v_new, q.dtype)
+    own = jax.lax.dynamic_index_in_dim(mask, slot, axis=2)  # [B, 1, 1]: whether the row attends at all
+    expand = lambda m: jnp.broadcast_to(m[:, None], (b, kv, g, m.shape[-1])).reshape(b * kv, g, m.shape[-1])  # noqa: E731
+    # The cache's stale entry at `slot` is out even of a row that may attend to nothing (uniform over the
+    # updated cache's S entries): -inf, not the mask's finfo.min.
+    cached = jnp.where(jnp.arange(s) == slot, -jnp.inf, _masked_scores(q, k_cache, expand(mask)))
+    scores = jnp.concatenate([cached, _masked_scores(q, k_new, expand(own))], axis=-1)
+    probs, _ = _softmax_with_stats(scores)
+    out = (_batched_dot(probs[..., :s].astype(v_cache.dtype), v_cache, 2, 1)
+           + _batched_dot(probs[..., s:].astype(v_new.dtype), v_new, 2, 1))
+    return out.astype(q.dtype).reshape(b, kv, g, d).reshape(b, 1, h, d)
+
+
 def _blockwise_attention(q, k, v, mask, scale, block):
     b, lq, h, d = q.shape
-    lk, kv = k.shape[1], k.shape[2]
+    kv, lk = k.shape[1], k.shape[2]
     g, nb = h // kv, -(-lq // block)
     pad = nb * block - lq  # padded query rows attend to nothing and are dropped
     q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))

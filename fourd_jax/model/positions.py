@@ -78,8 +78,10 @@ def get_rope_index(
                     f"input_ids row {b}: a {names[tok]} with grid ({t}, {h}, {w}) needs {n} consecutive "
                     f"placeholder tokens at position {i}, but the run is shorter."
                 )
-            interval = (np.float32(config.vision.tokens_per_second) * np.float32(next(video_seconds))
-                        if tok == config.video_token_id else np.float32(1.0))
+            video_s = next(video_seconds) if tok == config.video_token_id else None
+            # One temporal patch sits at t = 0 whatever its interval (every Qwen3-VL video block).
+            interval = (np.float32(config.vision.tokens_per_second) * np.float32(video_s)
+                        if video_s is not None and t > 1 else np.float32(1.0))
             tt = (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
             tt, hh, ww = np.meshgrid(tt, np.arange(h // m), np.arange(w // m), indexing="ij")
             block = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current

@@ -18,9 +18,8 @@ import jax.numpy as jnp
 from fourd_jax.errors import InputError
 from fourd_jax.model import rope
 from fourd_jax.model.config import ModelConfig
-from fourd_jax.model.inputs import VisionInputs, check_placeholders, host_array, prepare_vision
+from fourd_jax.model.inputs import VisionInputs, check_placeholders, host_array, prepare_vision, rope_index
 from fourd_jax.model.layers import Dense
-from fourd_jax.model.positions import get_rope_index
 from fourd_jax.model.text import KVCache, TextDecoder
 from fourd_jax.model.vision import VisionTower
 
@@ -50,6 +49,17 @@ def replace_rows(embeds: jax.Array, where: jax.Array, rows: jax.Array) -> jax.Ar
         index = jnp.clip(jnp.cumsum(where.reshape(-1)) - 1, 0, max(rows.shape[0] - 1, 0))
         picked = rows.astype(embeds.dtype)[index].reshape(embeds.shape)
     return jnp.where(where[..., None], picked, embeds)
+
+
+def place_media(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, num_image_tokens: int,
+                config: ModelConfig) -> jax.Array:
+    """Merged visual tokens [..., U, D] (images first, then videos) written into embeds [B, L, D] at
+    the image and video placeholders of input_ids, in order."""
+    if num_image_tokens:
+        embeds = replace_rows(embeds, input_ids == config.image_token_id, features[..., :num_image_tokens, :])
+    if features.shape[-2] > num_image_tokens:
+        embeds = replace_rows(embeds, input_ids == config.video_token_id, features[..., num_image_tokens:, :])
+    return embeds
 
 
 def attention_mask_for(
@@ -83,7 +93,7 @@ class Qwen25VL(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        self.visual = VisionTower(c)
+        self.visual = self.vision_tower()
         self.language_model = TextDecoder(c)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(
@@ -148,7 +158,7 @@ class Qwen25VL(nn.Module):
                 row_mask = host_array(attention_mask, "attention_mask")[:, :length]
             if vision is not None and not media_given:
                 raise InputError("With precomputed `vision=`, pass `position_ids=` too (see get_rope_index).")
-            position_ids, _ = get_rope_index(
+            position_ids, _ = rope_index(
                 c, host_array(host_ids, "input_ids"),
                 host_array(image_grid_thw, "image_grid_thw") if image_grid_thw is not None else None,
                 host_array(video_grid_thw, "video_grid_thw") if video_grid_thw is not None else None,
@@ -163,14 +173,9 @@ class Qwen25VL(nn.Module):
         embeds = self.language_model.embed(input_ids)
         if vision_features is not None and vision is None:
             raise InputError("`vision_features` fill the placeholders `vision=` lays out: pass both.")
+        deepstack = None
         if vision is not None:
-            features = (self.visual(vision.patches, vision.layout) if vision_features is None
-                        else vision_features)  # [U, D] or per example [B, U, D]
-            n_img = vision.num_image_tokens
-            if n_img:
-                embeds = replace_rows(embeds, input_ids == c.image_token_id, features[..., :n_img, :])
-            if features.shape[-2] > n_img:
-                embeds = replace_rows(embeds, input_ids == c.video_token_id, features[..., n_img:, :])
+            embeds, deepstack = self.merge_vision(embeds, input_ids, vision, vision_features)
         if latent_embeds is not None:
             if c.latent_pad_token_id is None:
                 raise InputError("`latent_embeds` given but the config has no latent_pad_token_id.")
@@ -182,9 +187,21 @@ class Qwen25VL(nn.Module):
         mask = attention_mask_for(attention_mask, batch, length, cache_len, cache_index, segment_ids)
         cos, sin = rope.mrope_cos_sin(position_ids, c.text)
         cos, sin = cos.astype(c.jnp_dtype), sin.astype(c.jnp_dtype)
-        hidden, new_cache = self.language_model(embeds, cos, sin, mask, kv_cache, cache_index)
+        hidden, new_cache = self.language_model(embeds, cos, sin, mask, kv_cache, cache_index, deepstack)
         logits = self.logits(hidden) if compute_logits else None
         return ModelOutput(logits=logits, hidden_states=hidden, kv_cache=new_cache)
+
+    def vision_tower(self) -> nn.Module:
+        """The family's vision tower (built in setup)."""
+        return VisionTower(self.config)
+
+    def merge_vision(self, embeds: jax.Array, input_ids: jax.Array, vision: VisionInputs,
+                     vision_features: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """Input embeddings with the media's merged tokens at their placeholders, and the decoder's
+        DeepStack features (None: Qwen2.5-VL has none)."""
+        features = (self.visual(vision.patches, vision.layout) if vision_features is None
+                    else vision_features)  # [U, D] or per example [B, U, D]
+        return place_media(embeds, input_ids, features, vision.num_image_tokens, self.config), None
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits for final hidden states [..., hidden]."""

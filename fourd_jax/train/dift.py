@@ -24,6 +24,7 @@ import optax
 from fourd_jax.batch import device_batch
 from fourd_jax.data.batching import batch_axis
 from fourd_jax.errors import InputError
+from fourd_jax.model import lora
 from fourd_jax.model.imagery import segment_means
 from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
@@ -86,7 +87,7 @@ def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: S
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"),
                       vision=vision_inputs({**batch, "video_frame_len": sizes.video_frame_len}, "video"),
-                      latent_embeds=targets, compute_logits=compute_logits)
+                      latent_embeds=targets, compute_logits=compute_logits, rngs=lora.rngs())
     return out, targets
 
 
@@ -107,7 +108,8 @@ def loss_sums(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: Static
     """
     out, targets = teacher_forced(params, batch, model, sizes, compute_logits=False, target_tower=target_tower)
     positions = batch["loss_positions"]
-    logits = model.apply({"params": params}, at_positions(out.hidden_states, positions), method=Qwen25VL.logits)
+    logits = model.apply({"params": params}, at_positions(out.hidden_states, positions), method=Qwen25VL.logits,
+                         rngs=lora.rngs())
     ce = (token_cross_entropy(logits, at_positions(batch["targets"], positions))
           * at_positions(batch["loss_mask"], positions))
     latent = latent_cosine_terms(out.hidden_states, targets, batch["latent_mask"])
@@ -120,9 +122,10 @@ def counts(batch: dict[str, Any]) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = None, *, model: Qwen25VL,
                tx: optax.GradientTransformation, trainable: Any, loss_config: DiftLossConfig, sizes: StaticSizes,
-               grad_accum: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum: int = 1, lora_dropout: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a batch (split into `grad_accum` micro-batches). `target_tower`: the
-    frozen vision-tower params that make the imagery targets (None = the model's own).
+    frozen vision-tower params that make the imagery targets (None = the model's own). `lora_dropout`:
+    the rate of LoRA adapter input dropout, drawn from the state's key and step (so a resume repeats it).
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state as they
     were and bumps the non-finite counters; the loop stops after too many in a row.
@@ -131,8 +134,11 @@ def train_step(state: TrainState, batch: dict[str, Any], target_tower: Any = Non
     weights = {"ce_sum": loss_config.ce_weight / jnp.maximum(n["ce_count"], 1.0),
                "latent_sum": loss_config.latent_weight / jnp.maximum(n["latent_count"], 1.0)}
 
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
     def objective(params, micro):
-        sums = loss_sums(stop_frozen(params, trainable), micro, model, sizes, target_tower)
+        with lora.dropout(lora_dropout, dropout_key):
+            sums = loss_sums(stop_frozen(params, trainable), micro, model, sizes, target_tower)
         return sum(weights[k] * v for k, v in sums.items()), sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -159,7 +165,7 @@ def jitted_train_step(settings: RunSettings, model: Qwen25VL, tx: optax.Gradient
     """The compiled DIFT step of a run: `train_step` with the state donated and kept on `shardings`
     (what the trainer runs, and what `fourd-jax compile` lowers for a TPU topology)."""
     return jax.jit(functools.partial(train_step, model=model, tx=tx, trainable=trainable, loss_config=settings.loss,
-                                     grad_accum=settings.optim.grad_accum),
+                                     grad_accum=settings.optim.grad_accum, lora_dropout=settings.lora.spec.dropout),
                    static_argnames=("sizes",), donate_argnums=0, out_shardings=(shardings, None))
 
 

@@ -34,11 +34,13 @@ from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer, reco
 from fourd_jax.errors import InputError
 from fourd_jax.files import absolute, as_path, is_remote, upload
 from fourd_jax.load import load_model, load_tokenizer
+from fourd_jax.model import lora as lora_math
 from fourd_jax.model.apply import abstract_params, init_params
 from fourd_jax.model.config import PRESETS
 from fourd_jax.model.imagery import add_latent_imagery
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train import loop, observe
+from fourd_jax.train import lora as train_lora
 from fourd_jax.train.checkpoints import Checkpointer
 from fourd_jax.train.optim import learning_rate, make_optimizer
 from fourd_jax.train.settings import RunSettings
@@ -181,19 +183,25 @@ def model_and_params(settings: RunSettings, tok: Any, mesh: Any) -> tuple[Qwen25
     numerics = settings.model.numerics()
     if not settings.model.init_from:
         model = Qwen25VL(config_for_tokenizer(tok, PRESETS[settings.model.preset](**numerics)))
-        return model, init_params(model, jax.random.key(settings.seed), mesh=mesh, rules=settings.rules)
-    loaded = load_model(settings.model.init_from, what="model.init_from", **numerics)
-    model, params = loaded.model, loaded.params
-    if model.config.latent_token_ids is None:
-        model, params = add_latent_imagery(model, params, tok)
-    shardings = sharding.param_shardings(abstract_params(model), mesh, settings.rules)
-    return model, sharding.place(params, shardings)
+        params = init_params(model, jax.random.key(settings.seed), mesh=mesh, rules=settings.rules)
+    else:
+        loaded = load_model(settings.model.init_from, what="model.init_from", **numerics)
+        # A LoRA run's checkpoint starts this run from its adapted model: the adapters folded into the base.
+        model, params = loaded.model, lora_math.merge(loaded.params)
+        if model.config.latent_token_ids is None:
+            model, params = add_latent_imagery(model, params, tok)
+        shardings = sharding.param_shardings(abstract_params(model), mesh, settings.rules)
+        params = sharding.place(params, shardings)
+    if settings.lora.enabled:
+        params = train_lora.with_adapters(params, model, settings.lora, settings.optim.freeze, settings.seed, mesh,
+                                          settings.rules)
+    return model, params
 
 
 def optimizer_and_state(settings: RunSettings, model: Qwen25VL, params: Any, mesh: Any):
     """(optimizer, state shardings, state at step 0, lr schedule) for `optim`, created sharded."""
     tx = make_optimizer(settings.optim, params)
-    shardings = state_shardings(model, tx, mesh, settings.rules)
+    shardings = state_shardings(model, tx, mesh, settings.rules, settings.lora)
     with jax.set_mesh(mesh), nn.logical_axis_rules(settings.rules):
         state = jax.jit(lambda p: new_state(p, tx, settings.seed), out_shardings=shardings)(params)
     return tx, shardings, state, learning_rate(settings.optim)
@@ -231,7 +239,8 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric)
     state = trainer.state
     if checkpointer.latest_step() is not None:  # restored onto this mesh, with the data iterator's position
-        state = checkpointer.restore_newest(abstract_state(trainer.shardings, trainer.model, trainer.tx), batches)
+        target = abstract_state(trainer.shardings, trainer.model, trainer.tx, settings.lora)
+        state = checkpointer.restore_newest(target, batches)
     observe.write_manifest(workdir, settings.as_dict(), data_dir, data_digest, mesh)
     evaluate = None
     if trainer.validation is not None and t.eval_batches:

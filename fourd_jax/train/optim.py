@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from fourd_jax.errors import InputError
+from fourd_jax.model import lora
 
 
 def path_labels(params: Any, fn) -> Any:
@@ -39,8 +40,8 @@ def stop_frozen(params: Any, trainable: Any) -> Any:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels, embeddings), not on norm scales or biases."""
-    return path_labels(params, lambda path, _: path.rsplit("/", 1)[-1] in ("kernel", "embedding"))
+    """Weight decay on matrices (kernels, embeddings, LoRA A and B), not on norm scales or biases."""
+    return path_labels(params, lambda path, _: path.rsplit("/", 1)[-1] in ("kernel", "embedding", *lora.TRAINED))
 
 
 def learning_rate(config: Any) -> optax.Schedule:

@@ -32,7 +32,7 @@ from fourd_jax.files import as_path
 from fourd_jax.load import ModelSource, find_model
 from fourd_jax.model.inputs import PreparedInputs
 from fourd_jax.model.vlm import Qwen25VL
-from fourd_jax.sample import Rollout, SamplingConfig, generate, prefill, sampling_for, token_logprobs
+from fourd_jax.sample import Prefilled, Rollout, SamplingConfig, generate, prefill, sampling_for, token_logprobs
 from fourd_jax.train import job, observe, rewards
 from fourd_jax.train.accumulate import accumulate, merge_rows, split_rows
 from fourd_jax.train.job import Trainer
@@ -84,16 +84,20 @@ def scoring_inputs(prompt: PreparedInputs, rollout: Rollout, num_samples: int) -
 
 
 def completion_logprobs(params: Any, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, num_samples: int,
-                        temperature: float, vision_features: jax.Array | None = None) -> jax.Array:
+                        temperature: float, vision_features: jax.Array | None = None,
+                        prefilled: Prefilled | None = None) -> jax.Array:
     """log p of each completion token [B x num_samples, N] given everything before it, with the fed
     hidden states at the latent pads: the sequences of `scoring_inputs`, computed as the sampler
     computes them. Each prompt (and its media) runs once into a KV cache (`sample.prefill`); the G
     completions then attend to its repeated keys and values, so the prompt's work, and its gradient,
     is done once per prompt, not once per sample. `vision_features`: the prompts' visual tokens from
-    a frozen tower, computed once outside (`frozen_vision_features`)."""
+    a frozen tower, computed once outside (`frozen_vision_features`). `prefilled`: the prompts already
+    run (one row each, `prefill(..., num_samples=1)`), e.g. once for every micro-batch of an update."""
     n_new = rollout.tokens.shape[1]
     prompt_len = prompt.input_ids.shape[1]
-    cache, mask, last_hidden = prefill(params, prompt, model, n_new, num_samples, vision_features)
+    if prefilled is None:
+        prefilled = prefill(params, prompt, model, n_new, 1, vision_features)
+    cache, mask, last_hidden = prefilled.repeat(num_samples)
     mask = jnp.concatenate([mask[:, :prompt_len], rollout.completion_mask.astype(jnp.int32)], axis=1)
     slots = prompt_len + jnp.arange(n_new)[None, :] + jnp.repeat(prompt.rope_deltas, num_samples)[:, None]
     out = model.apply({"params": params}, rollout.tokens, attention_mask=mask,
@@ -145,12 +149,12 @@ def batch_totals(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 def grpo_loss(params: Any, *, model: Qwen25VL, prompt: PreparedInputs, rollout: Rollout, mask: jax.Array,
               advantages: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
               config: GrpoConfig, num_samples: int | None = None,
-              totals: tuple[jax.Array, jax.Array] | None = None, vision_features: jax.Array | None = None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+              totals: tuple[jax.Array, jax.Array] | None = None, vision_features: jax.Array | None = None,
+              prefilled: Prefilled | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`grpo_objective` on the policy's log-probs of the sampled sequences: `num_samples` rollout
     rows per prompt (default rl.num_generations; fewer for a micro-batch of each group)."""
     n = config.num_generations if num_samples is None else num_samples
-    logp = completion_logprobs(params, model, prompt, rollout, n, config.temperature, vision_features)
+    logp = completion_logprobs(params, model, prompt, rollout, n, config.temperature, vision_features, prefilled)
     loss, aux = grpo_objective(logp, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                                mask=mask, config=config, totals=totals)
     fixed = jax.lax.stop_gradient(logp)
@@ -179,7 +183,10 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
     With `micro_batches` k > 1 (optim.grad_accum), micro-batch j scores every prompt with its
     samples j, j + k, ... (G / k of each group) and the gradients are summed: the same update in
     about 1/k of the completions' activation memory. The split is over samples, not prompts, because
-    on a pod each device usually holds a single prompt; the price is one prompt prefill per micro-batch.
+    on a pod each device usually holds a single prompt. The prompts still run once per iteration:
+    their forward is kept as a VJP, each micro-batch returns the gradient of its loss with respect
+    to the prompts' KV cache and last hidden state, and the sum of those is pulled back through the
+    prompts once.
     """
     c, g = model.config, config.num_generations
     mask = policy_token_mask(rollout.tokens, rollout.completion_mask,
@@ -191,27 +198,38 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
     # Frozen tower: the prompts' visual tokens are the same for every micro-batch and iteration.
     features = frozen_vision_features(state.params, trainable, model, prompt)
 
-    def objective(params, rows):
+    def objective(params, prefix, rows):
         rollout, mask, advantages, ref_logprobs, old = rows
         return grpo_loss(stop_frozen(params, trainable), model=model, prompt=prompt, rollout=rollout, mask=mask,
                          advantages=advantages, old_logprobs=old, ref_logprobs=ref_logprobs, config=config,
-                         num_samples=g // k, totals=totals, vision_features=features)
-
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+                         num_samples=g // k, totals=totals, vision_features=features, prefilled=prefix)
 
     def gradients(params, old):
         """(loss, aux, grads) of the whole batch, summed over its micro-batches."""
         rows = (rollout, mask, advantages, ref_logprobs, old)
         if k == 1:
-            (loss, aux), grads = grad_fn(params, rows)
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, None, rows)
             return loss, aux, grads
 
+        def run_prompts(params):
+            p = prefill(stop_frozen(params, trainable), prompt, model, rollout.tokens.shape[1], 1, features)
+            return (p.cache, p.hidden), p.mask
+
+        (cache, hidden), pull_back, prompt_mask = jax.vjp(run_prompts, params, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, kv, h, r: objective(p, Prefilled(kv, prompt_mask, h), r),
+                                     argnums=(0, 1, 2), has_aux=True)
+
         def one(micro):
-            (loss, aux), grads = grad_fn(params, micro)
-            return (loss, aux["kl"], aux["clip_fraction"], grads), (aux["logp"], aux["logprob_drift"])
+            (loss, aux), (grads, d_cache, d_hidden) = grad_fn(params, cache, hidden, micro)
+            # summed in float32 over the micro-batches, whatever the cache's dtype
+            prefix = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), (d_cache, d_hidden))
+            return (loss, aux["kl"], aux["clip_fraction"], grads, prefix), (aux["logp"], aux["logprob_drift"])
 
         split = jax.tree_util.tree_map(lambda x: split_rows(x, k), rows)  # row p * G + i -> micro-batch i % k
-        (loss, kl, clip_fraction, grads), (logp, drift) = accumulate(one, split)
+        (loss, kl, clip_fraction, grads, prefix), (logp, drift) = accumulate(one, split)
+        prefix = jax.tree_util.tree_map(lambda d, x: d.astype(x.dtype), prefix, (cache, hidden))
+        (through_prompts,) = pull_back(prefix)
+        grads = jax.tree_util.tree_map(jnp.add, grads, through_prompts)
         aux = {"kl": kl, "clip_fraction": clip_fraction, "logp": merge_rows(logp), "logprob_drift": jnp.max(drift)}
         return loss, aux, grads
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from fourd_jax import sharding
 from fourd_jax.data.features import FeatureConfig
 from fourd_jax.data.pipeline import PipelineConfig
 from fourd_jax.errors import InputError
+from fourd_jax.model import lora as lora_math
 from fourd_jax.model.config import PRESETS, REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -145,6 +147,18 @@ class LoopSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (`config.lora`): the adapters to make (`spec.rank` 0 = off) and the frozen base's dtype."""
+
+    spec: lora_math.LoraSpec
+    base_dtype: str  # "" = model.param_dtype
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec.rank > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class GrpoConfig:
     num_generations: int = 8  # G rollouts per prompt
     epsilon: float = 0.2  # PPO clip
@@ -189,6 +203,27 @@ class RewardSettings:
     st_object: float
 
 
+def _lora(config: Any) -> LoraSettings:
+    """`config.lora` validated (a config without the section has LoRA off)."""
+    rank = _number(config, "lora.rank", minimum=0, default=0)
+    targets = _value(config, "lora.targets", "")
+    if not isinstance(targets, str) or (rank and not targets):
+        raise InputError(f"lora.targets must be a regex over parameter paths, not {targets!r}.")
+    try:
+        re.compile(targets)
+    except re.error as e:
+        raise InputError(f"lora.targets {targets!r} is not a valid regex ({e}).") from None
+    spec = lora_math.LoraSpec(
+        rank=rank, alpha=_number(config, "lora.alpha", float, above=0, default=16.0),
+        dropout=_number(config, "lora.dropout", float, minimum=0, default=0.0), targets=targets)
+    if spec.dropout >= 1:
+        raise InputError(f"lora.dropout must be below 1, not {spec.dropout!r}.")
+    base_dtype = _value(config, "lora.base_dtype", "")
+    if base_dtype not in ("",) + DTYPES:
+        raise InputError(f"lora.base_dtype must be one of {('',) + DTYPES}, not {base_dtype!r}.")
+    return LoraSettings(spec=spec, base_dtype=str(base_dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """Everything a DIFT or GRPO run reads; `rl`, `sample` and `reward` only for GRPO configs."""
@@ -206,6 +241,7 @@ class RunSettings:
     rl: GrpoConfig | None
     sample: SampleSettings | None
     reward: RewardSettings | None
+    lora: LoraSettings
     config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
     @classmethod
@@ -255,6 +291,9 @@ class RunSettings:
             eps=_number(config, "optim.eps", float, minimum=0),
             clip_norm=_number(config, "optim.clip_norm", float, above=0),
             grad_accum=_number(config, "optim.grad_accum", minimum=1), freeze=tuple(config.optim.freeze))
+        lora = _lora(config)
+        if lora.enabled:  # only the adapters train: everything else joins the frozen parameters
+            optim = dataclasses.replace(optim, freeze=optim.freeze + (lora_math.trained_pattern(),))
         if "rl" not in config and data.rows % optim.grad_accum:
             raise InputError(f"optim.grad_accum {optim.grad_accum} must divide the {data.rows} rows of a batch "
                              "(data.packed_rows, or data.batch_size when not packing).")
@@ -287,6 +326,9 @@ class RunSettings:
             if rl.num_generations % optim.grad_accum:
                 raise InputError(f"optim.grad_accum {optim.grad_accum} must divide rl.num_generations "
                                  f"{rl.num_generations} (a GRPO micro-batch holds G / grad_accum samples per prompt).")
+            if lora.spec.dropout:
+                raise InputError("lora.dropout must be 0 in a GRPO run (its update scores the sampler's tokens with "
+                                 "the sampler's model).")
             reward = RewardSettings(**{k: _number(config, f"reward.{k}", float)
                                        for k in ("accuracy", "format", "st_format", "st_accuracy", "st_camera",
                                                  "st_object")})
@@ -294,7 +336,7 @@ class RunSettings:
                    tokenizer_vocab_size=_number(config, "tokenizer_vocab_size", minimum=0),
                    model=model, data=data, optim=optim, loss=loss, train=loop, mesh_shape=shape,
                    rules=sharding.resolve_rules(tuple(config.mesh.get("rules", ()))), rl=rl, sample=sample,
-                   reward=reward, config=config)
+                   reward=reward, lora=lora, config=config)
 
     def replace(self, **fields: Any) -> RunSettings:
         """The settings of this run's config with dotted fields set (e.g. {"model.init_from": path}),

@@ -12,8 +12,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fourd_jax import sharding
-from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
+from fourd_jax.train.lora import boxed_params
 
 
 @flax.struct.dataclass
@@ -26,10 +26,11 @@ class TrainState:
     nonfinite_total: jax.Array  # int32 []
 
 
-def state_shardings(model: Qwen25VL, tx: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
+def state_shardings(model: Qwen25VL, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                    lora: Any = None) -> TrainState:
     """Where every leaf of the state lives: params by the logical rules, Adam moments with their
-    parameters, scalars replicated."""
-    boxed = abstract_params(model)
+    parameters, scalars replicated. `lora`: the run's `LoraSettings` (adapters among the params)."""
+    boxed = boxed_params(model, lora)
     params = sharding.param_shardings(boxed, mesh, rules)
     opt = sharding.like_params(jax.eval_shape(tx.init, nn.meta.unbox(boxed)), params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -46,9 +47,10 @@ def new_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Train
                       rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(), nonfinite_total=zero())
 
 
-def abstract_state(shardings: TrainState, model: Qwen25VL, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state(shardings: TrainState, model: Qwen25VL, tx: optax.GradientTransformation,
+                   lora: Any = None) -> TrainState:
     """ShapeDtypeStructs with shardings, the restore target of a checkpoint on any mesh."""
-    shapes = jax.eval_shape(lambda p: new_state(p, tx, 0), nn.meta.unbox(abstract_params(model)))
+    shapes = jax.eval_shape(lambda p: new_state(p, tx, 0), nn.meta.unbox(boxed_params(model, lora)))
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
