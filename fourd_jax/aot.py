@@ -28,19 +28,18 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fourd_jax import sharding
+from fourd_jax import families, sharding
 from fourd_jax.batch import check_batch_divides
 from fourd_jax.data.batching import batch_axis, collate, device_arrays
 from fourd_jax.data.features import OUTPUT_IMAGE, featurize
 from fourd_jax.data.tokenizer import build_tokenizer, config_for_tokenizer
 from fourd_jax.errors import InputError
-from fourd_jax.model.config import PRESETS
 from fourd_jax.model.inputs import PreparedInputs, vision_inputs
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import generate
 from fourd_jax.train import dift, rl
 from fourd_jax.train.lora import boxed_params
-from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
+from fourd_jax.train.observe import decoder_flops_per_token
 from fourd_jax.train.optim import make_optimizer, trainable_mask
 from fourd_jax.train.settings import RunSettings
 from fourd_jax.train.state import TrainState, abstract_state, state_shardings
@@ -233,12 +232,13 @@ def per_device_bytes(tree: Any, float_dtype: Any = None) -> int:
 def compile_model(settings: RunSettings) -> tuple[Qwen25VL, Any]:
     """(model, tokenizer) of the config's preset with the latent tokens, at the run's numerics. The
     weights a run would load (model.init_from) have the preset's shapes, so they are not read here."""
-    if settings.model.preset not in PRESETS:
-        raise InputError(f"model.preset {settings.model.preset!r} is not one of {sorted(PRESETS)}.")
+    if settings.model.preset not in families.preset_names():
+        raise InputError(f"model.preset {settings.model.preset!r} is not one of {sorted(families.preset_names())}.")
     # A tokenizer with Qwen's special and latent tokens; only the preset's vocabulary size matters here.
     tokenizer = build_tokenizer(["Which way does the camera move? Step <answer>A. left</answer>"] * 4, vocab_size=300)
-    base = PRESETS[settings.model.preset](**settings.model.numerics())
-    return Qwen25VL(config_for_tokenizer(tokenizer, base)), tokenizer
+    model = families.preset_model(settings.model.preset, config_transform=lambda c: config_for_tokenizer(tokenizer, c),
+                                  **settings.model.numerics())
+    return model, tokenizer
 
 
 def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileReport:
@@ -269,9 +269,8 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
             lowered = dift.jitted_train_step(settings, model, tx, trainable, shardings).lower(state, batch, None,
                                                                                               sizes=sizes)
             tokens = rows * seq_len
-            patches = rows * int(host["video_valid"].sum() + host["imagery_valid"].sum())
             model_flops = (tokens * decoder_flops_per_token(model.config, seq_len)
-                           + patches * vision_flops_per_patch(model.config))
+                           + rows * dift.vision_flops(model.config, host))
         else:
             prompt = PreparedInputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                     batch["rope_deltas"], vision_inputs({**host, **batch}, "video"))

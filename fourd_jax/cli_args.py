@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 BENCHMARKS = ("forward", "data", "train", "sample", "rl")
-IMPORT_FORMATS = ("4dthinker", "dsr", "dsr_bench", "vlm4d")
+IMPORT_FORMATS = ("4dthinker", "dsr", "dsr_bench", "vlm4d", "mllm4d")
 CONFIG_FLAGS = "--config NAME[:ARG] (a packaged config) or PATH[:ARG] (a config file), and --config.KEY=VALUE"
 
 
@@ -108,6 +108,9 @@ def _bench(sub) -> None:
         one = _add(what, name, helps[name], "bench")
         if name in ("forward", "sample", "rl"):
             one.add_argument("--size", default="small", choices=["small", "tiny"], help="model size")
+        if name == "forward":
+            one.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"],
+                             help="the architecture of both models")
         if name == "sample":
             one.add_argument("--rows", type=whole_number(4), default=4,
                              help="prompts decoded together, a multiple of 4 (e.g. 32: an RL batch of prompts x G)")

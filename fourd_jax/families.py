@@ -12,14 +12,31 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from fourd_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoRules:
+    """How one family's processor samples, sizes and lays out a video (`fourd_jax.data.video_layout`)."""
+
+    timestamps: bool  # each temporal patch its own vision block after "<t seconds>" (Qwen3-VL)
+    clip_budget: bool  # the pixel limits bound frames x height x width, not each frame
+    fps: float = 2.0  # frames sampled per second of video (timestamped families)
+    min_frames: int = 4
+    max_frames: int = 768
+
+
+@dataclasses.dataclass(frozen=True)
 class ProcessorSettings:
-    """How a family's processor turns frames into patch rows and placeholder tokens."""
+    """How a family's processor turns frames into patch rows and placeholder tokens.
+
+    The video pixel limits are the reference processor's: per frame, or, when `video.clip_budget`,
+    for the whole clip (frames x height x width). The data pipeline's own limits (`FeatureConfig`,
+    `data.video_*_pixels`) are per frame for every family and become a clip budget of frames x limit.
+    """
 
     patch_size: int
     merge_size: int
@@ -28,10 +45,11 @@ class ProcessorSettings:
     image_std: tuple[float, float, float]
     image_min_pixels: int
     image_max_pixels: int
-    video_min_pixels: int  # per frame
-    video_max_pixels: int  # per frame
+    video_min_pixels: int  # per frame, or per clip when video.clip_budget
+    video_max_pixels: int
     image_token: str
     video_token: str
+    video: VideoRules
 
     @property
     def resize_factor(self) -> int:
@@ -58,6 +76,8 @@ class Family:
     # as f(grid_thw, config.vision), and M-RoPE positions, called like positions.get_rope_index.
     vision_layout: str = "fourd_jax.model.layout:vision_layout"
     rope_index: str = "fourd_jax.model.positions:get_rope_index"
+    # The per-example media arrays of a training batch (`fourd_jax.data.batching.media_arrays`).
+    batch_media: str = "fourd_jax.data.batching:window_media_arrays"
 
     def config_type(self) -> type:
         return resolve(self.config)
@@ -107,6 +127,8 @@ QWEN2_5_VL = Family(
         image_min_pixels=56 * 56, image_max_pixels=28 * 28 * 1280,
         video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28,
         image_token="<|image_pad|>", video_token="<|video_pad|>",
+        # one vision block per video; time enters the positions through second_per_grid_ts
+        video=VideoRules(timestamps=False, clip_budget=False),
     ),
 )
 
@@ -121,22 +143,41 @@ QWEN3_VL = Family(
     hf_names="fourd_jax.convert.qwen3vl:NAMES",
     hf_config="fourd_jax.convert.qwen3vl",
     # The Qwen3-VL processor: mean/std 0.5; images [65536, 16777216] pixels (preprocessor_config.json
-    # `size`); videos [128 * 32 * 32, 768 * 32 * 32] (the video processor's `size`, which transformers'
-    # Qwen3-VL smart_resize bounds by frames x height x width rather than per frame).
+    # `size`); videos [128 * 32 * 32, 768 * 32 * 32] pixels per clip (the video processor's `size`, which
+    # its smart_resize applies to frames x height x width), sampled at 2 fps, 4 to 768 frames, each
+    # temporal patch its own block after its timestamp.
     processor=ProcessorSettings(
         patch_size=16, merge_size=2, temporal_patch_size=2,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         image_min_pixels=65536, image_max_pixels=16777216,
         video_min_pixels=128 * 32 * 32, video_max_pixels=768 * 32 * 32,
         image_token="<|image_pad|>", video_token="<|video_pad|>",
+        video=VideoRules(timestamps=True, clip_budget=True, fps=2.0, min_frames=4, max_frames=768),
     ),
     vision_layout="fourd_jax.model.qwen3vl_layout:qwen3_vision_layout",
     rope_index="fourd_jax.model.qwen3vl_layout:get_rope_index",
+    batch_media="fourd_jax.data.batching:row_media_arrays",
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL, QWEN3_VL)}
 # What a checkpoint without a family of its own (an Orbax ModelConfig) and the processor defaults are.
 DEFAULT = QWEN2_5_VL
+
+
+def preset_names() -> tuple[str, ...]:
+    """Every model preset of every family (`model.preset` of a run config)."""
+    return tuple(name for f in FAMILIES.values() for name in f.preset_table())
+
+
+def preset_model(name: str, config_transform: Callable[[Any], Any] | None = None, **overrides: Any) -> Any:
+    """The Linen module of model preset `name` (any family's), its config built with `overrides`
+    (e.g. dtype); `config_transform(config)`, when given, adapts the config first (a tokenizer's ids)."""
+    transform = config_transform
+    family = next((f for f in FAMILIES.values() if name in f.preset_table()), None)
+    if family is None:
+        raise InputError(f"model preset {name!r} is not one of {sorted(preset_names())}.")
+    config = family.preset_table()[name](**overrides)
+    return family.module_type()(transform(config) if transform else config)
 
 
 def hf_model_types() -> tuple[str, ...]:

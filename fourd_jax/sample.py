@@ -268,9 +268,11 @@ def generate(
         logprobs = state["logprobs"].at[:, step].set(jnp.where(forced | done, 0.0, state["logprob"]))
         feed = forced_pad & live
         count = state["latent_count"]
-        at_slot = (jnp.arange(slots)[None, :] == count[:, None]) & feed[:, None]
-        latent_inputs = jnp.where(at_slot[..., None], state["hidden"][:, None, :].astype(state["latent_inputs"].dtype),
-                                  state["latent_inputs"])
+        # One row per sequence written in place (a scatter), not the whole [B, slots, hidden] record per token.
+        rows, at = jnp.arange(batch), jnp.minimum(count, slots - 1)
+        kept = state["latent_inputs"]
+        latent_inputs = kept.at[rows, at].set(jnp.where(feed[:, None], state["hidden"].astype(kept.dtype),
+                                                        kept[rows, at]))
         opens = live & (remaining == 0) & (token == c.latent_start_token_id) if imagery else jnp.zeros(batch, bool)
         ended = live & stops(tokens, step, token)
 

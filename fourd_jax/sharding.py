@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vision_patch", None),
+    ("vision_pos", None),  # rows of Qwen3-VL's learned position table (resampled per grid)
     ("vision_qkv", None),
     ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),

@@ -91,3 +91,13 @@ def test_a_mesh_axis_that_splits_a_physical_axis():
     mesh = sharding.make_mesh((8, 8, 1), aot.topology_devices("v5p-128"))
     assert dict(mesh.shape) == {"data": 8, "fsdp": 8, "tensor": 1}
     assert len({d.id for d in mesh.devices.flat}) == 64
+
+
+def test_compile_the_tiny_qwen3vl_dift_step_and_grpo_programs():
+    small = {"model.preset": "qwen3vl_tiny", "mesh.shape": (1, 4, 1), "data.max_frames": 4,
+             "data.video_max_pixels": 64 * 64, "data.imagery_max_pixels": 64 * 64}
+    report = aot.compile_stage(RunSettings.of(load_config("dift", "tiny", **small)), "dift", "v5e-4")
+    assert report.fits and report.global_batch == 8 and report.xla_flops > 0
+    rl_settings = RunSettings.of(load_config("rl", "tiny", **{**small, "data.batch_size": 4}))
+    for stage in ("rl", "sample"):
+        assert aot.compile_stage(rl_settings, stage, "v5e-4").fits

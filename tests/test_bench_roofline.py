@@ -65,21 +65,50 @@ def test_stream_bandwidth_reads_a_weight_of_the_asked_size():
     assert roofline.matmul_flops(3, 5, 7) == 210
 
 
-def test_bench_forward_reports_its_fraction_of_the_matmul_peak(tmp_path, monkeypatch):
-    """`bench forward` (tiny) records the roofline columns, with the FLOPs of `forward_flops`."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bench_forward_reports_its_fraction_of_the_matmul_peak(tmp_path, monkeypatch, family):
+    """`bench forward` (tiny) records the roofline columns, with the FLOPs of `forward_flops`, for
+    each family against its own `transformers` model on the same weights."""
     from fourd_jax.bench import forward
 
     monkeypatch.setenv("FOURD_JAX_PERF_FILE", str(tmp_path / "perf.md"))
-    result = forward.run(size="tiny", repeats=2, record=True)
-    batch = forward.bench_batch(bench_config("tiny"), "tiny")
-    assert result["GFLOP"] == round(forward.forward_flops(bench_config("tiny"), batch) / 1e9, 2)
-    assert result["tokens"] == batch["input_ids"].size
+    result = forward.run(size="tiny", repeats=2, record=True, family=family)
+    config = bench_config("tiny", family)
+    batch = forward.bench_batch(config, "tiny")
+    assert result["GFLOP"] == round(forward.forward_flops(config, batch) / 1e9, 2)
+    assert result["tokens"] == batch["input_ids"].size and result["family"] == family
     for column in ("jax of peak", "torch of peak", "matmul peak GFLOP/s", "peak RSS GiB", "jax spread ms"):
         assert column in result
     assert result["jax of peak"].endswith("%") and result["peak RSS GiB"] > 0
     table = (tmp_path / "perf.md").read_text()
     assert "| jax of peak |" in table and str(result["jax ms"]) in table
     np.testing.assert_allclose(float(result["max logit diff"]), 0.0, atol=1e-4)
+
+
+def test_qwen3_bench_batch_has_one_video_block_per_temporal_patch():
+    """The Qwen3-VL bench lays the video out as its processor does: a block per temporal patch, each
+    after its timestamp text, on frames cut to multiples of 32 px; the tower's FLOPs count its
+    DeepStack mergers and whole-frame attention."""
+    from fourd_jax.bench import forward
+    from fourd_jax.train.observe import vision_flops_per_patch
+
+    config = bench_config("tiny", "qwen3_vl")
+    batch = forward.bench_batch(config, "tiny")
+    (t, h, w), frames = batch["video_grid_thw"][0], forward.SIZES["tiny"]["frames"]
+    assert t == frames // 2 and h == w == 96 // 16 and "second_per_grid_ts" not in batch
+    row = batch["input_ids"][0]
+    starts = np.flatnonzero(row == config.vision_start_token_id)
+    assert len(starts) == 1 + t  # the image, then one block per temporal patch
+    assert all(row[s + 1] == config.video_token_id for s in starts[1:])
+    assert all(np.diff(starts[1:]) == h * w // 4 + 2 + forward.TIMESTAMP_TOKENS)
+    assert (row == config.video_token_id).sum() == t * h * w // 4
+    v = config.vision
+    assert config.vision.num_deepstack == v.depth - 1
+    without_deepstack = vision_flops_per_patch(dataclasses.replace(config, vision=dataclasses.replace(
+        v, deepstack_visual_indexes=())), h * w)
+    merged = v.hidden_size * 4
+    merger = (2 * merged * merged + 2 * merged * v.out_hidden_size) / 4
+    assert vision_flops_per_patch(config, h * w) - without_deepstack == pytest.approx(v.num_deepstack * merger)
 
 
 def test_bench_sample_reports_its_fraction_of_the_decode_roof():

@@ -1,8 +1,10 @@
-"""`fourd-jax bench forward`: jitted JAX forward vs eager PyTorch (`transformers`), same machine.
+"""`fourd-jax bench forward [--family qwen3_vl]`: jitted JAX forward vs eager PyTorch (`transformers`).
 
-Both frameworks run the same Qwen2.5-VL weights (written once by `transformers`, read by
-`fourd_jax.hf.load`) on the same batch: two rows, each with text, an image and a video. The
-outputs are checked to agree before anything is timed.
+Both frameworks run the same weights of one family (Qwen2.5-VL, or Qwen3-VL with DeepStack and
+interleaved M-RoPE), written once by `transformers` and read by `fourd_jax.hf.load`, on the same
+batch: two rows, each with text, an image and a video (for Qwen3-VL the video is laid out as its
+processor does: one vision block per temporal patch, each after its timestamp text). The outputs
+are checked to agree before anything is timed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from fourd_jax.bench import roofline
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import patchify
+from fourd_jax.errors import InputError
 from fourd_jax.model.config import ModelConfig, TextConfig, VisionConfig
-from fourd_jax.model.inputs import prepare_vision
+from fourd_jax.model.inputs import prepare_inputs, prepare_vision
 from fourd_jax.model.positions import get_rope_index
+from fourd_jax.model.qwen3vl_config import Qwen3TextConfig, Qwen3VisionConfig, Qwen3VLConfig
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 
 SIZES = {
@@ -33,7 +37,14 @@ SIZES = {
 }
 
 
-def bench_config(size: str) -> ModelConfig:
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+TIMESTAMP_TOKENS = 3  # the text "<t.t seconds>" before each Qwen3-VL video block, as random tokens
+
+
+def bench_config(size: str, family: str = "qwen2_5_vl") -> ModelConfig | Qwen3VLConfig:
+    """The bench model of a size in one family (random weights; same widths in both families)."""
+    if family == "qwen3_vl":
+        return qwen3_bench_config(size)
     s = SIZES[size]
     v = s["vocab"]
     half = s["hidden"] // s["heads"] // 2
@@ -51,67 +62,108 @@ def bench_config(size: str) -> ModelConfig:
     )
 
 
-def bench_batch(config: ModelConfig, size: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two rows of text + image + text + video + text, as processor outputs."""
+def qwen3_bench_config(size: str) -> Qwen3VLConfig:
+    """The Qwen3-VL bench model: the widths of SIZES, head_dim = hidden / heads, Qwen3-VL's mrope
+    split (24, 20, 20) of 64 scaled to the rotary half, and DeepStack after all but the last block."""
     s = SIZES[size]
+    v = s["vocab"]
+    half = s["hidden"] // s["heads"] // 2
+    temporal = half * 3 // 8
+    units = (s["image"] // 32) ** 2  # merge units of a bench image; the learned grid has 4 patches per unit
+    return Qwen3VLConfig(
+        text=Qwen3TextConfig(vocab_size=v, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                             num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv"],
+                             head_dim=s["hidden"] // s["heads"], rope_theta=10000.0,
+                             mrope_section=(temporal, (half - temporal) // 2, (half - temporal) // 2),
+                             max_position_embeddings=8192),
+        vision=Qwen3VisionConfig(depth=s["vision_depth"], hidden_size=s["vision_hidden"],
+                                 intermediate_size=s["vision_intermediate"], num_heads=s["vision_heads"],
+                                 out_hidden_size=s["hidden"], num_position_embeddings=4 * units,
+                                 deepstack_visual_indexes=tuple(range(s["vision_depth"] - 1))),
+        tie_word_embeddings=False,
+        vision_start_token_id=v - 8, vision_end_token_id=v - 7, image_token_id=v - 6,
+        video_token_id=v - 5, bos_token_id=v - 4, eos_token_id=v - 3, pad_token_id=v - 4,
+    )
+
+
+def bench_batch(config: ModelConfig | Qwen3VLConfig, size: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two rows of text + image + text + video + text, as the family's processor outputs them."""
+    s = SIZES[size]
+    qwen3 = isinstance(config, Qwen3VLConfig)
+    factor = config.vision.patch_size * config.vision.spatial_merge_size
+    side = s["image"] // factor * factor  # frames resized to multiples of the family's factor
     rs = np.random.RandomState(seed)
     m2 = config.vision.spatial_merge_size**2
     ids, pix, pixv, grids, vgrids = [], [], [], [], []
     for _ in range(2):
-        image = rs.randint(0, 256, (1, s["image"], s["image"], 3), dtype=np.uint8)
-        video = rs.randint(0, 256, (s["frames"], s["image"], s["image"], 3), dtype=np.uint8)
+        image = rs.randint(0, 256, (1, side, side, 3), dtype=np.uint8)
+        video = rs.randint(0, 256, (s["frames"], side, side, 3), dtype=np.uint8)
         (p, g), (pv, gv) = patchify(image, config.vision), patchify(video, config.vision)
         pix.append(p)
         pixv.append(pv)
         grids.append(g)
         vgrids.append(gv)
         text = lambda n: rs.randint(0, config.vision_start_token_id, n).tolist()  # noqa: E731
-        ids.append(text(s["text"]) + [config.vision_start_token_id]
-                   + [config.image_token_id] * (int(np.prod(g)) // m2) + [config.vision_end_token_id]
-                   + text(8) + [config.vision_start_token_id]
-                   + [config.video_token_id] * (int(np.prod(gv)) // m2) + [config.vision_end_token_id]
+        block = lambda token, n: [config.vision_start_token_id, *[token] * n, config.vision_end_token_id]  # noqa: E731
+        if qwen3:  # one block per temporal patch, each after its timestamp text
+            video_ids = sum((text(TIMESTAMP_TOKENS) + block(config.video_token_id, gv[1] * gv[2] // m2)
+                             for _ in range(gv[0])), [])
+        else:
+            video_ids = block(config.video_token_id, int(np.prod(gv)) // m2)
+        ids.append(text(s["text"]) + block(config.image_token_id, int(np.prod(g)) // m2) + text(8) + video_ids
                    + text(s["text"]))
     input_ids = np.array(ids)
-    return dict(
+    batch = dict(
         input_ids=input_ids, attention_mask=np.ones_like(input_ids),
         pixel_values=np.concatenate(pix), image_grid_thw=np.array(grids),
         pixel_values_videos=np.concatenate(pixv), video_grid_thw=np.array(vgrids),
-        second_per_grid_ts=np.full(2, 2.0, np.float32),
         mm_token_type_ids=np.where(input_ids == config.image_token_id, 1,
                                    np.where(input_ids == config.video_token_id, 2, 0)),
     )
+    if not qwen3:  # Qwen3-VL's video times are the timestamp text, not a position scale
+        batch["second_per_grid_ts"] = np.full(2, 2.0, np.float32)
+    return batch
 
 
-def forward_flops(config: ModelConfig, batch: dict[str, np.ndarray]) -> float:
+def forward_flops(config: ModelConfig | Qwen3VLConfig, batch: dict[str, np.ndarray]) -> float:
     """FLOPs of one forward on a processor batch: the decoder on every token (logits included)
-    and the vision tower on every patch."""
+    and the vision tower on every patch (Qwen3-VL's patches attend over their whole frame, h * w)."""
     patches = batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]
+    _, h, w = batch["image_grid_thw"][0]  # the bench's images and video frames share one size
+    span = int(h * w) if isinstance(config, Qwen3VLConfig) else None
     return (batch["input_ids"].size * decoder_flops_per_token(config, batch["input_ids"].shape[1], trainable=False)
-            + patches * vision_flops_per_patch(config))
+            + patches * vision_flops_per_patch(config, span))
 
 
-def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str, Any]:
-    """Time both forwards; print and (optionally) record the ratio."""
+def run(size: str = "small", repeats: int = 5, record: bool = True, family: str = "qwen2_5_vl") -> dict[str, Any]:
+    """Time both forwards of a family's bench model; print and (optionally) record the ratio."""
+    if family not in FAMILIES:
+        raise InputError(f"--family {family!r} is not one of {', '.join(FAMILIES)}.")
     # The baseline; heavy, and only the torch side needs it.
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
-    config = bench_config(size)
+    hf_names = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+                "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}[family]
+    hf_config, hf_model = (getattr(transformers, name) for name in hf_names)
+    config = bench_config(size, family)
     torch.manual_seed(0)
-    torch_model = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).eval()
+    torch_model = hf_model(hf_config.from_dict(hf.config_to_hf(config))).eval()
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(tmp)
         model, params = hf.load(tmp)
     batch = bench_batch(config, size)
     torch_batch = {k: torch.tensor(v) for k, v in batch.items()}
 
-    # transformers 5.x positions text after a video by its spatial extent; use the same positions.
-    positions, _ = get_rope_index(
-        config.replace(mrope_text_start="spatial_extent"), batch["input_ids"],
-        batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"])
-    vision = prepare_vision(config, batch["pixel_values"], batch["image_grid_thw"],
-                            batch["pixel_values_videos"], batch["video_grid_thw"])
+    if family == "qwen3_vl":  # the family's own layout and positions, from the processor outputs
+        prepared = prepare_inputs(model.config, **batch)
+        positions, vision = prepared.position_ids, prepared.vision
+    else:  # transformers 5.x positions text after a video by its spatial extent; use the same positions.
+        positions, _ = get_rope_index(
+            config.replace(mrope_text_start="spatial_extent"), batch["input_ids"],
+            batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"])
+        vision = prepare_vision(config, batch["pixel_values"], batch["image_grid_thw"],
+                                batch["pixel_values_videos"], batch["video_grid_thw"])
 
     @jax.jit
     def forward(params, input_ids, position_ids, vision):
@@ -136,22 +188,22 @@ def run(size: str = "small", repeats: int = 5, record: bool = True) -> dict[str,
                                             "forward")
     jax_s, torch_s = jax_runs.median, torch_runs.median
     result = {
-        "size": size, "tokens": tokens, "jax ms": round(jax_s * 1e3, 1),
+        "family": family, "size": size, "tokens": tokens, "jax ms": round(jax_s * 1e3, 1),
         "jax spread ms": jax_runs.spread_ms(), "torch ms": round(torch_s * 1e3, 1),
         "torch spread ms": torch_runs.spread_ms(),
         "speed-up (torch / jax)": round(torch_s / jax_s, 2), **roof, "jax compile s": round(compile_s, 1),
         "max logit diff": f"{max_diff:.1e}", "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    print(f"forward ({size}, {tokens} tokens, batch 2, fp32): jax {jax_runs.ms()}, torch eager {torch_runs.ms()} "
-          f"-> jax is {result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; logits "
-          f"agree to {max_diff:.1e})")
+    print(f"forward ({family} {size}, {tokens} tokens, batch 2, fp32): jax {jax_runs.ms()}, torch eager "
+          f"{torch_runs.ms()} -> jax is {result['speed-up (torch / jax)']}x the speed of torch (median (spread) of "
+          f"{repeats}; logits agree to {max_diff:.1e})")
     print(roof_line)
     if record:
         path = record_row(
             "forward",
             "`fourd-jax bench forward`: one jitted JAX forward vs one eager `transformers` forward "
-            "(`torch.no_grad`, default SDPA attention) on the same weights and batch (2 rows of "
-            "text, an image and a video: "
+            "(`torch.no_grad`, default SDPA attention) on the same weights of one family and batch (2 rows "
+            "of text, an image and a video; Qwen3-VL frames are cut to multiples of 32 px: "
             + "; ".join(f"{name}: {s['image']} px, {s['frames']} frames" for name, s in SIZES.items())
             + "), fp32, median wall time.",
             result,

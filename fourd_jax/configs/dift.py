@@ -1,6 +1,7 @@
 """DIFT (Dynamic-Imagery Fine-Tuning) runs: `fourd-jax dift --config dift:PRESET`.
 
-Presets: tiny (CPU demo and tests), qwen25vl_3b, qwen25vl_7b (the 4DThinker recipe, SPEC 3.3).
+Presets: tiny (CPU demo and tests), qwen25vl_3b, qwen25vl_7b (the 4DThinker recipe, SPEC 3.3), and
+the same recipe on Qwen3-VL: qwen3vl_2b, qwen3vl_4b, qwen3vl_8b.
 A mesh preset can follow a comma: `dift:qwen25vl_7b,v5p-64`. Any field can be
 overridden with --config.FIELD=VALUE.
 """
@@ -22,13 +23,17 @@ MESHES = {
 }
 
 
+QWEN3VL_PRESETS = ("qwen3vl_2b", "qwen3vl_4b", "qwen3vl_8b")
+RECIPE_PRESETS = ("qwen25vl_3b", "qwen25vl_7b", *QWEN3VL_PRESETS)
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     preset, _, mesh = arg.partition(",")
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny" if preset == "tiny" else preset  # fourd_jax.model.config.PRESETS
+    c.model.preset = preset  # a model preset of any family (fourd_jax.families.preset_names)
     c.model.init_from = ""  # "" = random init; an HF directory, an Orbax checkpoint or a training workdir
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
@@ -106,7 +111,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.distributed.num_processes = 1
     c.distributed.process_id = 0
 
-    if preset in ("qwen25vl_3b", "qwen25vl_7b"):  # the 4DThinker DIFT recipe
+    if preset in RECIPE_PRESETS:  # the 4DThinker DIFT recipe
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "nothing_saveable"
         c.model.attention_block = 512  # 8K-token buckets: scores of 512 queries at a time
@@ -124,8 +129,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.optim.total_steps = 4750  # 1 epoch of ~38K samples at batch 8
         c.train.checkpoint_every = 500
         c.mesh.shape = MESHES["v5p-8"]
+        if preset in QWEN3VL_PRESETS:
+            # Qwen3-VL frames are resized to multiples of 32 px (16 px patches, 2 x 2 merged): the same 256
+            # merged tokens per temporal patch are 256 * 32 * 32 pixels. 50 frames are 25 temporal patches of
+            # 256 tokens, each after a "<t seconds>" timestamp: about 6600 tokens, within 8192.
+            c.data.video_max_pixels = 256 * 32 * 32
+            c.data.imagery_max_pixels = 256 * 32 * 32
     elif preset != "tiny":
-        raise InputError(f"unknown preset {preset!r}; choose tiny, qwen25vl_3b or qwen25vl_7b.")
+        raise InputError(f"unknown preset {preset!r}; choose tiny or one of {', '.join(RECIPE_PRESETS)}.")
     if mesh:
         for_slice(c, mesh)
     return c

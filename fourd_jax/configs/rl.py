@@ -3,12 +3,15 @@
 Built on the DIFT config of the same preset (model, data, mesh, distributed and checkpoint
 settings mean the same there), with the 4DThinker RL recipe (SPEC 3.5) for qwen25vl_3b / _7b:
 G = 8 rollouts at temperature 1.0, top-p 0.9, beta 0.01 with the k1 estimator, one iteration,
-lr 1e-6, at most 16 frames with the longest side <= 448.
+lr 1e-6, at most 16 frames with the longest side <= 448. qwen3vl_2b / _4b / _8b: the same recipe on
+Qwen3-VL. mllm4d_qwen3vl_8b: the MLLM-4D GRPO recipe (SPEC 5): Qwen3-VL-8B with LoRA r 128 (from the
+`sft:mllm4d_qwen3vl_8b` run), G = 12 at temperature 1.0, beta 0.001, lr 1e-4 on the adapters, up to
+32 frames, rewarded by the ST-reward (MLLM-4D records; `rl.sample_reward`).
 """
 
 import ml_collections
 
-from fourd_jax.configs import dift
+from fourd_jax.configs import dift, sft
 
 # The GRPO update holds more beside the state than a DIFT step: the micro-batches' summed gradients
 # and the frozen reference policy. The 7B update needs more than 256 GiB of HBM in all (16 v5e or
@@ -17,13 +20,17 @@ from fourd_jax.configs import dift
 MESHES = {**dift.MESHES, "v5e-64": (1, 32, 2), "v5e-256": (4, 32, 2), "v6e-64": (2, 32, 1)}
 
 
+MLLM4D = "mllm4d_qwen3vl_8b"
+
+
 def dift_config(arg: str) -> ml_collections.ConfigDict:
+    if arg.partition(",")[0] == MLLM4D:  # built on its SFT stage: the same model, LoRA and data layout
+        return sft.get_config(arg)
     return dift.get_config(arg)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = dift_config(arg)
-    preset = c.model.preset
 
     c.rl = ml_collections.ConfigDict()
     c.rl.num_generations = 4  # G rollouts per prompt
@@ -61,7 +68,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.total_steps = 40
     c.optim.weight_decay = 0.0
 
-    if preset in ("qwen25vl_3b", "qwen25vl_7b"):
+    name = arg.partition(",")[0]
+    if name in dift.RECIPE_PRESETS:
         c.rl.num_generations = 8
         c.sample.max_new_tokens = 1024
         c.data.batch_size = 8
@@ -72,6 +80,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.path = "data/rl"
         c.optim.lr = 1e-6
         c.optim.min_lr_ratio = 1.0  # constant after warmup
+        c.optim.total_steps = 500
+        c.train.checkpoint_every = 50
+    elif name == MLLM4D:
+        c.rl.num_generations = 12
+        c.rl.beta = 0.001
+        c.sample.temperature = 1.0
+        c.sample.top_p = 1.0
+        c.sample.imagery = False  # ST-CoT is text: no latent blocks
+        c.sample.max_new_tokens = 1024
+        c.sample.stop_strings = ("</answer>",)
+        # The ST-reward (maximum 1.0): 0.2 format + 0.6 accuracy + 0.1 camera + 0.1 object centres.
+        c.reward.st_format, c.reward.st_accuracy, c.reward.st_camera, c.reward.st_object = 0.2, 0.6, 0.1, 0.1
+        c.data.path = "data/mllm4d_rl"
+        c.data.batch_size = 8
+        c.data.max_frames = 32
+        # 32 frames are 16 temporal patches of 256 merged tokens (factor-32 frames) with their timestamps.
+        c.data.seq_buckets = (4096, 5120)
+        c.optim.lr = 1e-4  # on the LoRA parameters (lora.rank 128 from the SFT preset)
+        c.optim.min_lr_ratio = 1.0
         c.optim.total_steps = 500
         c.train.checkpoint_every = 50
     mesh = arg.partition(",")[2]

@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fourd_jax import families
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.layout import VisionLayout, num_patches, vision_layout
+from fourd_jax.model.qwen3vl_layout import qwen3_vision_layout, stack_layouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,50 @@ def _empty_layout() -> VisionLayout:
 
 def media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarray], batch_size: int,
                  model_config: ModelConfig, prefix: str) -> dict[str, Any]:
-    """Per-example media as arrays with a leading batch axis, named `{prefix}_*`.
+    """Per-example media as arrays with a leading batch axis, named `{prefix}_*`: patches [B, P, C],
+    the family's tower layout [B, ...] (`Family.batch_media`), `{prefix}_valid` [B, slots],
+    `{prefix}_frame_len` and `{prefix}_tokens` [B] (merged tokens per example)."""
+    for count_grids, patches in zip(grid_list, patch_list, strict=True):
+        described = num_patches(count_grids) if len(np.asarray(count_grids).reshape(-1)) else 0
+        if patches.shape[0] != described:
+            raise ValueError(f"{prefix}: {patches.shape[0]} patch rows for grids describing {described}")
+    build = families.resolve(families.family_of(model_config).batch_media)
+    return build(patch_list, grid_list, batch_size, model_config, prefix)
+
+
+def _stack_patches(patch_list: Sequence[np.ndarray], batch_size: int, rows: int, patch_dim: int) -> np.ndarray:
+    patches = np.zeros((batch_size, rows, patch_dim), np.float32)
+    for b, p in enumerate(patch_list):
+        patches[b, : p.shape[0]] = p
+    return patches
+
+
+def row_media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarray], batch_size: int,
+                     model_config: Any, prefix: str) -> dict[str, Any]:
+    """`media_arrays` for a tower that reads patch rows in the processor's order (Qwen3-VL): the
+    layout is per row, aligned with the patches ([B, P, ...], `qwen3vl_layout.batch_layouts`)."""
+    vc = model_config.vision
+    merge = vc.spatial_merge_size**2
+    layouts = [qwen3_vision_layout(g, vc) for g in grid_list]
+    counts = [lay.valid.shape[0] for lay in layouts]
+    frame_lens = {lay.frame_len for lay, n in zip(layouts, counts, strict=True) if n}
+    frame_len = frame_lens.pop() if len(frame_lens) == 1 else 0
+    # Rows in whole frames when all frames share a size (padding then forms frames of its own and
+    # attention stays a reshape). No media at all: one merge unit, so that padding to another
+    # process's rows (pad_to_agreed) keeps that process's whole frames.
+    rows = bucket(max([merge, *counts]), frame_len or (16 * merge if any(counts) else merge))
+    layout = stack_layouts(layouts, rows, batch_size, frame_len)
+    out = {f"{prefix}_patches": _stack_patches(patch_list, batch_size, rows, vc.patch_dim),
+           f"{prefix}_frame_len": np.int32(layout.frame_len),
+           f"{prefix}_tokens": (np.sum(layout.valid, axis=1) // merge).astype(np.int32)}
+    for field in ("rotary_pos", "frame_id", "interp_index", "interp_weight", "valid"):
+        out[f"{prefix}_{field}"] = getattr(layout, field)
+    return out
+
+
+def window_media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarray], batch_size: int,
+                        model_config: ModelConfig, prefix: str) -> dict[str, Any]:
+    """`media_arrays` for the Qwen2.5-VL windowed tower.
 
     Example b's patches [n_b, C] and grids [k_b, 3] become patches [B, P, C] and a layout padded
     to [B, S] slots / [B, U] merged tokens (P, S rounded up to powers of two; U = P / merge^2).
@@ -76,9 +121,6 @@ def media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarra
     grids = [np.asarray(g, np.int64).reshape(-1, 3) for g in grid_list]
     layouts = [vision_layout(g, vc) if len(g) else _empty_layout() for g in grids]
     counts = [num_patches(g) if len(g) else 0 for g in grids]
-    for name_count, patches in zip(counts, patch_list, strict=True):
-        if patches.shape[0] != name_count:
-            raise ValueError(f"{prefix}: {patches.shape[0]} patch rows for grids describing {name_count}")
     frame_lens = {lay.frame_len for lay, n in zip(layouts, counts, strict=True) if n}
     frame_len = frame_lens.pop() if len(frame_lens) == 1 else 0
     rows = bucket(max([merge, *counts]), 4 * vc.window_len)
@@ -87,10 +129,8 @@ def media_arrays(patch_list: Sequence[np.ndarray], grid_list: Sequence[np.ndarra
     layouts += [_empty_layout()] * (batch_size - len(layouts))
     padded = [pad_layout(VisionLayout(lay.patch_index, lay.valid, lay.rotary_pos, lay.frame_id, lay.unit_slot,
                                       frame_len), slots, rows // merge, zero_row=rows) for lay in layouts]
-    patches = np.zeros((batch_size, rows, vc.patch_dim), np.float32)
-    for b, p in enumerate(patch_list):
-        patches[b, : p.shape[0]] = p
-    out = {f"{prefix}_patches": patches, f"{prefix}_frame_len": np.int32(frame_len),
+    out = {f"{prefix}_patches": _stack_patches(patch_list, batch_size, rows, vc.patch_dim),
+           f"{prefix}_frame_len": np.int32(frame_len),
            f"{prefix}_tokens": np.array(counts + [0] * (batch_size - len(counts)), np.int32) // merge}
     for field in ("patch_index", "valid", "rotary_pos", "frame_id", "unit_slot"):
         out[f"{prefix}_{field}"] = np.stack([np.asarray(getattr(lay, field)) for lay in padded])
@@ -123,8 +163,9 @@ MEDIA_PREFIXES = ("video", "imagery")
 # `rope_deltas`) grows at the front of this axis, so every row keeps ending in its last token.
 SEQUENCE_AXIS = {"input_ids": 1, "targets": 1, "attention_mask": 1, "segment_ids": 1, "loss_mask": 1,
                  "latent_mask": 1, "position_ids": 2}
-# Arrays whose padding is not zero: a padding entry of `loss_positions` points nowhere.
-PAD_VALUE = {"loss_positions": -1}
+# Arrays whose padding is not zero: a padding entry of `loss_positions` points nowhere, and a padding
+# merged token of `imagery_segment` feeds no imagery target (-1, as `imagery_segments` marks them).
+PAD_VALUE = {"loss_positions": -1, "imagery_segment": -1}
 
 
 def batch_axis(key: str) -> int:
@@ -294,7 +335,7 @@ def collate(examples: Sequence[dict[str, Any] | BadExample], batch_size: int, se
     batch.update(media_arrays([e["imagery_patches"] for e in good], [e["imagery_grids"] for e in good], batch_size,
                               model_config, "imagery"))
     merge = model_config.vision.spatial_merge_size**2
-    units = batch["imagery_unit_slot"].shape[1]
+    units = batch["imagery_patches"].shape[1] // merge
     batch["imagery_segment"] = np.full((batch_size, units), -1, np.int32)
     for row, e in enumerate(good):
         batch["imagery_segment"][row] = imagery_segments(e["imagery_grids"], merge, latent_size, units)

@@ -14,7 +14,6 @@ through the image processor, which shares it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,33 +21,12 @@ import numpy as np
 
 from fourd_jax import families
 from fourd_jax.errors import InputError
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoRules:
-    """How one family's processor samples, sizes and lays out a video."""
-
-    timestamps: bool  # each temporal patch its own vision block after "<t seconds>" (Qwen3-VL)
-    clip_budget: bool  # the pixel limits bound frames x height x width, not each frame
-    fps: float = 2.0  # frames sampled per second of video (timestamped families)
-    min_frames: int = 4
-    max_frames: int = 768
-
-
-# Keyed by families.Family.name. (These belong with each family's ProcessorSettings in
-# fourd_jax/families.py; kept here until that table carries them.)
-VIDEO_RULES: dict[str, VideoRules] = {
-    "qwen2_5_vl": VideoRules(timestamps=False, clip_budget=False),
-    "qwen3_vl": VideoRules(timestamps=True, clip_budget=True),
-}
+from fourd_jax.families import VideoRules
 
 
 def video_rules(config: Any) -> VideoRules:
-    """The video rules of the family a (vision) config or module belongs to."""
-    name = families.family_of(config).name
-    if name not in VIDEO_RULES:
-        raise InputError(f"fourd_jax.data.video_layout.VIDEO_RULES has no entry for the model family {name!r}.")
-    return VIDEO_RULES[name]
+    """The video rules of the family a (vision) config or module belongs to (its ProcessorSettings)."""
+    return families.family_of(config).processor.video
 
 
 def sample_frame_indices(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,

@@ -8,7 +8,7 @@ as a static argument of `jax.jit`. Conversion to and from a `transformers` confi
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal, Self
+from typing import ClassVar, Literal
 
 import ml_dtypes
 import numpy as np
@@ -142,7 +142,7 @@ class NetworkConfig:
         ids = (self.latent_start_token_id, self.latent_pad_token_id, self.latent_end_token_id)
         return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
 
-    def replace(self, **changes) -> Self:
+    def replace(self, **changes) -> NetworkConfig:  # the same class as self
         """A copy with top-level fields changed (use `dataclasses.replace` on `text`/`vision`)."""
         return dataclasses.replace(self, **changes)
 

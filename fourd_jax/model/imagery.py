@@ -10,6 +10,7 @@ vision tower and merger, cut into `latent_size` contiguous chunks, each mean-poo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import chex
@@ -19,7 +20,6 @@ import numpy as np
 
 from fourd_jax.data.latent_tokens import DEFAULT_LATENT_SIZE, add_latent_tokens
 from fourd_jax.errors import InputError
-from fourd_jax.model.apply import encode_vision
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.inputs import prepare_vision
 from fourd_jax.model.vlm import Qwen25VL
@@ -96,6 +96,11 @@ def segment_means(tokens: jax.Array, segments: jax.Array, num_segments: int) -> 
     return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
+@functools.cache
+def _merged_tokens(model: Qwen25VL):
+    return jax.jit(lambda params, vision: model.apply({"params": params}, vision, method="merged_tokens"))
+
+
 def imagery_targets(
     model: Qwen25VL, params: Any, pixel_values: Any, image_grid_thw: Any, latent_size: int = DEFAULT_LATENT_SIZE
 ) -> jax.Array:
@@ -107,7 +112,8 @@ def imagery_targets(
     grids = np.asarray(image_grid_thw).reshape(-1, 3)
     counts = [int(np.prod(g)) // model.config.vision.spatial_merge_size**2 for g in grids]
     vision = prepare_vision(model.config, pixel_values, grids)
-    tokens = jax.lax.stop_gradient(encode_vision(model, params, vision))
+    # the merged tokens alone (Qwen3-VL's tower also returns DeepStack features)
+    tokens = jax.lax.stop_gradient(_merged_tokens(model)(params, vision))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     out = jnp.stack([chunk_means(tokens[s:s + n], latent_size) for s, n in zip(starts, counts, strict=True)])
     chex.assert_shape(out, (len(counts), latent_size, model.config.text.hidden_size))

@@ -7,6 +7,7 @@ pytrees with static shapes that the traced model (`fourd_jax.model.vlm`) consume
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -26,7 +27,7 @@ jax.tree_util.register_dataclass(
     VisionLayout, data_fields=["patch_index", "valid", "rotary_pos", "frame_id", "unit_slot"],
     meta_fields=["frame_len"])
 jax.tree_util.register_dataclass(
-    Qwen3VisionLayout, data_fields=["rotary_pos", "frame_id", "interp_index", "interp_weight"],
+    Qwen3VisionLayout, data_fields=["rotary_pos", "frame_id", "interp_index", "interp_weight", "valid"],
     meta_fields=["frame_len"])
 
 
@@ -48,7 +49,7 @@ class VisionInputs:
     """
 
     patches: jax.Array
-    layout: VisionLayout
+    layout: VisionLayout | Qwen3VisionLayout  # the family's tower layout
     # Static: the first num_image_tokens merged tokens fill image placeholders, the rest video
     # ones. Grids are not kept, so batches of different media sizes (padded to a bucket) reuse
     # one compiled program.
@@ -165,8 +166,9 @@ def prepare_inputs(
 
 def vision_inputs(batch: dict[str, Any], prefix: str) -> VisionInputs:
     """The model's per-example VisionInputs for the `video` or `imagery` arrays of a batch
-    (`fourd_jax.data.batching.media_arrays`; frame_len made static)."""
-    layout = VisionLayout(*(batch[f"{prefix}_{f}"] for f in ("patch_index", "valid", "rotary_pos", "frame_id",
-                                                             "unit_slot")),
-                          frame_len=int(batch[f"{prefix}_frame_len"]))
+    (`fourd_jax.data.batching.media_arrays`; frame_len made static). The arrays the batch carries
+    say whose layout it is: Qwen3-VL's has `{prefix}_interp_index`."""
+    kind = Qwen3VisionLayout if f"{prefix}_interp_index" in batch else VisionLayout
+    fields = [f.name for f in dataclasses.fields(kind) if f.name != "frame_len"]
+    layout = kind(**{f: batch[f"{prefix}_{f}"] for f in fields}, frame_len=int(batch[f"{prefix}_frame_len"]))
     return VisionInputs(batch[f"{prefix}_patches"], layout, num_image_tokens=0)

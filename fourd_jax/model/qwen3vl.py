@@ -67,9 +67,24 @@ class Qwen3PatchMerger(nn.Module):
                      name="linear_fc2")(x)
 
 
+def flatten_examples(patches: jax.Array, layout: Qwen3VisionLayout) -> tuple[jax.Array, Qwen3VisionLayout]:
+    """Per-example patches [B, P, C] and layouts [B, P, ...] as one flat run of B * P rows, each
+    example's frames kept apart (frame ids offset by P per example, as no example has more)."""
+    b, p, c = patches.shape
+    offset = (jnp.arange(b) * p)[:, None]
+    flat = lambda a: a.reshape(b * p, *a.shape[2:])  # noqa: E731
+    return patches.reshape(b * p, c), Qwen3VisionLayout(
+        rotary_pos=flat(layout.rotary_pos), frame_id=flat(layout.frame_id + offset),
+        interp_index=flat(layout.interp_index), interp_weight=flat(layout.interp_weight),
+        valid=flat(layout.valid), frame_len=layout.frame_len)
+
+
 class Qwen3VisionTower(nn.Module):
-    """Patch rows [N, C*T*P*P] in the processor's order + their layout -> [N / merge^2, 1 + K, D]:
-    the merged tokens, then the K DeepStack features."""
+    """Patch rows and their layout -> merged tokens and their K DeepStack features.
+
+    Flat: patches [N, C*T*P*P] in the processor's order -> [N / merge^2, 1 + K, D]. Per example
+    (the training pipeline): patches [B, P, C*T*P*P] + layouts [B, P, ...] -> [B, P / merge^2, 1 + K, D].
+    """
 
     config: Qwen3VLConfig
 
@@ -77,29 +92,37 @@ class Qwen3VisionTower(nn.Module):
     def __call__(self, patches: jax.Array, layout: Qwen3VisionLayout) -> jax.Array:
         vc = self.config.vision
         dtype, pdtype, std = self.config.jnp_dtype, self.config.jnp_param_dtype, self.config.initializer_range
-        if patches.ndim != 2:
-            raise InputError(f"Qwen3-VL takes pixel rows [patches, {vc.patch_dim}], got shape {tuple(patches.shape)}.")
+        if patches.ndim not in (2, 3):
+            raise InputError(f"Qwen3-VL takes pixel rows [patches, {vc.patch_dim}] or per example "
+                             f"[batch, patches, {vc.patch_dim}], got shape {tuple(patches.shape)}.")
+        batch = None
+        if patches.ndim == 3:  # per example: one flat run; attention never crosses examples
+            batch = patches.shape[0]
+            patches, layout = flatten_examples(patches, layout)
         chex.assert_shape(patches, (None, vc.patch_dim))
         n = patches.shape[0]
         chex.assert_shape([layout.interp_index, layout.interp_weight], (n, 4))
+        chex.assert_shape(layout.valid, (n,))
         # A Conv3d with stride = kernel over (C, T, P, P) is a matmul on the flattened patch row.
         x = Dense((vc.patch_dim,), (vc.hidden_size,), ("vision_patch",), ("vision_embed",), True, dtype, pdtype, std,
-                  name="patch_embed")(patches)
+                  name="patch_embed")(patches.astype(dtype))
         table = nn.Embed(vc.num_position_embeddings, vc.hidden_size, dtype=dtype, param_dtype=pdtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std),
-                                                                     ("vision_patch", "vision_embed")),
+                                                                     ("vision_pos", "vision_embed")),
                          name="pos_embed")
         # Learned positions, bilinearly resampled to the grid: four table rows blended per patch.
         blended = table(layout.interp_index).astype(jnp.float32) * layout.interp_weight[..., None]
         x = x + jnp.sum(blended, axis=1).astype(dtype)
         cos, sin = vision_rotary(layout.rotary_pos, vc)
 
+        # Attention within each frame, never to padding rows (batch padding).
         if layout.frame_len:
             groups = n // layout.frame_len
-            mask = jnp.ones((groups, layout.frame_len, layout.frame_len), bool)
+            mask = jnp.broadcast_to(layout.valid.reshape(groups, 1, layout.frame_len),
+                                    (groups, layout.frame_len, layout.frame_len))
         else:
             groups = 1
-            mask = (layout.frame_id[:, None] == layout.frame_id[None, :])[None]
+            mask = ((layout.frame_id[:, None] == layout.frame_id[None, :]) & layout.valid[None])[None]
 
         block = Qwen3VisionBlock
         if self.config.remat_policy != "none":
@@ -112,14 +135,15 @@ class Qwen3VisionTower(nn.Module):
                 k = vc.deepstack_visual_indexes.index(i)
                 deepstack.append(Qwen3PatchMerger(self.config, postshuffle=True, name=f"deepstack_merger_{k}")(x))
         merged = Qwen3PatchMerger(self.config, name="merger")(x)
-        return jnp.stack([merged, *deepstack], axis=1)
+        stacked = jnp.stack([merged, *deepstack], axis=1)
+        return stacked if batch is None else stacked.reshape(batch, -1, *stacked.shape[1:])
 
 
 class Qwen3VL(Qwen25VL):
     """Qwen3-VL for conditional generation: called like `Qwen25VL` (the processor's outputs, or
     prepared `vision=` / `position_ids=`, a KV cache for decoding). The inherited `encode_vision`
-    returns the tower's [U, 1 + K, D] (merged tokens, then their DeepStack features), which is what
-    `vision_features=` takes."""
+    returns the tower's [U, 1 + K, D] (merged tokens, then their DeepStack features; [B, U, 1 + K, D]
+    per example), which is what `vision_features=` takes; `merged_tokens` is its first slice."""
 
     config: Qwen3VLConfig
 
@@ -132,12 +156,17 @@ class Qwen3VL(Qwen25VL):
         except at the visual positions (images and videos, in placeholder order)."""
         c = self.config
         stacked = self.visual(vision.patches, vision.layout) if vision_features is None else vision_features
-        chex.assert_shape(stacked, (None, 1 + c.vision.num_deepstack, c.text.hidden_size))
+        chex.assert_shape(stacked, (..., 1 + c.vision.num_deepstack, c.text.hidden_size))
         n_img = vision.num_image_tokens
-        embeds = place_media(embeds, input_ids, stacked[:, 0], n_img, c)
+        embeds = place_media(embeds, input_ids, stacked[..., 0, :], n_img, c)
         if not c.vision.num_deepstack:
             return embeds, None
         zeros = jnp.zeros_like(embeds)
-        deepstack = jnp.stack([place_media(zeros, input_ids, stacked[:, 1 + k], n_img, c)
+        deepstack = jnp.stack([place_media(zeros, input_ids, stacked[..., 1 + k, :], n_img, c)
                                for k in range(c.vision.num_deepstack)])
         return embeds, deepstack
+
+    def merged_tokens(self, vision: VisionInputs) -> jax.Array:
+        """The merged visual tokens alone ([U, D], or [B, U, D] per example): what latent imagery
+        targets are made of (SPEC 3.2), without the DeepStack features."""
+        return self.encode_vision(vision)[..., 0, :]

@@ -20,13 +20,16 @@ from fourd_jax.model.qwen3vl_config import Qwen3VisionConfig, Qwen3VLConfig
 class Qwen3VisionLayout:
     """Per patch row (N rows, in the processor's order): what the tower needs besides the pixels.
 
-    `fourd_jax.model.qwen3vl` registers it as a JAX pytree (arrays are leaves, frame_len static).
+    Flat ([N, ...], `qwen3_vision_layout`) or per example ([B, P, ...], `batch_layouts`: each
+    example's rows padded to P, aligned with its patches [B, P, C]). `fourd_jax.model.inputs`
+    registers it as a JAX pytree (arrays are leaves, frame_len static).
     """
 
     rotary_pos: np.ndarray  # [N, 2] (row, col) of the patch inside its frame
     frame_id: np.ndarray  # [N] id of the (media item, temporal patch) the row belongs to
     interp_index: np.ndarray  # [N, 4] rows of the learned position table to blend
     interp_weight: np.ndarray  # [N, 4] float32 bilinear weights of those rows
+    valid: np.ndarray  # [N] bool: the row is a real patch (False: batch padding, never attended to)
     # Static: rows per frame when every frame has the same size (attention is then a reshape);
     # 0 when frames differ and attention uses a same-frame mask.
     frame_len: int = 0
@@ -73,8 +76,31 @@ def qwen3_vision_layout(grid_thw: np.ndarray, config: Qwen3VisionConfig) -> Qwen
         frame_id=join(frames, (0,)).astype(np.int32),
         interp_index=join(index, (0, 4)).astype(np.int32),
         interp_weight=join(weight, (0, 4)).astype(np.float32),
+        valid=np.ones(sum(int(np.prod(g)) for g in grid_thw.tolist()), bool),
         frame_len=sizes.pop() if len(sizes) == 1 else 0,
     )
+
+
+def stack_layouts(layouts: list[Qwen3VisionLayout], rows: int, batch_size: int,
+                  frame_len: int) -> Qwen3VisionLayout:
+    """Per-example layouts as one [B, rows, ...] layout (`batching.row_media_arrays`): rows are the
+    processor's, so they line up with patches [B, rows, C]. Padding rows (and rows of missing
+    examples) are invalid, read table row 0 with weight 0, and sit in a frame of their own."""
+    empty = Qwen3VisionLayout(np.zeros((0, 2), np.int32), np.zeros(0, np.int32), np.zeros((0, 4), np.int32),
+                              np.zeros((0, 4), np.float32), np.zeros(0, bool))
+    layouts = layouts + [empty] * (batch_size - len(layouts))
+
+    def pad(a: np.ndarray, value) -> np.ndarray:
+        return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), value, a.dtype)])
+
+    stacked = {
+        "rotary_pos": np.stack([pad(lay.rotary_pos, 0) for lay in layouts]),
+        "frame_id": np.stack([pad(lay.frame_id, int(np.max(lay.frame_id, initial=-1)) + 1) for lay in layouts]),
+        "interp_index": np.stack([pad(lay.interp_index, 0) for lay in layouts]),
+        "interp_weight": np.stack([pad(lay.interp_weight, 0) for lay in layouts]),
+        "valid": np.stack([pad(lay.valid, False) for lay in layouts]),
+    }
+    return Qwen3VisionLayout(**stacked, frame_len=frame_len)
 
 
 def split_video_grids(video_grid_thw: np.ndarray | None) -> np.ndarray | None:

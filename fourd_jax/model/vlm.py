@@ -213,6 +213,11 @@ class Qwen25VL(nn.Module):
         """Merged visual tokens [N / merge^2, hidden] for the media in `vision`."""
         return self.visual(vision.patches, vision.layout)
 
+    def merged_tokens(self, vision: VisionInputs) -> jax.Array:
+        """The merged visual tokens [U, D] (per example [B, U, D]) the latent imagery targets are
+        pooled from (SPEC 3.2); for Qwen2.5-VL, `encode_vision` itself."""
+        return self.encode_vision(vision)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Input token embeddings [..., hidden]."""
         return self.language_model.embed(input_ids)

@@ -82,7 +82,7 @@ def teacher_forced(params: Any, batch: dict[str, Any], model: Qwen25VL, sizes: S
     else:
         imagery = vision_inputs({**batch, "imagery_frame_len": sizes.imagery_frame_len}, "imagery")
         tower = params if target_tower is None else {**params, "visual": target_tower}
-        tokens = jax.lax.stop_gradient(model.apply({"params": tower}, imagery, method=Qwen25VL.encode_vision))
+        tokens = jax.lax.stop_gradient(model.apply({"params": tower}, imagery, method="merged_tokens"))
         targets = segment_means(tokens, batch["imagery_segment"], tokens.shape[1])
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"),
@@ -218,14 +218,26 @@ def validation(eval_fn: Any, batches: Any, loss_config: DiftLossConfig):
     return evaluate
 
 
+def vision_flops(model_config: Any, batch: dict[str, Any]) -> float:
+    """Forward FLOPs of the (frozen) vision tower on a host batch's video and imagery patches."""
+    total = 0.0
+    for prefix in ("video", "imagery"):
+        patches = float(np.sum(batch[f"{prefix}_valid"]))
+        # Qwen2.5-VL attends mostly within windows; a tower without them (Qwen3-VL) over each whole frame
+        # (its size, or at most an example's rows when frames differ in size).
+        span = None if hasattr(model_config.vision, "window_len") else (
+            int(batch[f"{prefix}_frame_len"]) or batch[f"{prefix}_patches"].shape[1])
+        total += patches * observe.vision_flops_per_patch(model_config, span)
+    return total
+
+
 def flops_fn(model_config: Any):
     """FLOPs of one training step on a host batch (text forward + backward, frozen vision forward)."""
     def flops(batch: dict[str, Any]) -> float:
         tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
-        patches = float(np.sum(batch["video_valid"]) + np.sum(batch["imagery_valid"])) * jax.process_count()
         seq = batch["input_ids"].shape[1]
         return (tokens * observe.decoder_flops_per_token(model_config, seq)
-                + patches * observe.vision_flops_per_patch(model_config))
+                + vision_flops(model_config, batch) * jax.process_count())
     return flops
 
 

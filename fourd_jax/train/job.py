@@ -25,7 +25,7 @@ import jax
 import optax
 from etils import epath
 
-from fourd_jax import checkpoint, sharding
+from fourd_jax import checkpoint, families, sharding
 from fourd_jax.batch import agree_batch_list, check_batch_divides
 from fourd_jax.data import records
 from fourd_jax.data.latent_tokens import add_latent_tokens
@@ -36,7 +36,6 @@ from fourd_jax.files import absolute, as_path, is_remote, upload
 from fourd_jax.load import load_model, load_tokenizer
 from fourd_jax.model import lora as lora_math
 from fourd_jax.model.apply import abstract_params, init_params
-from fourd_jax.model.config import PRESETS
 from fourd_jax.model.imagery import add_latent_imagery
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train import loop, observe
@@ -182,7 +181,8 @@ def model_and_params(settings: RunSettings, tok: Any, mesh: Any) -> tuple[Qwen25
     `model.init_from` (given the latent tokens when it has none), already sharded."""
     numerics = settings.model.numerics()
     if not settings.model.init_from:
-        model = Qwen25VL(config_for_tokenizer(tok, PRESETS[settings.model.preset](**numerics)))
+        model = families.preset_model(settings.model.preset, config_transform=lambda c: config_for_tokenizer(tok, c),
+                                      **numerics)
         params = init_params(model, jax.random.key(settings.seed), mesh=mesh, rules=settings.rules)
     else:
         loaded = load_model(settings.model.init_from, what="model.init_from", **numerics)

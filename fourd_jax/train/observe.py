@@ -100,14 +100,17 @@ def decoder_flops_per_token(model_config: Any, seq_len: int, trainable: bool = T
     return (3 if trainable else 1) * (matmul + attention)
 
 
-def vision_flops_per_patch(model_config: Any) -> float:
-    """Forward FLOPs per patch of the (frozen) vision tower."""
+def vision_flops_per_patch(model_config: Any, attention_len: int | None = None) -> float:
+    """Forward FLOPs per patch of the (frozen) vision tower. `attention_len`: the patches each one
+    attends to (default: Qwen2.5-VL's window; Qwen3-VL attends over its whole frame, h * w)."""
     v = model_config.vision
     e, m = v.hidden_size, v.intermediate_size
     merged = e * v.spatial_merge_size**2
-    per_block = 2 * e * 3 * e + 2 * e * e + 6 * e * m + 4 * v.window_len * e  # qkv, proj, MLP, windowed scores
+    span = v.window_len if attention_len is None else attention_len
+    per_block = 2 * e * 3 * e + 2 * e * e + 6 * e * m + 4 * span * e  # qkv, proj, MLP, scores and values
     merger = (2 * merged * merged + 2 * merged * v.out_hidden_size) / v.spatial_merge_size**2
-    return 2 * v.patch_dim * e + v.depth * per_block + merger
+    mergers = 1 + getattr(v, "num_deepstack", 0)  # each Qwen3-VL DeepStack feature has its own merger
+    return 2 * v.patch_dim * e + v.depth * per_block + mergers * merger
 
 
 def file_digest(paths: list[Path]) -> dict[str, str]:

@@ -16,12 +16,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from fourd_jax import sharding
+from fourd_jax import families, sharding
 from fourd_jax.data.features import FeatureConfig
 from fourd_jax.data.pipeline import PipelineConfig
 from fourd_jax.errors import InputError
 from fourd_jax.model import lora as lora_math
-from fourd_jax.model.config import PRESETS, REMAT_POLICIES
+from fourd_jax.model.config import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
 IMAGERY_TARGETS = {"in_step": "pixels", "precomputed": "precomputed"}  # loss.imagery_targets -> features
@@ -253,8 +253,8 @@ class RunSettings:
             dtype=_choice(config, "model.dtype", DTYPES), param_dtype=_choice(config, "model.param_dtype", DTYPES),
             remat_policy=_choice(config, "model.remat_policy", REMAT_POLICIES),
             attention_block=_number(config, "model.attention_block", minimum=0))
-        if not model.init_from and model.preset not in PRESETS:
-            raise InputError(f"model.preset {model.preset!r} is not one of {sorted(PRESETS)}.")
+        if not model.init_from and model.preset not in families.preset_names():
+            raise InputError(f"model.preset {model.preset!r} is not one of {sorted(families.preset_names())}.")
         d = config.data
         buckets = tuple(d.seq_buckets)
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):

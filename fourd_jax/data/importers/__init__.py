@@ -1,4 +1,4 @@
-"""Importers of released 4D video QA datasets (4DThinker, DSR Suite, VLM4D) into 4D records.
+"""Importers of released 4D video QA datasets (4DThinker, DSR Suite, VLM4D, MLLM-4D SFT) into 4D records.
 
 Each importer is a generator of samples in the decoded record form (`records.encode` accepts
 them); `import_to_records` writes one ArrayRecord file and reports what it read, wrote and
@@ -6,7 +6,8 @@ skipped. A bad row is skipped and counted, or raises `InputError` naming the fil
 sample is never written half right.
 
 One module per format holds its layout: `fourdthinker` (SPEC 3.6), `dsr` (raw QA, SPEC 4),
-`dsr_bench` and `vlm4d` (SPEC 5). They share `rows` (reading JSON, JSON lines and parquet files;
+`dsr_bench`, `vlm4d` and `mllm4d` (SPEC 5; the conversations layout of MLLM-4D's SFT
+data). They share `rows` (reading JSON, JSON lines and parquet files;
 bad rows and their counts), `media` (video decoding, frame sampling, media paths, images),
 `text` (fields, options, answer letters, the 4DThinker question family), `qa_layout` (the raw
 QA layout of 4DThinker RL rows and DSR) and `samples` (the record a row becomes).
@@ -24,6 +25,7 @@ from fourd_jax.data.importers.dsr import import_dsr
 from fourd_jax.data.importers.dsr_bench import VIDEO_SUFFIXES, import_dsr_bench
 from fourd_jax.data.importers.fourdthinker import import_4dthinker
 from fourd_jax.data.importers.media import decode_video, even_indices
+from fourd_jax.data.importers.mllm4d import import_mllm4d
 from fourd_jax.data.importers.rows import (
     BAD_ANSWER,
     BAD_FIELD,
@@ -43,7 +45,8 @@ from fourd_jax.errors import InputError
 __all__ = [
     "BAD_ANSWER", "BAD_FIELD", "BAD_OPTIONS", "DEFAULT_MAX_FRAMES", "IMAGERY_COUNT", "IMPORTERS", "INVALID_JSON",
     "MISSING_FIELD", "TOO_FEW_FRAMES", "UNREADABLE_MEDIA", "VIDEO_SUFFIXES", "ImportStats", "decode_video",
-    "even_indices", "import_4dthinker", "import_dsr", "import_dsr_bench", "import_to_records", "import_vlm4d",
+    "even_indices", "import_4dthinker", "import_dsr", "import_dsr_bench", "import_mllm4d", "import_to_records",
+    "import_vlm4d",
     "infer_subtask", "shown_for", "split_text_input",
 ]
 
@@ -52,6 +55,7 @@ IMPORTERS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "dsr": import_dsr,
     "dsr_bench": import_dsr_bench,
     "vlm4d": import_vlm4d,
+    "mllm4d": import_mllm4d,
 }
 
 

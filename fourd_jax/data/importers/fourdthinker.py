@@ -10,7 +10,6 @@ file, are the raw QA layout (`qa_layout`). The sub-task is inferred (`text.infer
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 from fourd_jax.data.importers.qa_layout import qa_row
 from fourd_jax.data.importers.rows import (
     BAD_ANSWER,
-    BAD_FIELD,
     IMAGERY_COUNT,
     MISSING_FIELD,
     BadRow,
@@ -27,16 +25,20 @@ from fourd_jax.data.importers.rows import (
     samples_from_rows,
 )
 from fourd_jax.data.importers.samples import DEFAULT_MAX_FRAMES, Source, sample_record, source_for
-from fourd_jax.data.importers.text import answer_letter, infer_subtask, required_text, split_text_input
-
-_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_PLACEHOLDER = re.compile(r"<(?:video|image)>\s*")
+from fourd_jax.data.importers.text import (
+    ANSWER_SPAN,
+    answer_letter,
+    conversation_as_sft,
+    infer_subtask,
+    required_text,
+    split_text_input,
+)
 
 
 def _sft_sample(src: Source, row: dict[str, Any], number: int, layout: str = "sft") -> dict[str, Any]:
     question, options, suffix = split_text_input(required_text(row, "text_input"))
     trace = required_text(row, "text_output")
-    answers = _ANSWER_SPAN.findall(trace)
+    answers = ANSWER_SPAN.findall(trace)
     if not answers:
         raise BadRow(BAD_ANSWER, "field 'text_output' has no <answer>...</answer>")
     answer = answer_letter(answers[-1], options, "text_output")
@@ -61,26 +63,6 @@ def _sft_sample(src: Source, row: dict[str, Any], number: int, layout: str = "sf
                          meta=meta)
 
 
-def _conversation_as_sft(row: dict[str, Any]) -> dict[str, Any]:
-    """A `conversations` row ([{"from": "human", "value": "<video>..."}, {"from": "gpt", ...}]) in
-    the SFT fields: the first human turn (media placeholders removed) is `text_input`, the first
-    model turn after it `text_output`; media and imagery keys are kept."""
-    turns = row["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise BadRow(BAD_FIELD, "field 'conversations' must be a list of {\"from\", \"value\"} turns")
-    speakers = [str(t.get("from", t.get("role", ""))).lower() for t in turns]
-    try:
-        asked = next(i for i, who in enumerate(speakers) if who in ("human", "user"))
-        answered = next(i for i in range(asked + 1, len(turns)) if speakers[i] in ("gpt", "assistant"))
-    except StopIteration:
-        raise BadRow(BAD_FIELD, "field 'conversations' has no human turn followed by a gpt turn") from None
-    text = lambda turn: turn.get("value", turn.get("content"))  # noqa: E731
-    if not isinstance(text(turns[asked]), str) or not isinstance(text(turns[answered]), str):
-        raise BadRow(BAD_FIELD, "field 'conversations' has a turn whose value is not a string")
-    return {**{k: v for k, v in row.items() if k != "conversations"},
-            "text_input": _PLACEHOLDER.sub("", text(turns[asked])), "text_output": text(turns[answered])}
-
-
 def import_4dthinker(jsonl_path: str | Path, root: str | Path | None = None,
                      max_frames: int | None = DEFAULT_MAX_FRAMES["4dthinker"], *, fps: float = 1.0,
                      skip_bad_records: bool = False, stats: ImportStats | None = None) -> Iterator[dict[str, Any]]:
@@ -95,7 +77,7 @@ def import_4dthinker(jsonl_path: str | Path, root: str | Path | None = None,
 
     def build(row: dict[str, Any], number: int) -> dict[str, Any]:
         if "conversations" in row:
-            return _sft_sample(src, _conversation_as_sft(row), number, layout="conversations")
+            return _sft_sample(src, conversation_as_sft(row), number, layout="conversations")
         if "text_input" in row:
             return _sft_sample(src, row, number)
         if "Question" in row:

@@ -18,7 +18,7 @@ from fourd_jax.data import records
 from fourd_jax.data.importers.media import Media, check_sampling
 from fourd_jax.data.importers.rows import TOO_FEW_FRAMES, BadRow
 
-DEFAULT_MAX_FRAMES = {"4dthinker": 50, "dsr": 32, "dsr_bench": 32, "vlm4d": 32}
+DEFAULT_MAX_FRAMES = {"4dthinker": 50, "dsr": 32, "dsr_bench": 32, "vlm4d": 32, "mllm4d": 32}
 
 
 def sample_record(*, sample_id: str, source: str, subtask: str, question: str, options: list[str], answer: str,

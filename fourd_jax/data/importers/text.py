@@ -1,4 +1,4 @@
-"""The text of a row: required fields, options, answer letters, and the question family.
+"""The text of a row: required fields, options, answer letters, conversations turns, and the question family.
 
 Options may carry their own "A. " prefix (dropped; another letter means misordered options).
 Answers are a letter, a letter with its option's text, or an option's text; text compares case-
@@ -15,6 +15,8 @@ from fourd_jax.data.importers.rows import BAD_ANSWER, BAD_FIELD, BAD_OPTIONS, MI
 from fourd_jax.data.taxonomy import CAMERA_MOVES, LETTERS, OBJECT_DIRECTIONS, OBJECT_DISTANCES, OBJECT_SPEEDS
 
 _OPTION_LINE = re.compile(r"^\s*([A-D])[.)]\s*(.*?)\s*$")
+ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # of a reasoning trace
+_PLACEHOLDER = re.compile(r"<(?:video|image)>\s*")  # media placeholders of a human turn
 _LETTER_FIRST = re.compile(r"^([A-D])(?:\s*[.):]\s*|\s+|$)(.*)$", re.DOTALL)
 
 
@@ -130,3 +132,23 @@ def infer_subtask(question: str, options: Sequence[str]) -> str:
     if "direction" in words:
         return "object_direction"
     return "unknown"
+
+
+def conversation_as_sft(row: dict[str, Any]) -> dict[str, Any]:
+    """A `conversations` row ([{"from": "human", "value": "<video>..."}, {"from": "gpt", ...}]) in
+    the SFT fields: the first human turn (media placeholders removed) is `text_input`, the first
+    model turn after it `text_output`; media and imagery keys are kept."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise BadRow(BAD_FIELD, "field 'conversations' must be a list of {\"from\", \"value\"} turns")
+    speakers = [str(t.get("from", t.get("role", ""))).lower() for t in turns]
+    try:
+        asked = next(i for i, who in enumerate(speakers) if who in ("human", "user"))
+        answered = next(i for i in range(asked + 1, len(turns)) if speakers[i] in ("gpt", "assistant"))
+    except StopIteration:
+        raise BadRow(BAD_FIELD, "field 'conversations' has no human turn followed by a gpt turn") from None
+    text = lambda turn: turn.get("value", turn.get("content"))  # noqa: E731
+    if not isinstance(text(turns[asked]), str) or not isinstance(text(turns[answered]), str):
+        raise BadRow(BAD_FIELD, "field 'conversations' has a turn whose value is not a string")
+    return {**{k: v for k, v in row.items() if k != "conversations"},
+            "text_input": _PLACEHOLDER.sub("", text(turns[asked])), "text_output": text(turns[answered])}

@@ -26,7 +26,12 @@ from fourd_jax.data.taxonomy import OBJECT_DIRECTIONS
 
 
 def center_text(point: np.ndarray | None) -> str:
-    return "null" if point is None else "[" + ", ".join(f"{float(v):.2f}" for v in point) + "]"
+    """A centre as the trace writes it: "[x, y, z]" in metres to 2 decimals, or "null" when unknown.
+    Values that round to zero are written "0.00", never "-0.00" (the initial camera centre is a
+    rounding error away from the origin on either side)."""
+    if point is None:
+        return "null"
+    return "[" + ", ".join(f"{round(float(v), 2) + 0.0:.2f}" for v in point) + "]"
 
 
 def st_cot(scene: Scene, obj: int | None, sentence: str, answer: str) -> str:
