@@ -37,11 +37,12 @@ CASES = [
      "fourd-jax dift: error: the config has no field 'lrr' (from a --config.KEY override). "
      'Did you mean "lr" instead of "lrr"?'),
     (["dift", "--workdir", "w", "--config", "dift:huge"],
-     "fourd-jax dift: error: unknown preset 'huge'; choose tiny, qwen25vl_3b or qwen25vl_7b."),
+     "fourd-jax dift: error: unknown preset 'huge'; choose tiny or one of qwen25vl_3b, qwen25vl_7b, qwen3vl_2b, "
+     "qwen3vl_4b, qwen3vl_8b."),
     (["rl", "--workdir", "w", "--config=rl:tiny,v9"], "fourd-jax rl: error: unknown mesh preset 'v9'; choose from "),
     (["dift", "--workdir", "w", "--config", "configs/dift.py:tiny"],
      "fourd-jax dift: error: config 'configs/dift.py' is neither a config file nor one of the packaged configs "
-     "['demo', 'dift', 'rl', 'study']."),
+     "['demo', 'dift', 'rl', 'sft', 'study']."),
     (["study", "--workdir", "w", "--config.nope=1"],
      "fourd-jax study: error: the config has no field 'nope' (from a --config.KEY override)."),
 ]
