@@ -134,18 +134,20 @@ def latest_step(directory: str | os.PathLike) -> int:
 
 def _with_saved_adapters(abstract: Any, directory: epath.Path, step: int, where: Any) -> Any:
     """The restore target plus the LoRA adapter leaves the saved params hold (a LoRA run's
-    checkpoint: `fourd_jax.model.lora`), read from the checkpoint's metadata."""
-    with warnings.catch_warnings():
-        # A damaged checkpoint leaves Orbax's metadata reads unawaited; they are dropped here, quietly, so
-        # that the restore below reports the damage in its one sentence.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        try:
-            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / PARAMS_ITEM)
-        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself names the damage
-            saved = None
-        gc.collect()
-    if saved is None:
-        return abstract
+    checkpoint: `fourd_jax.model.lora`), read from the checkpoint's metadata.
+
+    Reading that metadata reads every array's header, so a damaged step fails here first; it is
+    reported as the restore would report it, in one sentence."""
+    try:
+        with stderr_kept_on_success(), warnings.catch_warnings():
+            # A failed read leaves Orbax's other metadata reads unawaited; collected here, quietly.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / PARAMS_ITEM)
+            finally:
+                gc.collect()
+    except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
+        raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
     flat = traverse_util.flatten_dict(dict(saved), sep="/")
     adapters = {path: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=where)
                 for path, m in flat.items() if lora.is_adapter(path)}
