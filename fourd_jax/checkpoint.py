@@ -33,6 +33,9 @@ from fourd_jax.model.apply import abstract_params
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
 FAMILY_KEY = "family"  # in the model item, beside the config's fields
+# In the model item of a LoRA run's step: the sibling directory (of the checkpoint root) that holds the
+# frozen base once, as a `save_params` checkpoint; the step's params item then holds only the adapters.
+LORA_BASE_KEY = "lora_base"
 
 
 class CheckpointNotFound(InputError, FileNotFoundError):
@@ -153,7 +156,7 @@ def _with_saved_adapters(abstract: Any, directory: epath.Path, step: int, where:
                 for path, m in flat.items() if lora.is_adapter(path)}
     if not adapters:
         return abstract
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(abstract, sep="/"), **adapters}, sep="/")
+    return with_adapters(abstract, traverse_util.unflatten_dict(adapters, sep="/"))
 
 
 def restore_params(
@@ -163,7 +166,8 @@ def restore_params(
 
     `shardings` (a pytree of Shardings like params) restores straight onto a mesh, which may
     differ from the one that saved. The model is built by the family the checkpoint names (the
-    default family, `fourd_jax.families.DEFAULT`, for checkpoints that name none).
+    default family, `fourd_jax.families.DEFAULT`, for checkpoints that name none). A LoRA run's
+    step holds only its adapters; they come back on the frozen base its model item names.
     """
     directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
     step = latest_step(directory) if step is None else step
@@ -176,6 +180,7 @@ def restore_params(
             raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
         fields = dict(meta[MODEL_ITEM])
         name = fields.pop(FAMILY_KEY, families.DEFAULT.name)  # checkpoints written before families: the default
+        base_name = fields.pop(LORA_BASE_KEY, None)
         family = families.FAMILIES.get(name)
         if family is None:
             raise InputError(f"{directory} step {step} holds a model of family {name!r}, which is not one of "
@@ -187,18 +192,35 @@ def restore_params(
         # Without shardings, each process reads whole arrays onto its own first device (the saved
         # shardings name the saving run's devices, which another process does not have).
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree_util.tree_map(
+        abstract = {} if base_name else jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
             nn.meta.unbox(abstract_params(model)),
         )
         abstract = _with_saved_adapters(abstract, directory, step, local)
+        base_shardings = None
         if shardings is not None:
+            if base_name:
+                base_shardings, adapter_shardings = lora.split(shardings)
+                shardings = traverse_util.unflatten_dict(adapter_shardings, sep="/")
             abstract = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         try:
             with stderr_kept_on_success():
                 restored = manager.restore(step, args=ocp.args.Composite(**{
-                    PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
+                    PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))[PARAMS_ITEM]
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
             raise CheckpointNotFound(f"{directory} step {step} does not restore ({unreadable(e)}).") from None
-    return model, restored[PARAMS_ITEM]
+    if base_name:
+        base_dir = directory.parent / base_name
+        if not base_dir.is_dir():
+            raise CheckpointNotFound(f"{directory} step {step} holds LoRA adapters whose frozen base, {base_dir}, "
+                                     "is missing; copy it with the checkpoints.")
+        _, base = restore_params(base_dir, shardings=base_shardings, **config_overrides)
+        restored = with_adapters(base, restored)
+    return model, restored
+
+
+def with_adapters(base: Any, adapters: Any) -> Any:
+    """The parameter tree `base` with the adapter leaves of `adapters` (a tree) added."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base, sep="/"),
+                                         **traverse_util.flatten_dict(adapters, sep="/")}, sep="/")

@@ -31,13 +31,14 @@ def tiny_records(out: Path, seed: int):
     return out, tokenizer
 
 
-def run_script(args: list[str], cwd=None):
-    """The installed `fourd-jax` entry point (beside this python) run on `args`, as a user runs it."""
+def run_script(args: list[str], cwd=None, env: dict[str, str] | None = None):
+    """The installed `fourd-jax` entry point (beside this python) run on `args`, as a user runs it
+    (`env`: variables set for it alone)."""
     import os
     import subprocess
     import sys
 
     script = Path(sys.executable).with_name("fourd-jax")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import traverse_util
@@ -243,9 +244,38 @@ def test_lora_trains_only_the_adapters_and_resumes_bit_for_bit(data, tmp_path):
     _, b = checkpoint.restore_params(split / "checkpoints")
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
+    # Each step holds the adapters only; the frozen base is written once, beside the checkpoints.
+    saved = ocp.StandardCheckpointHandler().metadata(straight / "checkpoints" / "4" / "params")
+    assert sorted(traverse_util.flatten_dict(dict(saved), sep="/")) == sorted(
+        p for p in flat if lora.is_adapter(p))
+    _, base = checkpoint.restore_params(straight / train_lora.BASE_DIR)
+    assert sorted(traverse_util.flatten_dict(base, sep="/")) == sorted(p for p in flat if not lora.is_adapter(p))
+    # A run resuming on another base than the one its workdir holds is refused in one sentence.
+    digest = straight / train_lora.BASE_DIR / train_lora.DIGEST_FILE
+    digest.write_text(json.dumps({"digest": "0" * 64}))
+    with pytest.raises(InputError, match=r"^model.preset 'tiny' holds other weights than the frozen base .* was "
+                                         r"trained on \(.*lora_base\); resume with the same base"):
+        dift.train(settings, straight, data=str(path), steps=5, progress=False)
+
     # Only adapters moved: the base equals the initial one (as held, bf16), and B is no longer zero.
     before, after = traverse_util.flatten_dict(flat, sep="/"), traverse_util.flatten_dict(a, sep="/")
     for p, v in before.items():
         if not lora.is_adapter(p):
             np.testing.assert_array_equal(np.asarray(after[p], np.float32), np.asarray(v, np.float32), err_msg=p)
     assert np.abs(after["language_model/layers/q_proj/lora_b"]).max() > 0
+
+
+def test_the_base_digest_ignores_sharding_and_adapters_and_sees_one_changed_element(reference):
+    from fourd_jax import sharding
+    from fourd_jax.model.apply import abstract_params
+
+    _, model, params, _ = reference
+    mesh = sharding.make_mesh((2, 4, 1))
+    spread = sharding.place(params, sharding.param_shardings(abstract_params(model), mesh))
+    digest = train_lora.base_digest(params)
+    assert train_lora.base_digest(spread) == digest
+    assert train_lora.base_digest(with_random_adapters(model, params)) == digest  # adapters are not the base
+    flat = traverse_util.flatten_dict(params, sep="/")
+    path = "language_model/layers/q_proj/kernel"
+    flat[path] = flat[path].at[(0,) * flat[path].ndim].add(1e-3)
+    assert train_lora.base_digest(traverse_util.unflatten_dict(flat, sep="/")) != digest

@@ -23,11 +23,14 @@ SMALL = ["--config.model.preset=qwen3vl_tiny", "--config.data.seq_buckets=(384,7
          "--config.data.video_max_pixels=4096", "--config.data.imagery_max_pixels=4096",
          "--config.train.checkpoint_every=2"]
 LORA_RANK = 8
+# The commands run as a user runs them, on one CPU device (not the suite's 8 virtual ones); set for
+# them alone, so that this process's devices do not depend on which test initialised JAX first.
+ONE_DEVICE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 
 def run_ok(args: list) -> str:
     """`fourd-jax ARGS`, which must succeed; its stdout."""
-    done = run_script(args)
+    done = run_script(args, env=ONE_DEVICE)
     assert done.returncode == 0, f"fourd-jax {' '.join(map(str, args[:2]))} failed:\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -42,9 +45,7 @@ def flat_params(workdir: Path) -> dict[str, np.ndarray]:
     return {path: np.asarray(leaf) for path, leaf in flat.items()}
 
 
-def test_mllm4d_recipe_from_synth_to_a_peft_adapter(tmp_path, monkeypatch):
-    # The commands run as a user runs them, on one CPU device (not the suite's 8 virtual ones).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+def test_mllm4d_recipe_from_synth_to_a_peft_adapter(tmp_path):
     data, sft, grpo, results, export = (tmp_path / name for name in ("data", "sft", "rl", "eval", "hf"))
 
     # 1. Synthetic MLLM-4D records (every record carries its ST-CoT trace).

@@ -175,6 +175,11 @@ def split(params: Any) -> tuple[Any, dict[str, Any]]:
     return base, adapters
 
 
+def adapters_of(params: Any) -> Any:
+    """The adapter leaves of `params`, as a tree of the same nesting (what a LoRA run checkpoints)."""
+    return traverse_util.unflatten_dict(split(params)[1], sep="/")
+
+
 def adapted_modules(params: Any) -> Iterator[str]:
     """The module paths that hold an adapter, sorted."""
     _, adapters = split(params)

@@ -1,7 +1,9 @@
 """Training checkpoints (Orbax): everything needed to continue a run exactly.
 
 Each step directory holds the items
-  params       the parameters (also what `fourd-jax convert jax-to-hf` exports)
+  params       the parameters (also what `fourd-jax convert jax-to-hf` exports); in a LoRA run only
+               the adapters, the frozen base being written once beside the checkpoints
+               (`fourd_jax.train.lora.keep_base`, named by the model item's `lora_base`)
   model        the ModelConfig (JSON)
   train_state  step, optimizer state, RNG and non-finite counters
   data         the Grain iterator state (the next batch)
@@ -24,21 +26,31 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fourd_jax.checkpoint import MODEL_ITEM, PARAMS_ITEM, stderr_kept_on_success, unreadable
+from fourd_jax.checkpoint import (
+    LORA_BASE_KEY,
+    MODEL_ITEM,
+    PARAMS_ITEM,
+    stderr_kept_on_success,
+    unreadable,
+    with_adapters,
+)
 from fourd_jax.errors import InputError
 from fourd_jax.files import absolute, write_text_atomic
+from fourd_jax.model import lora
 from fourd_jax.train.state import TrainState
 
 TRAIN_ITEM, DATA_ITEM, CONFIG_ITEM = "train_state", "data", "config"
 
 
 class Checkpointer:
-    """Async saves with last-N + best retention; restore onto any mesh."""
+    """Async saves with last-N + best retention; restore onto any mesh. `lora_base`: the name of
+    the sibling directory holding a LoRA run's frozen base; its steps then save the adapters only."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "min"):
+                 best_mode: str = "min", lora_base: str | None = None):
         self.directory = absolute(directory)  # a local path made absolute, or a URL (gs://...)
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
+        self.lora_base = lora_base
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True))
         self._metrics_file = self.directory / "metrics_by_step.json"
@@ -58,8 +70,12 @@ class Checkpointer:
             self.manager.delete(step)  # a damaged copy of this step: replaced by the one just trained
             self._unrestorable.discard(step)
         rest = state.replace(params=None)
+        params = state.params
+        if self.lora_base:
+            params = lora.adapters_of(params)
+            model_config = {**model_config, LORA_BASE_KEY: self.lora_base}
         self.manager.save(step, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            PARAMS_ITEM: ocp.args.StandardSave(params),
             TRAIN_ITEM: ocp.args.StandardSave(rest),
             DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
             CONFIG_ITEM: ocp.args.JsonSave(config),
@@ -86,26 +102,33 @@ class Checkpointer:
         if jax.process_index() == 0:  # written whole: a run cut off here leaves the previous file
             write_text_atomic(self._metrics_file, json.dumps(self._metrics, indent=1, sort_keys=True))
 
-    def restore(self, abstract: TrainState, iterator: Any, step: int | None = None) -> TrainState:
+    def restore(self, abstract: TrainState, iterator: Any, step: int | None = None, base: Any = None) -> TrainState:
         """The state at `step` (default latest) shaped and sharded like `abstract`; also restores
-        `iterator` in place to the batch after that step."""
+        `iterator` in place to the batch after that step. `base`: a LoRA run's frozen base params,
+        which its steps do not hold."""
         step = self.latest_step() if step is None else step
+        if self.lora_base and base is None:
+            raise ValueError("a LoRA run's checkpoints restore onto its frozen base: pass base.")
+        params = lora.adapters_of(abstract.params) if self.lora_base else abstract.params
         with stderr_kept_on_success():  # a failed read's abandoned siblings print nothing
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                PARAMS_ITEM: ocp.args.StandardRestore(abstract.params),
+                PARAMS_ITEM: ocp.args.StandardRestore(params),
                 TRAIN_ITEM: ocp.args.StandardRestore(abstract.replace(params=None)),
                 DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
             }))
-        return restored[TRAIN_ITEM].replace(params=restored[PARAMS_ITEM])
+        params = restored[PARAMS_ITEM]
+        if self.lora_base:
+            params = with_adapters(base, params)
+        return restored[TRAIN_ITEM].replace(params=params)
 
-    def restore_newest(self, abstract: TrainState, iterator: Any) -> TrainState:
+    def restore_newest(self, abstract: TrainState, iterator: Any, base: Any = None) -> TrainState:
         """`restore` from the newest step that restores completely. Each newer step that fails is
         reported in one line (its step and the error's first line) and left on disk until the run
         writes that step again; when no step restores, one sentence lists why."""
         reasons = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return self.restore(abstract, iterator, step)
+                return self.restore(abstract, iterator, step, base)
             except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage in many types
                 reason = unreadable(e)
                 reasons.append(f"step {step}: {reason}")

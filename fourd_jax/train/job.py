@@ -236,11 +236,17 @@ def run(settings: RunSettings, workdir: str | Path, make_trainer: Callable[[RunS
     batches = iter(build_dataset(data_dir / "train", tok, trainer.model.config, trainer.pipeline))
 
     t = settings.train
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric)
+    base, lora_base = None, None
+    if settings.lora.enabled:  # the frozen base is written once; the checkpoints hold the adapters
+        base = train_lora.keep_base(workdir, trainer.model, trainer.state.params,
+                                    settings.model.init_from or f"model.preset {settings.model.preset!r}")
+        lora_base = train_lora.BASE_DIR
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
+                                lora_base=lora_base)
     state = trainer.state
     if checkpointer.latest_step() is not None:  # restored onto this mesh, with the data iterator's position
         target = abstract_state(trainer.shardings, trainer.model, trainer.tx, settings.lora)
-        state = checkpointer.restore_newest(target, batches)
+        state = checkpointer.restore_newest(target, batches, base)
     observe.write_manifest(workdir, settings.as_dict(), data_dir, data_digest, mesh)
     evaluate = None
     if trainer.validation is not None and t.eval_batches:

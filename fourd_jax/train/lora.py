@@ -4,19 +4,27 @@ export apply adapters without importing training code)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from fourd_jax import sharding
+from fourd_jax import checkpoint, sharding
 from fourd_jax.errors import InputError
+from fourd_jax.files import write_text_atomic
 from fourd_jax.model import lora
 from fourd_jax.model.apply import abstract_params
 
 ADAPTER_SEED_SALT = 0x10A  # adapters draw from the run seed folded with this, apart from the model init
+BASE_DIR = "lora_base"  # in the workdir, beside checkpoints/: the frozen base, written once
+DIGEST_FILE = "base_digest.json"  # in BASE_DIR: the digest of the base as held
 
 
 def base_dtype(settings: Any, model: Any) -> Any:
@@ -61,3 +69,45 @@ def with_adapters(params: Any, model: Any, settings: Any, freeze: Sequence[str],
     with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(params)
 
+
+
+def base_digest(params: Any) -> str:
+    """A digest of the frozen base (the non-adapter leaves of `params`) that does not depend on how
+    they are sharded: each leaf's bits summed as wrapping uint32 (integer addition is exact in any
+    order), hashed with its path, shape and dtype."""
+    base, _ = lora.split(params)
+    flat = traverse_util.flatten_dict(base, sep="/")
+
+    def bit_sum(x: jax.Array) -> jax.Array:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, width)  # 8-byte leaves become [..., 2] words
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+    sums = jax.device_get(jax.jit(lambda leaves: [bit_sum(x) for x in leaves])(list(flat.values())))
+    h = hashlib.sha256()
+    for (path, leaf), total in zip(flat.items(), sums, strict=True):
+        h.update(f"{path}|{tuple(leaf.shape)}|{leaf.dtype}|{int(total)}\n".encode())
+    return h.hexdigest()
+
+
+def keep_base(workdir: epath.Path, model: Any, params: Any, source: str) -> Any:
+    """The frozen base of a LoRA run's `params`, written once to `workdir/lora_base` (its checkpoints
+    then hold the adapters only). A run resuming there must start from the same base: one sentence
+    naming `source` (where this run's base came from) when it does not."""
+    base, _ = lora.split(params)
+    digest = base_digest(params)
+    directory = workdir / BASE_DIR
+    if (directory / DIGEST_FILE).exists():
+        recorded = json.loads((directory / DIGEST_FILE).read_text())["digest"]
+        if recorded != digest:
+            raise InputError(f"{source} holds other weights than the frozen base {workdir} was trained on "
+                             f"({directory}); resume with the same base, or use a new --workdir.")
+        return base
+    if directory.exists():  # a base whose writing was cut off: written anew
+        if jax.process_index() == 0:
+            directory.rmtree()
+        multihost_utils.sync_global_devices("lora_base_cleared")
+    checkpoint.save_params(directory, model, base)
+    if jax.process_index() == 0:  # written after the base is complete: its presence marks the base done
+        write_text_atomic(directory / DIGEST_FILE, json.dumps({"digest": digest}))
+    return base
