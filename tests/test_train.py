@@ -57,19 +57,26 @@ def run_steps(config, data, mesh, batches, metric="loss"):
     return state, values, trainer
 
 
-def test_meshes_give_the_losses_and_params_of_one_device(data):
+@pytest.fixture(scope="module")
+def one_device_run(data):
+    """(config, batches, final state, losses) of 3 DIFT steps on one device: what every mesh must give."""
     config = dift_config(**{"model.preset": "tiny8", "optim.warmup_steps": 1})
     batches = host_batches(config, data, 3)
     reference, ref_losses, _ = run_steps(config, data, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), batches)
     assert all(np.isfinite(ref_losses))
-    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)):
-        state, losses, _ = run_steps(config, data, sharding.make_mesh(shape), batches)
-        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
-        # Adam moves a parameter by up to lr per step whatever its gradient's size, so a near-zero
-        # gradient whose last bits differ with the reduction order can move it a fraction of lr.
-        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params),
-                        strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * config.optim.lr, err_msg=str(shape))
+    return config, batches, reference, ref_losses
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_meshes_give_the_losses_and_params_of_one_device(one_device_run, data, shape):
+    config, batches, reference, ref_losses = one_device_run
+    state, losses, _ = run_steps(config, data, sharding.make_mesh(shape), batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    # Adam moves a parameter by up to lr per step whatever its gradient's size, so a near-zero
+    # gradient whose last bits differ with the reduction order can move it a fraction of lr.
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * config.optim.lr)
 
 
 def test_logits_at_the_loss_positions_give_the_full_cross_entropy(data):
