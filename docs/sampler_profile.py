@@ -12,6 +12,8 @@
    against the same decode with the rule off (text only).
 4. bf16: the weight-streaming matmul in float32 and in bfloat16 (half the bytes), to see whether
    XLA:CPU's bf16 dot keeps the gain.
+5. The fixed cost of a call (what is not n x the step) itemised: the prefill alone, the split of the
+   stacked decoder weights alone, and a call that decodes one token, each its own jitted program.
 Each figure is the median of 7 runs, with the spread.
 """
 
@@ -29,7 +31,8 @@ import numpy as np  # noqa: E402
 from fourd_jax.bench import roofline  # noqa: E402
 from fourd_jax.bench.forward import bench_config  # noqa: E402
 from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
-from fourd_jax.sample import SamplingConfig, generate, prepare_prompt  # noqa: E402
+from fourd_jax.model.text import unstack_layers  # noqa: E402
+from fourd_jax.sample import SamplingConfig, generate, prefill, prepare_prompt  # noqa: E402
 
 
 def decode_runs(params, prompt, model, n: int, **sampling) -> roofline.Runs:
@@ -58,6 +61,7 @@ def main(rows: int = 4, n: int = 32) -> None:
     print(f"  one decode step {step * 1e3:.2f} ms; prefill (prompt + video) {prefill * 1e3:.1f} ms")
     print(f"  floor of a step: {weights / 1e6:.1f} MB of decoder weights at {bandwidth / 1e9:.1f} GB/s "
           f"({bw_runs.ms()} per read) = {floor * 1e3:.2f} ms; the step is at {floor / step:.0%} of it")
+    fixed_cost(params, prompt, model, n, prefill_estimate=prefill)
     imagery = decode_runs(params, prompt, model, 3 * n, imagery=True, latent_size=4)
     print(f"  imagery rule on: {3 * n} new tokens {imagery.ms()} vs {long.ms()} text only "
           f"({imagery.median / long.median:.2f}x)")
@@ -66,6 +70,20 @@ def main(rows: int = 4, n: int = 32) -> None:
                                                config.text.hidden_size, dtype=dtype)
         print(f"  weight-streaming matmul in {jnp.dtype(dtype).name}: {runs.ms()}, {rate / 1e9:.1f} GB/s "
               f"(the same {weights // 4 / 1e6:.1f} M weights)")
+
+
+def fixed_cost(params, prompt, model, n: int, prefill_estimate: float) -> None:
+    """Section 5: the parts of a call that do not grow with the tokens, each timed alone."""
+    run_prefill = jax.jit(lambda p, x: prefill(p, x, model, n, 1))
+    split = jax.jit(lambda p: unstack_layers(p["language_model"]))
+    parts = {"prefill alone (prompt + video, cache for n new)": lambda: jax.block_until_ready(
+                 run_prefill(params, prompt)),
+             "split of the stacked decoder weights alone": lambda: jax.block_until_ready(split(params))}
+    for name, fn in parts.items():
+        fn()
+        print(f"  {name}: {roofline.time_runs(fn, 7).ms()}")
+    print(f"  a call that decodes 1 token: {decode_runs(params, prompt, model, 1, imagery=False).ms()}; "
+          f"fixed cost from the two decode lengths: {prefill_estimate * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

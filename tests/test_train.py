@@ -59,8 +59,10 @@ def run_steps(config, data, mesh, batches, metric="loss"):
 
 @pytest.fixture(scope="module")
 def one_device_run(data):
-    """(config, batches, final state, losses) of 3 DIFT steps on one device: what every mesh must give."""
-    config = dift_config(**{"model.preset": "tiny8", "optim.warmup_steps": 1})
+    """(config, batches, final state, losses) of 3 DIFT steps on one device: what every mesh must give.
+    512-token rows: a (1, 1, 8) mesh holds the whole batch on every device, 1.5 GB of temporaries each
+    at 1024 tokens (15 GB in all, too much beside a second test worker) and 0.4 GB at 512."""
+    config = dift_config(**{"model.preset": "tiny8", "optim.warmup_steps": 1, "data.seq_buckets": (512,)})
     batches = host_batches(config, data, 3)
     reference, ref_losses, _ = run_steps(config, data, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), batches)
     assert all(np.isfinite(ref_losses))
