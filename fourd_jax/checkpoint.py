@@ -156,7 +156,7 @@ def _with_saved_adapters(abstract: Any, directory: epath.Path, step: int, where:
                 for path, m in flat.items() if lora.is_adapter(path)}
     if not adapters:
         return abstract
-    return with_adapters(abstract, traverse_util.unflatten_dict(adapters, sep="/"))
+    return lora.join(abstract, traverse_util.unflatten_dict(adapters, sep="/"))
 
 
 def restore_params(
@@ -216,11 +216,5 @@ def restore_params(
             raise CheckpointNotFound(f"{directory} step {step} holds LoRA adapters whose frozen base, {base_dir}, "
                                      "is missing; copy it with the checkpoints.")
         _, base = restore_params(base_dir, shardings=base_shardings, **config_overrides)
-        restored = with_adapters(base, restored)
+        restored = lora.join(base, restored)
     return model, restored
-
-
-def with_adapters(base: Any, adapters: Any) -> Any:
-    """The parameter tree `base` with the adapter leaves of `adapters` (a tree) added."""
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base, sep="/"),
-                                         **traverse_util.flatten_dict(adapters, sep="/")}, sep="/")

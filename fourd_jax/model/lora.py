@@ -175,6 +175,12 @@ def split(params: Any) -> tuple[Any, dict[str, Any]]:
     return base, adapters
 
 
+def join(base: Any, adapters: Any) -> Any:
+    """The parameter tree `base` with the leaves of the tree `adapters` added (the inverse of `split`)."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base, sep="/"),
+                                         **traverse_util.flatten_dict(adapters, sep="/")}, sep="/")
+
+
 def adapters_of(params: Any) -> Any:
     """The adapter leaves of `params`, as a tree of the same nesting (what a LoRA run checkpoints)."""
     return traverse_util.unflatten_dict(split(params)[1], sep="/")

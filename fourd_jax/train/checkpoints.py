@@ -32,7 +32,6 @@ from fourd_jax.checkpoint import (
     PARAMS_ITEM,
     stderr_kept_on_success,
     unreadable,
-    with_adapters,
 )
 from fourd_jax.errors import InputError
 from fourd_jax.files import absolute, write_text_atomic
@@ -118,7 +117,7 @@ class Checkpointer:
             }))
         params = restored[PARAMS_ITEM]
         if self.lora_base:
-            params = with_adapters(base, params)
+            params = lora.join(base, params)
         return restored[TRAIN_ITEM].replace(params=params)
 
     def restore_newest(self, abstract: TrainState, iterator: Any, base: Any = None) -> TrainState:
