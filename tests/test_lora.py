@@ -256,6 +256,11 @@ def test_lora_trains_only_the_adapters_and_resumes_bit_for_bit(data, tmp_path):
     with pytest.raises(InputError, match=r"^model.preset 'tiny' holds other weights than the frozen base .* was "
                                          r"trained on \(.*lora_base\); resume with the same base"):
         dift.train(settings, straight, data=str(path), steps=5, progress=False)
+    # Steps copied without their base are named in one sentence.
+    (straight / train_lora.BASE_DIR).rename(tmp_path / "moved_base")
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"^.*checkpoints step 4 holds LoRA adapters whose "
+                                                             r"frozen base, .*lora_base, is missing; copy it with"):
+        checkpoint.restore_params(straight / "checkpoints")
 
     # Only adapters moved: the base equals the initial one (as held, bf16), and B is no longer zero.
     before, after = traverse_util.flatten_dict(flat, sep="/"), traverse_util.flatten_dict(a, sep="/")
