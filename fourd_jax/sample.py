@@ -116,13 +116,13 @@ def nucleus_threshold(logits: jax.Array, top_p: float) -> jax.Array:
     """The smallest logit [..., 1] of the top-p nucleus: the shortest prefix of the descending
     order whose probability mass reaches top_p (the first token always stays).
 
-    Sorting the whole vocabulary every step is the slow part of sampling; the nucleus is looked
-    for among the top NUCLEUS_CANDIDATES tokens first, and the full sort runs only when their mass
-    falls short of top_p in some row (an exact result either way).
+    No sort of the vocabulary (XLA's sort was most of a sampling step on CPU): the nucleus is looked
+    for among the top NUCLEUS_CANDIDATES tokens first, and when their mass falls short of top_p in
+    some row (a flat distribution), the threshold is found by bisection instead (exact either way).
     """
     log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
-    def threshold(ordered):
+    def from_candidates(ordered):
         probs = jnp.exp(ordered - log_norm)
         kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         return jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
@@ -130,7 +130,36 @@ def nucleus_threshold(logits: jax.Array, top_p: float) -> jax.Array:
     k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
     top = jax.lax.top_k(logits, k)[0]
     enough = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
-    return jax.lax.cond(enough, lambda: threshold(top), lambda: threshold(jnp.sort(logits, axis=-1)[..., ::-1]))
+    return jax.lax.cond(enough, lambda: from_candidates(top), lambda: nucleus_by_bisection(logits, log_norm, top_p))
+
+
+def ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys of float32 values in the same order (-inf lowest): the sign-magnitude bits
+    flipped into one increasing range, so a bisection over keys is a bisection over values."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31).astype(bool)
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def nucleus_by_bisection(logits: jax.Array, log_norm: jax.Array, top_p: float) -> jax.Array:
+    """`nucleus_threshold` for any distribution in 32 masked sums over the vocabulary.
+
+    A token stays when the mass of the tokens above it is below top_p. That mass only falls as the
+    value rises, so the tokens that stay are those whose key is at least the smallest key t with
+    mass(above t) < top_p, which a bisection over the 2^32 keys finds in 32 halvings.
+    """
+    probs = jnp.exp(logits - log_norm)
+    keys = ordered_keys(logits)
+
+    def halve(_, bounds):
+        low, high = bounds  # mass(above low) >= top_p (or low is below every key); mass(above high) < top_p
+        middle = low + (high - low) // 2
+        below_p = jnp.sum(jnp.where(keys > middle, probs, 0.0), axis=-1, keepdims=True) < top_p
+        return jnp.where(below_p, low, middle), jnp.where(below_p, middle, high)
+
+    top_key = jnp.max(keys, axis=-1, keepdims=True)  # nothing lies above the top token: it always stays
+    _, smallest = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(top_key), top_key))
+    return jnp.min(jnp.where(keys >= smallest, logits, jnp.inf), axis=-1, keepdims=True)
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:

@@ -61,6 +61,26 @@ def test_nucleus_from_candidates_equals_the_full_sort(scale):
     assert (got.sum(1) < 64).all() if scale > 1 else (got.sum(1) > 64).all()
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_nucleus_by_bisection_keeps_the_tokens_below_top_p_mass(top_p):
+    """The bisection keeps a token when the mass above it is under top_p: ties stay together,
+    suppressed (-inf) tokens never stay, and the top token always does."""
+    from fourd_jax.sample import nucleus_by_bisection
+
+    logits = 0.5 * jax.random.normal(jax.random.key(1), (4, 3000))
+    logits = logits.at[:, :40].set(logits[:, 40:41])  # a tie group of 41 tokens per row
+    logits = logits.at[:, 100:200].set(-jnp.inf)  # suppressed tokens
+    logits = logits.at[3].set(logits[3] * 40.0)  # one peaked row
+    threshold = nucleus_by_bisection(logits, jax.nn.logsumexp(logits, -1, keepdims=True), top_p)
+    got = np.asarray(logits >= threshold)
+    for row, values in enumerate(np.asarray(logits, np.float64)):
+        p = np.exp(values - values.max())
+        p /= p.sum()
+        above = np.array([p[values > v].sum() for v in values])
+        np.testing.assert_array_equal(got[row], above < top_p)
+        assert got[row, np.argmax(values)] and not got[row, 100:200].any()
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(policy):
     model, params, prompt = policy
     free = SamplingConfig(max_new_tokens=12, temperature=1.0, imagery=False)

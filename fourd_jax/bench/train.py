@@ -158,7 +158,9 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
     def jax_step(batch: dict[str, Any]) -> tuple[Any, Any, float]:
         """(time one step on `batch`, its compile + first run in s, the first loss); each layout
         starts from the same initial weights."""
-        state = new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)
+        # Placed on the mesh as the step returns it, or the second call would compile the step again.
+        state = jax.device_put(new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0),
+                               jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         dev, sizes = device_batch(batch, mesh, sharding.DEFAULT_RULES), StaticSizes.of(batch)
         start = time.perf_counter()
         state, metrics = step(state, dev, sizes=sizes)

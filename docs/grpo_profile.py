@@ -1,0 +1,127 @@
+"""Where the GRPO step's time goes, in JAX and in PyTorch (docs/PERFORMANCE.md, "GRPO step profile").
+
+    .venv/bin/python docs/grpo_profile.py
+
+`bench rl` times whole steps. This script times the three parts of the same step on the same
+weights and prompts (2 prompts with an 8-frame video, G = 4, 64 new tokens), each side on its own:
+
+1. the rollout: JAX `generate` (top-p 0.9, the imagery rule on) vs `transformers`
+   `generate(do_sample=True, num_return_sequences=G)`;
+2. one scoring forward of the G x 2 sequences (the reference's log-probs): JAX
+   `completion_logprobs` (each prompt once, its completions on its KV cache) vs a torch forward
+   over prompt + completion with `logits_to_keep`;
+3. the update: JAX `update_step` (forward + backward + AdamW) timed alone; torch's by difference
+   (its whole step minus parts 1 and 2, as the bench's torch step runs them in one function).
+
+Each part's FLOPs (`bench rl`'s count, split) are set against the matmul peak measured now, and
+each figure is the median of 5 runs with the spread.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fourd_jax.bench import roofline  # noqa: E402
+from fourd_jax.bench.forward import bench_config  # noqa: E402
+from fourd_jax.bench.rl import FREEZE, jax_prompt, token_reward, torch_grpo  # noqa: E402
+from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
+from fourd_jax.sample import SamplingConfig, generate  # noqa: E402
+from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch  # noqa: E402
+from fourd_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
+from fourd_jax.train.rl import completion_logprobs, group_advantages, update_step  # noqa: E402
+from fourd_jax.train.settings import GrpoConfig, OptimSettings  # noqa: E402
+from fourd_jax.train.state import new_state  # noqa: E402
+
+REPEATS, GROUP, NEW = 5, 4, 64
+
+
+def main() -> None:
+    import torch
+
+    v = bench_config("small").text.vocab_size
+    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
+                                           latent_end_token_id=v - 9)
+    torch_model, model, params = reference_models(config)
+    batch = bench_prompts(config, lengths=(24, 40), video_rows=(0, 1))
+    prompt = jax_prompt(model, batch)
+    grpo = GrpoConfig(num_generations=GROUP, temperature=1.0)
+    torch_step, torch_logprobs = torch_grpo(torch_model, batch, config, GROUP, NEW, 1e-4, grpo.epsilon, grpo.beta)
+    tx = make_optimizer(OptimSettings(lr=1e-4, total_steps=10, freeze=FREEZE), params)
+    sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_p=0.9, pad_token_id=config.pad_token_id,
+                              imagery=True, latent_size=4)
+    update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
+                                       config=grpo), donate_argnums=0)
+    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, GROUP, grpo.temperature))
+    reference = jax.tree_util.tree_map(jnp.copy, params)
+    holder = {"state": new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)}
+    rollout = generate(params, prompt, jax.random.key(0), model=model, config=sampling, num_samples=GROUP)
+    advantages = jnp.asarray(group_advantages(token_reward(np.asarray(rollout.tokens)), GROUP))
+    ref = score(reference, prompt, rollout)
+
+    def jax_rollout():
+        return np.asarray(generate(params, prompt, jax.random.key(0), model=model, config=sampling,
+                                   num_samples=GROUP).tokens)
+
+    def jax_update():
+        holder["state"], metrics = update(holder["state"], prompt, rollout, advantages, ref)
+        return float(metrics["loss"])
+
+    torch_prompt = {k: torch.tensor(val) for k, val in batch.items()}
+
+    def torch_rollout():
+        with torch.no_grad():
+            return torch_model.generate(**torch_prompt, do_sample=True, temperature=1.0, top_p=0.9, top_k=0,
+                                        num_return_sequences=GROUP, max_new_tokens=NEW, min_new_tokens=NEW,
+                                        suppress_tokens=[config.image_token_id, config.video_token_id])
+
+    completions = np.asarray(rollout.tokens)
+    parts = {
+        "rollout": (jax_rollout, torch_rollout),
+        "scoring forward": (lambda: jax.block_until_ready(score(reference, prompt, rollout)),
+                            lambda: torch_logprobs(completions)),
+        "update": (jax_update, None),
+        "whole step": (None, torch_step),
+    }
+    times = {}
+    for name, (ours, theirs) in parts.items():
+        for side, fn in (("jax", ours), ("torch", theirs)):
+            if fn is not None:
+                fn()
+                times[name, side] = roofline.time_runs(fn, REPEATS)
+    times["update", "torch"] = None
+
+    prompts, prompt_len = batch["input_ids"].shape
+    seq = prompt_len + NEW
+    tokens = prompts * (prompt_len + GROUP * NEW)
+    forward = tokens * decoder_flops_per_token(config, seq, trainable=False)
+    vision = batch["pixel_values_videos"].shape[0] * vision_flops_per_patch(config)
+    flops = {"rollout": forward + vision, "scoring forward": forward + vision,
+             "update": tokens * decoder_flops_per_token(config, seq) + vision}
+    peak, _ = roofline.matmul_peak(GROUP * prompts * NEW, config.text.hidden_size, config.text.intermediate_size)
+    torch_update = (times["whole step", "torch"].median - times["rollout", "torch"].median
+                    - times["scoring forward", "torch"].median)
+    print(f"GRPO step profile: small model, {prompts} prompts x G {GROUP}, {NEW} new tokens, prompts of "
+          f"{prompt_len} tokens; matmul peak {peak / 1e9:.1f} GFLOP/s (a {GROUP * prompts * NEW}-row matmul, "
+          "measured now)")
+    for name in ("rollout", "scoring forward", "update"):
+        jax_s = times[name, "jax"].median
+        torch_s = torch_update if name == "update" else times[name, "torch"].median
+        torch_text = (f"{torch_s * 1e3:.0f} ms (by difference)" if name == "update"
+                      else times[name, "torch"].ms())
+        print(f"  {name}: jax {times[name, 'jax'].ms()}, torch {torch_text} -> {torch_s / jax_s:.2f}x; "
+              f"{flops[name] / 1e9:.2f} GFLOP, jax at {flops[name] / jax_s / peak:.0%} and torch at "
+              f"{flops[name] / torch_s / peak:.0%} of the peak")
+    jax_total = sum(times[name, "jax"].median for name in ("rollout", "scoring forward", "update"))
+    print(f"  jax parts sum to {jax_total * 1e3:.0f} ms; torch's whole step {times['whole step', 'torch'].ms()} "
+          f"-> {times['whole step', 'torch'].median / jax_total:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
