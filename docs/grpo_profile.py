@@ -13,8 +13,10 @@ weights and prompts (2 prompts with an 8-frame video, G = 4, 64 new tokens), eac
 3. the update: JAX `update_step` (forward + backward + AdamW) timed alone; torch's by difference
    (its whole step minus parts 1 and 2, as the bench's torch step runs them in one function).
 
-Each part's FLOPs (`bench rl`'s count, split) are set against the matmul peak measured now, and
-each figure is the median of 5 runs with the spread.
+JAX runs the frozen vision tower once per step, and the three parts take its tokens (as
+`fourd-jax rl` does); torch runs it in each part. Each part's FLOPs (`bench rl`'s count, split, the
+tower counted once) are set against the matmul peak measured now, and each figure is the median of
+5 runs with the spread.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
 from fourd_jax.sample import SamplingConfig, generate  # noqa: E402
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch  # noqa: E402
 from fourd_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
-from fourd_jax.train.rl import completion_logprobs, group_advantages, update_step  # noqa: E402
+from fourd_jax.train.rl import (  # noqa: E402
+    completion_logprobs,
+    frozen_vision_features,
+    group_advantages,
+    update_step,
+)
 from fourd_jax.train.settings import GrpoConfig, OptimSettings  # noqa: E402
 from fourd_jax.train.state import new_state  # noqa: E402
 
@@ -58,19 +65,23 @@ def main() -> None:
                               imagery=True, latent_size=4)
     update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
                                        config=grpo), donate_argnums=0)
-    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, GROUP, grpo.temperature))
+    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(p, model, prompt, rollout, GROUP,
+                                                                             grpo.temperature, features))
+    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable_mask(params, FREEZE), model, prompt))
+    features = tower(params, prompt)
     reference = jax.tree_util.tree_map(jnp.copy, params)
     holder = {"state": new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)}
-    rollout = generate(params, prompt, jax.random.key(0), model=model, config=sampling, num_samples=GROUP)
+    rollout = generate(params, prompt, jax.random.key(0), model=model, config=sampling, num_samples=GROUP,
+                       vision_features=features)
     advantages = jnp.asarray(group_advantages(token_reward(np.asarray(rollout.tokens)), GROUP))
-    ref = score(reference, prompt, rollout)
+    ref = score(reference, prompt, rollout, features)
 
     def jax_rollout():
         return np.asarray(generate(params, prompt, jax.random.key(0), model=model, config=sampling,
-                                   num_samples=GROUP).tokens)
+                                   num_samples=GROUP, vision_features=features).tokens)
 
     def jax_update():
-        holder["state"], metrics = update(holder["state"], prompt, rollout, advantages, ref)
+        holder["state"], metrics = update(holder["state"], prompt, rollout, advantages, ref, features)
         return float(metrics["loss"])
 
     torch_prompt = {k: torch.tensor(val) for k, val in batch.items()}
@@ -84,7 +95,8 @@ def main() -> None:
     completions = np.asarray(rollout.tokens)
     parts = {
         "rollout": (jax_rollout, torch_rollout),
-        "scoring forward": (lambda: jax.block_until_ready(score(reference, prompt, rollout)),
+        "frozen tower (once per step)": (lambda: jax.block_until_ready(tower(params, prompt)), None),
+        "scoring forward": (lambda: jax.block_until_ready(score(reference, prompt, rollout, features)),
                             lambda: torch_logprobs(completions)),
         "update": (jax_update, None),
         "whole step": (None, torch_step),
@@ -102,14 +114,18 @@ def main() -> None:
     tokens = prompts * (prompt_len + GROUP * NEW)
     forward = tokens * decoder_flops_per_token(config, seq, trainable=False)
     vision = batch["pixel_values_videos"].shape[0] * vision_flops_per_patch(config)
-    flops = {"rollout": forward + vision, "scoring forward": forward + vision,
-             "update": tokens * decoder_flops_per_token(config, seq) + vision}
+    # Each part's necessary work: the decoder's, with the frozen tower's counted once, in its own part
+    # (torch's parts each run the tower again: work beyond these counts).
+    flops = {"rollout": forward, "scoring forward": forward, "update": tokens * decoder_flops_per_token(config, seq)}
     peak, _ = roofline.matmul_peak(GROUP * prompts * NEW, config.text.hidden_size, config.text.intermediate_size)
     torch_update = (times["whole step", "torch"].median - times["rollout", "torch"].median
                     - times["scoring forward", "torch"].median)
     print(f"GRPO step profile: small model, {prompts} prompts x G {GROUP}, {NEW} new tokens, prompts of "
           f"{prompt_len} tokens; matmul peak {peak / 1e9:.1f} GFLOP/s (a {GROUP * prompts * NEW}-row matmul, "
           "measured now)")
+    print(f"  frozen tower, once per step (the rollout, the reference and the update share it): jax "
+          f"{times['frozen tower (once per step)', 'jax'].ms()}, {vision / 1e9:.2f} GFLOP (torch runs it in each "
+          "of its three parts)")
     for name in ("rollout", "scoring forward", "update"):
         jax_s = times[name, "jax"].median
         torch_s = torch_update if name == "update" else times[name, "torch"].median
@@ -118,7 +134,8 @@ def main() -> None:
         print(f"  {name}: jax {times[name, 'jax'].ms()}, torch {torch_text} -> {torch_s / jax_s:.2f}x; "
               f"{flops[name] / 1e9:.2f} GFLOP, jax at {flops[name] / jax_s / peak:.0%} and torch at "
               f"{flops[name] / torch_s / peak:.0%} of the peak")
-    jax_total = sum(times[name, "jax"].median for name in ("rollout", "scoring forward", "update"))
+    jax_total = sum(times[name, "jax"].median
+                    for name in ("frozen tower (once per step)", "rollout", "scoring forward", "update"))
     print(f"  jax parts sum to {jax_total * 1e3:.0f} ms; torch's whole step {times['whole step', 'torch'].ms()} "
           f"-> {times['whole step', 'torch'].median / jax_total:.2f}x")
 

@@ -279,20 +279,27 @@ def compile_stage(settings: RunSettings, stage: str, topology: str) -> CompileRe
             key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype  # abstract: nothing lands on a device
             key = jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(mesh, PartitionSpec()))
             new_tokens = settings.sample.max_new_tokens
+            # The frozen tower's tokens, which the trainer computes once per step and hands to the sampler,
+            # the reference and the update (rl.make_rl_trainer); None when the tower trains.
+            features = jax.eval_shape(lambda p, x: rl.frozen_vision_features(p, trainable, model, x), state.params,
+                                      prompt)
+            features = jax.tree_util.tree_map(lambda s: _rows_sharded(s.shape, s.dtype, mesh, rules), features)
             if stage == "sample":
-                lowered = generate.lower(state.params, prompt, key, model=model, config=sampling, num_samples=g)
+                lowered = generate.lower(state.params, prompt, key, model=model, config=sampling, num_samples=g,
+                                         vision_features=features)
                 resident = per_device_bytes(state.opt_state) + (
                     per_device_bytes(state.params, model.config.jnp_dtype) if settings.rl.beta else 0)
                 model_flops = rows * (seq_len + g * new_tokens) * decoder_flops_per_token(
                     model.config, seq_len + new_tokens, trainable=False)
             else:
-                shapes = jax.eval_shape(lambda p, x, k: generate(p, x, k, model=model, config=sampling,
-                                                                 num_samples=g), state.params, prompt, key)
+                shapes = jax.eval_shape(lambda p, x, k, f: generate(p, x, k, model=model, config=sampling,
+                                                                    num_samples=g, vision_features=f),
+                                        state.params, prompt, key, features)
                 rollout = jax.tree_util.tree_map(lambda s: _rows_sharded(s.shape, s.dtype, mesh, rules), shapes)
                 advantages = _rows_sharded((rows * g,), jnp.float32, mesh, rules)
                 ref = _rows_sharded((rows * g, new_tokens), jnp.float32, mesh, rules) if settings.rl.beta else None
                 update = rl.jitted_update(settings, model, tx, trainable, shardings)
-                lowered = update.lower(state, prompt, rollout, advantages, ref)
+                lowered = update.lower(state, prompt, rollout, advantages, ref, features)
                 # the reference policy, in the compute dtype (rl.reference_policy)
                 resident = per_device_bytes(state.params, model.config.jnp_dtype) if settings.rl.beta else 0
                 # forward + backward per iteration (x3 in the per-token count); the prompt runs once per

@@ -113,7 +113,8 @@ def _bench(sub) -> None:
                              help="the architecture of both models")
         if name == "sample":
             one.add_argument("--rows", type=whole_number(4), default=4,
-                             help="prompts decoded together, a multiple of 4 (e.g. 32: an RL batch of prompts x G)")
+                             help="rows decoded together, a multiple of 4: 4 prompts x G = rows / 4 samples each "
+                                  "(e.g. 32: an RL rollout batch with G = 8)")
         if name != "data":
             one.add_argument("--repeats", type=whole_number(1), default=5, help="timed repetitions (median reported)")
         one.add_argument("--no-record", action="store_true", help="print only, do not write docs/PERFORMANCE.md")

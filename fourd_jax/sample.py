@@ -221,6 +221,7 @@ def generate(
     num_samples: int = 1,
     row_ids: jax.Array | None = None,
     row_sharding: NamedSharding | None = None,
+    vision_features: jax.Array | None = None,
 ) -> Rollout:
     """Continue every left-padded prompt `num_samples` times (the prompt is prefilled once).
 
@@ -229,7 +230,9 @@ def generate(
     the key `key` folded with its id and then j: a row's tokens do not depend on where it sits in
     the batch, so any split of the prompts over processes samples the same. `row_sharding` (of a
     1-D array over the batch axes) places the Rollout's rows where their prompts' rows live, so each
-    process finds the samples of its own prompts among its local rows.
+    process finds the samples of its own prompts among its local rows. `vision_features`: the
+    prompts' visual tokens from a frozen tower, computed once outside (`rl.frozen_vision_features`)
+    and shared with the scoring; None runs the tower here.
     """
     c = model.config
     n_new = config.max_new_tokens
@@ -239,7 +242,7 @@ def generate(
     prompts, prompt_len = prompt.input_ids.shape
     variables = {"params": params}
 
-    cache, mask, hidden = prefill(params, prompt, model, n_new, num_samples)
+    cache, mask, hidden = prefill(params, prompt, model, n_new, num_samples, vision_features)
     # The token loop runs the layers unrolled, each with its weights and its cache in buffers of their
     # own (split once, here): a scanned layer would copy its slice of both out of the stacks per token.
     decoder = model.clone(config=c.replace(scan_layers=False))

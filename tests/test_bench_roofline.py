@@ -112,15 +112,33 @@ def test_qwen3_bench_batch_has_one_video_block_per_temporal_patch():
 
 
 def test_bench_sample_reports_its_fraction_of_the_decode_roof():
-    """`bench sample` (tiny, 8 rows) bounds each decode step by the weight bytes it streams and the
-    matmuls of its rows, and reports the greedy tokens it compared with `generate`."""
+    """`bench sample` (tiny, 4 prompts x G 2) bounds a call by its prefill at the matmul peak and each
+    decode step by a matmul over every decoder weight, and reports the greedy tokens it compared with
+    `generate`."""
     from fourd_jax.bench import sample
 
     result = sample.run(size="tiny", repeats=1, record=False, max_new_tokens=6, rows=8)
     _, _, params = sample.reference_models(bench_config("tiny"))
-    assert result["rows"] == 8 and result["new tokens"] == 6
+    assert result["rows"] == 8 and result["prompts x G"] == "4x2" and result["new tokens"] == 6
     assert result["decoder MB"] == round(roofline.decoder_weight_bytes(params) / 1e6, 1)
-    assert result["bound"] in ("weights", "compute") and result["jax of bound"].endswith("%")
+    # the bound: the prompts' prefill once at the peak, then n steps of a weight-sized matmul
+    batch = sample.bench_prompts(bench_config("tiny"), lengths=(24, 40, 16, 32), video_rows=(0, 2))
+    prefill_ms = sample.prefill_flops(bench_config("tiny"), batch) / (result["prefill peak GFLOP/s"] * 1e9) * 1e3
+    assert result["prefill bound ms"] == pytest.approx(prefill_ms, rel=2e-3, abs=0.05)
+    assert result["step bound ms"] == pytest.approx(result["decoder MB"] / result["weight matmul GB/s"], rel=0.1)
+    assert result["jax of bound"].endswith("%")
     assert result["equal rows"].endswith("/8")
     with pytest.raises(ValueError, match="multiple of 4"):
         sample.run(size="tiny", rows=6, record=False)
+
+
+def test_repeated_prompts_are_what_num_return_sequences_expands_to():
+    """torch's side of an RL rollout batch: each prompt G times in a row, with its own video."""
+    from fourd_jax.bench.sample import bench_prompts, repeat_prompts
+
+    batch = bench_prompts(bench_config("tiny"), lengths=(5, 3, 4), video_rows=(0, 2), frames=2, image=56)
+    twice = repeat_prompts(batch, 2)
+    np.testing.assert_array_equal(twice["input_ids"], batch["input_ids"][[0, 0, 1, 1, 2, 2]])
+    np.testing.assert_array_equal(twice["video_grid_thw"], batch["video_grid_thw"][[0, 0, 1, 1]])
+    first, second = np.split(batch["pixel_values_videos"], [int(np.prod(batch["video_grid_thw"][0]))])
+    np.testing.assert_array_equal(twice["pixel_values_videos"], np.concatenate([first, first, second, second]))

@@ -99,7 +99,17 @@ def test_rl_step_scores_the_sampled_sequences(data, monkeypatch):
     monkeypatch.setattr(rl, "sample_reward", reward)
     monkeypatch.setattr(rl, "generate", generate)
     before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
-    state, metrics = trainer.step_fn(trainer.state, batch)
+    from fourd_jax.model.vision import VisionTower
+    tower_calls = [0]
+
+    def count_tower(next_fn, args, kwargs, context):
+        tower_calls[0] += isinstance(context.module, VisionTower) and context.method_name == "__call__"
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(count_tower):  # the first step traces every program it runs
+        state, metrics = trainer.step_fn(trainer.state, batch)
+    # The frozen tower runs once per step: the rollout, the reference and the update take its tokens.
+    assert tower_calls[0] == 1
     assert int(state.step) == 1 and metrics["finite"]
     assert float(metrics["logprob_drift"]) <= 1e-5  # the recomputed log-probs are the sampler's
     g = config.rl.num_generations

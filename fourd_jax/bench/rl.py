@@ -36,7 +36,7 @@ from fourd_jax.model.inputs import vision_inputs
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 from fourd_jax.train.optim import make_optimizer, trainable_mask
-from fourd_jax.train.rl import completion_logprobs, group_advantages, update_step
+from fourd_jax.train.rl import completion_logprobs, frozen_vision_features, group_advantages, update_step
 from fourd_jax.train.settings import GrpoConfig, OptimSettings
 from fourd_jax.train.state import new_state
 
@@ -161,18 +161,22 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
                               imagery=True, latent_size=4)
     update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
                                        config=grpo), donate_argnums=0)
-    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, group, grpo.temperature))
+    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(p, model, prompt, rollout, group,
+                                                                             grpo.temperature, features))
+    # The frozen tower's tokens, once per step for the rollout, the reference and the update (as `fourd-jax rl`)
+    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable_mask(params, FREEZE), model, prompt))
     reference = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the state's are donated
     state = new_state(params, tx, 0)
     key, steps = jax.random.key(0), 0
 
     def jax_step() -> float:
         nonlocal state, steps
+        features = tower(state.params, prompt)
         rollout = generate(state.params, prompt, jax.random.fold_in(key, steps), model=model, config=sampling,
-                           num_samples=group)
+                           num_samples=group, vision_features=features)
         advantages = group_advantages(token_reward(np.asarray(rollout.tokens)), group)
-        ref = score(reference, prompt, rollout)
-        state, metrics = update(state, prompt, rollout, jnp.asarray(advantages), ref)
+        ref = score(reference, prompt, rollout, features)
+        state, metrics = update(state, prompt, rollout, jnp.asarray(advantages), ref, features)
         steps += 1
         return float(metrics["loss"])  # blocks until the update is done
 
@@ -190,7 +194,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
                            "not timing.")
 
     start = time.perf_counter()
-    jax_step()  # compiles the scoring forward and the update
+    jax_step()  # compiles the tower, the scoring forward and the update
     compile_s += time.perf_counter() - start
     torch_step()  # warm-up
     jax_runs, torch_runs = roofline.time_runs(jax_step, repeats), roofline.time_runs(torch_step, repeats)

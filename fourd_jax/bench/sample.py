@@ -1,12 +1,16 @@
 """`fourd-jax bench sample`: greedy new tokens/s of the jitted JAX sampler vs `transformers` generate.
 
 Both frameworks continue the same left-padded prompts (4 rows of text, two of them with an
-8-frame 112 px video, or those four repeated to `rows`, as an RL batch of prompts x G) with the
-same Qwen2.5-VL weights (written once by `transformers`, read by `fourd_jax.hf.load`), greedily,
-for exactly `max_new_tokens` tokens: neither side has an EOS token, so no row stops early. JAX:
-one compiled program (prefill + `lax.while_loop` over a preallocated KV cache); PyTorch:
-`generate(do_sample=False)` with its dynamic cache, eager. The tokens are compared (rows that
-agree are counted; a near-tie may flip one token in fp32).
+8-frame 112 px video) with the same Qwen2.5-VL weights (written once by `transformers`, read by
+`fourd_jax.hf.load`), greedily, for exactly `max_new_tokens` tokens: neither side has an EOS token,
+so no row stops early. `rows` > 4 is an RL rollout batch of 4 prompts x G = rows / 4 samples each,
+as each framework runs one: JAX prefills each prompt once and decodes G rows from its cache
+(`generate(num_samples=G)`, as `fourd-jax rl` does); `transformers` runs the prompts repeated G
+times, which is what `generate(num_return_sequences=G)` does before its first forward (greedy
+search refuses that argument, so the bench repeats them itself). JAX: one compiled program
+(prefill + `lax.while_loop` over a preallocated KV cache); PyTorch: `generate(do_sample=False)`
+with its dynamic cache, eager. The tokens are compared (rows that agree are counted; a near-tie
+may flip one token in fp32).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
-from fourd_jax.train.observe import decoder_flops_per_token
+from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 
 
 def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
@@ -84,19 +88,38 @@ def bench_prompts(config: ModelConfig, lengths: Sequence[int], video_rows: Seque
     return batch
 
 
+def repeat_prompts(batch: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
+    """Each prompt of a processor batch `times` times in a row (prompt-major), its video included:
+    the batch `generate(num_return_sequences=times)` expands its inputs to."""
+    out = {k: np.repeat(v, times, axis=0) for k, v in batch.items() if k != "pixel_values_videos"}
+    if "pixel_values_videos" in batch:
+        videos = np.split(batch["pixel_values_videos"], np.cumsum(np.prod(batch["video_grid_thw"], axis=1))[:-1])
+        out["pixel_values_videos"] = np.concatenate([v for v in videos for _ in range(times)])
+    return out
+
+
+def prefill_flops(config: ModelConfig, batch: dict[str, np.ndarray]) -> float:
+    """Forward FLOPs of running the prompts once: the decoder on every prompt slot and the vision
+    tower on every video patch."""
+    patches = batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
+    return (batch["input_ids"].size * decoder_flops_per_token(config, batch["input_ids"].shape[1], trainable=False)
+            + patches * vision_flops_per_patch(config))
+
+
 def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64,
         rows: int = 4) -> dict[str, Any]:
-    """Time greedy generation of `rows` prompts (a multiple of 4: the bench's four prompts
-    repeated, e.g. 32 for an RL batch of prompts x G) in both frameworks; print and (optionally)
-    record the ratio and the fraction of this machine's roof."""
+    """Time greedy generation of `rows` rows (a multiple of 4: the bench's four prompts x G = rows / 4
+    samples each, e.g. 32 for an RL rollout batch with G = 8) in both frameworks; print and
+    (optionally) record the ratio and the fraction of this machine's roof."""
     import torch  # the baseline; heavy, and only the torch side needs it
 
     config = bench_config(size)
     torch_model, model, params = reference_models(config)
     if rows < 4 or rows % 4:
         raise ValueError(f"rows must be a positive multiple of 4, not {rows}")
-    batch = bench_prompts(config, lengths=(24, 40, 16, 32) * (rows // 4), video_rows=range(0, rows, 2))
-    torch_batch = {k: torch.tensor(v) for k, v in batch.items()}
+    group = rows // 4
+    batch = bench_prompts(config, lengths=(24, 40, 16, 32), video_rows=(0, 2))
+    torch_batch = {k: torch.tensor(v) for k, v in repeat_prompts(batch, group).items()}
     prompt = prepare_prompt(model, **batch)
     n = max_new_tokens
     # Unconstrained greedy decoding, like generate(do_sample=False): no EOS, no imagery, no token masks.
@@ -105,7 +128,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     key = jax.random.key(0)
 
     def jax_generate() -> np.ndarray:
-        return np.asarray(generate(params, prompt, key, model=model, config=sampling).tokens)
+        return np.asarray(generate(params, prompt, key, model=model, config=sampling, num_samples=group).tokens)
 
     def torch_generate() -> np.ndarray:
         with torch.no_grad():
@@ -125,38 +148,44 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     torch_runs = roofline.time_runs(torch_generate, repeats)
     peak_rss = roofline.peak_rss_bytes()
     jax_s, torch_s = jax_runs.median, torch_runs.median
-    # The roof of decoding: each of the n steps reads every decoder weight once (bandwidth) and
-    # does `rows` tokens of matmuls (compute); the slower of the two bounds the step. The prefill
-    # and the KV cache reads come on top, so the fraction is a lower bound.
+    # The roof of a call: the prefill of the 4 prompts (their tokens and videos, once) at the matmul
+    # peak at its size, then n steps, each at least one `rows`-row matmul over every decoder weight:
+    # a jitted one as large as the decoder, measured now, which reads each weight once and does the
+    # step's multiply-adds (whichever of the two limits it, it limits the step). The attention and the
+    # KV cache reads come on top, so the fraction is a lower bound.
     weights = roofline.decoder_weight_bytes(params)
     bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size)
-    peak, _ = roofline.matmul_peak(rows, config.text.hidden_size, config.text.intermediate_size)
-    per_token = decoder_flops_per_token(config, batch["input_ids"].shape[1] + n, trainable=False)
-    bound_s = max(n * weights / bandwidth, n * rows * per_token / peak)
-    bound = "weights" if n * weights / bandwidth >= n * rows * per_token / peak else "compute"
+    prefill_peak, _ = roofline.matmul_peak(batch["input_ids"].size, config.text.hidden_size,
+                                           config.text.intermediate_size)
+    prefill_s = prefill_flops(config, batch) / prefill_peak
+    step_s = weights / bandwidth
+    bound_s = prefill_s + n * step_s
     new = ours.size
     result = {
-        "size": size, "rows": rows, "prompt tokens": int(batch["input_ids"].shape[1]), "new tokens": n,
+        "size": size, "rows": rows, "prompts x G": f"4x{group}", "prompt tokens": int(batch["input_ids"].shape[1]),
+        "new tokens": n,
         "jax tok/s": round(new / jax_s, 1), "jax spread tok/s": f"{new / jax_runs.high:.0f}-{new / jax_runs.low:.0f}",
         "torch tok/s": round(new / torch_s, 1),
         "torch spread tok/s": f"{new / torch_runs.high:.0f}-{new / torch_runs.low:.0f}",
         "speed-up (torch / jax)": round(torch_s / jax_s, 2), "decoder MB": round(weights / 1e6, 1),
-        "stream GB/s": round(bandwidth / 1e9, 1), "matmul peak GFLOP/s": round(peak / 1e9, 1), "bound": bound,
+        "weight matmul GB/s": round(bandwidth / 1e9, 1), "step bound ms": round(step_s * 1e3, 2),
+        "prefill peak GFLOP/s": round(prefill_peak / 1e9, 1), "prefill bound ms": round(prefill_s * 1e3, 1),
         "jax of bound": roofline.fraction(bound_s, jax_s),
         "torch of bound": roofline.fraction(bound_s, torch_s), "peak RSS GiB": round(peak_rss / 2**30, 2),
         "jax compile s": round(compile_s, 1), "equal rows": f"{equal_rows}/{rows}", "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print(f"greedy sampling ({size}, {rows} left-padded prompts of up to {result['prompt tokens']} tokens, "
-          f"half with an 8-frame video, {n} new tokens each, fp32): jax {result['jax tok/s']} tok/s "
+    print(f"greedy sampling ({size}, 4 left-padded prompts x G {group} = {rows} rows, prompts of up to "
+          f"{result['prompt tokens']} tokens, half with an 8-frame video, {n} new tokens each, fp32): "
+          f"jax {result['jax tok/s']} tok/s "
           f"({jax_runs.ms()}), torch generate {result['torch tok/s']} tok/s ({torch_runs.ms()}) -> jax is "
           f"{result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; jax compile + "
           f"first run {compile_s:.1f} s)")
-    print(f"roofline: {n} steps, each reading {weights / 1e6:.1f} MB of decoder weights at {bandwidth / 1e9:.1f} GB/s "
-          f"and doing {rows} tokens x {per_token / 1e6:.0f} MFLOP at {peak / 1e9:.0f} GFLOP/s (a jitted {rows}-row "
-          f"matmul, measured now for each): {bound_s * 1e3:.0f} ms at best, bound by {bound}; jax reaches "
-          f"{result['jax of bound']} and torch {result['torch of bound']} of that bound; peak host memory "
-          f"{result['peak RSS GiB']} GiB")
+    print(f"roofline: the prefill of the 4 prompts at the matmul peak at its size ({prefill_peak / 1e9:.0f} "
+          f"GFLOP/s), {prefill_s * 1e3:.0f} ms, then {n} steps of at least a {rows}-row matmul over the "
+          f"{weights / 1e6:.1f} MB of decoder weights ({step_s * 1e3:.2f} ms, {bandwidth / 1e9:.1f} GB/s, measured "
+          f"now): {bound_s * 1e3:.0f} ms at best; jax reaches {result['jax of bound']} and torch "
+          f"{result['torch of bound']} of that bound; peak host memory {result['peak RSS GiB']} GiB")
     print(f"greedy tokens: {equal_rows}/{ours.shape[0]} rows identical, {equal_tokens:.1%} of tokens equal"
           + ("" if equal_rows == ours.shape[0] else " (a near-tie flips a token, and the rows diverge after it)"))
     if record:
@@ -164,9 +193,11 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
             "sample",
             "`fourd-jax bench sample`: greedy new tokens/s of the jitted JAX sampler (`fourd_jax.sample.generate`: "
             "one compiled prefill + `lax.while_loop` over a preallocated KV cache) vs `transformers` "
-            "`generate(do_sample=False)` (eager, `torch.no_grad`), same weights, same left-padded prompts (`rows`: "
-            "4, or 4 repeated; half with an 8-frame 112 px video), no EOS so every row generates all new tokens, "
-            "fp32, median wall time. `equal rows`: rows whose tokens are identical in both.",
+            "`generate(do_sample=False)` (eager, `torch.no_grad`), same weights, same 4 left-padded prompts (half "
+            "with an 8-frame 112 px video) x G samples each (`rows` = 4 G: JAX prefills each prompt once and decodes "
+            "its G rows from the cache, transformers runs the prompts repeated G times, as "
+            "`num_return_sequences` does), no EOS so every row generates all new tokens, fp32, median wall time. "
+            "`equal rows`: rows whose tokens are identical in both.",
             result,
         )
         print(f"recorded in {path}")

@@ -176,9 +176,14 @@ def frozen_vision_features(params: Any, trainable: Any, model: Qwen25VL, prompt:
 
 
 def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, advantages: jax.Array,
-                ref_logprobs: jax.Array | None, *, model: Qwen25VL, tx: optax.GradientTransformation, trainable: Any,
-                config: GrpoConfig, micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+                ref_logprobs: jax.Array | None, vision_features: jax.Array | None = None, *, model: Qwen25VL,
+                tx: optax.GradientTransformation, trainable: Any, config: GrpoConfig,
+                micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """`num_iterations` guarded optimizer updates on one rollout batch (one loop step).
+
+    `vision_features`: the prompts' visual tokens from the frozen tower, when the caller has them
+    (`step_fn` computes them once for the rollout, the reference and this update); None computes
+    them here when the tower is frozen, or runs the tower inside the gradient when it trains.
 
     With `micro_batches` k > 1 (optim.grad_accum), micro-batch j scores every prompt with its
     samples j, j + k, ... (G / k of each group) and the gradients are summed: the same update in
@@ -196,7 +201,8 @@ def update_step(state: TrainState, prompt: PreparedInputs, rollout: Rollout, adv
     if g % k:
         raise InputError(f"{k} micro-batches do not split the {g} samples of each prompt (rl.num_generations).")
     # Frozen tower: the prompts' visual tokens are the same for every micro-batch and iteration.
-    features = frozen_vision_features(state.params, trainable, model, prompt)
+    features = (frozen_vision_features(state.params, trainable, model, prompt) if vision_features is None
+                else vision_features)
 
     def objective(params, prefix, rows):
         rollout, mask, advantages, ref_logprobs, old = rows
@@ -322,9 +328,13 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
                              out_shardings=shardings.params)(params) if grpo.beta else None)
     knobs = settings.sample
     sampling = sampling_config(settings, tokenizer, model.config)
-    update = jitted_update(settings, model, tx, trainable_mask(params, settings.optim.freeze), shardings)
-    score = jax.jit(lambda p, prompt, rollout: completion_logprobs(p, model, prompt, rollout, grpo.num_generations,
-                                                                   grpo.temperature))
+    trainable = trainable_mask(params, settings.optim.freeze)
+    update = jitted_update(settings, model, tx, trainable, shardings)
+    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(
+        p, model, prompt, rollout, grpo.num_generations, grpo.temperature, features))
+    # The frozen tower's tokens of a batch's prompts, once per step: the rollout, the reference (whose
+    # tower is the same frozen one) and the update all take them. None when the tower trains.
+    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable, model, prompt))
 
     def step_fn(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
         g = grpo.num_generations
@@ -333,9 +343,10 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             # Keys per row (its stream position): the same samples on any number of processes. The G
             # samples of a prompt come back on its process, so groups are whole where they are scored.
+            features = tower(state.params, prompt)
             rollout = generate(state.params, prompt, key, model=model, config=sampling, num_samples=g,
                                row_ids=shard_rows(batch["stream_position"], mesh, rules),
-                               row_sharding=row_sharding(mesh, rules))
+                               row_sharding=row_sharding(mesh, rules), vision_features=features)
             texts = completion_texts(tokenizer, rollout.tokens, rollout.completion_mask)
             scored = [sample_reward(str(batch["family"][i // g]), text, str(batch["answer"][i // g]),
                                     str(batch["trace"][i // g]), settings.reward) for i, text in enumerate(texts)]
@@ -343,8 +354,8 @@ def make_rl_trainer(settings: RunSettings, tokenizer: Any, mesh: Any) -> Trainer
             reward = np.array([s["reward"] for s in scored], np.float32)
             advantages = group_advantages(reward, g) * real  # padding rows of a short batch teach nothing
             adv = shard_rows(advantages, mesh, rules)
-            ref = score(reference, prompt, rollout) if grpo.beta else None
-            state, metrics = update(state, prompt, rollout, adv, ref)
+            ref = score(reference, prompt, rollout, features) if grpo.beta else None
+            state, metrics = update(state, prompt, rollout, adv, ref, features)
         return state, {**metrics, **reward_metrics(scored, real)}
 
     return Trainer(model, tx, shardings, state, step_fn, schedule,
