@@ -142,3 +142,18 @@ def test_repeated_prompts_are_what_num_return_sequences_expands_to():
     np.testing.assert_array_equal(twice["video_grid_thw"], batch["video_grid_thw"][[0, 0, 1, 1]])
     first, second = np.split(batch["pixel_values_videos"], [int(np.prod(batch["video_grid_thw"][0]))])
     np.testing.assert_array_equal(twice["pixel_values_videos"], np.concatenate([first, first, second, second]))
+
+
+def test_grpo_step_flops_count_the_decoder_three_passes_and_the_frozen_tower_once():
+    """Rollout and reference forwards plus the update's forward + backward over each prompt and its G
+    completions, and one tower forward per patch (the rollout, the reference and the update share it)."""
+    from fourd_jax.bench.rl import grpo_step_flops
+    from fourd_jax.train.observe import vision_flops_per_patch
+
+    config = bench_config("tiny")
+    no_media = grpo_step_flops(config, prompts=2, prompt_len=10, patches=0, group=4, new_tokens=6)
+    tokens = 2 * (10 + 4 * 6)
+    forward = decoder_flops_per_token(config, 16, trainable=False)
+    assert no_media == pytest.approx(tokens * (2 * forward + decoder_flops_per_token(config, 16)))
+    with_media = grpo_step_flops(config, prompts=2, prompt_len=10, patches=64, group=4, new_tokens=6)
+    assert with_media - no_media == pytest.approx(64 * vision_flops_per_patch(config))

@@ -63,12 +63,13 @@ def jax_prompt(model: Any, batch: dict[str, np.ndarray]) -> Any:
 def grpo_step_flops(config: Any, prompts: int, prompt_len: int, patches: int, group: int, new_tokens: int) -> float:
     """Model FLOPs of one GRPO step, each piece of work counted once: the rollout (prompt prefill and
     G x n decoded tokens, forward), the reference scoring (forward) and the update (forward +
-    backward) of the prompt and its G completions, with the vision tower's forward on each."""
+    backward) of the prompt and its G completions, and the frozen vision tower's forward once (its
+    tokens serve all three)."""
     seq = prompt_len + new_tokens
     tokens = prompts * (prompt_len + group * new_tokens)
     forward = tokens * decoder_flops_per_token(config, seq, trainable=False)
     backward = tokens * decoder_flops_per_token(config, seq) - forward
-    return 3 * forward + backward + 3 * patches * vision_flops_per_patch(config)
+    return 3 * forward + backward + patches * vision_flops_per_patch(config)
 
 
 def torch_grpo(torch_model: Any, batch: dict[str, np.ndarray], config: Any, group: int, max_new_tokens: int,
