@@ -21,7 +21,6 @@ tower counted once) are set against the matmul peak measured now, and each figur
 
 from __future__ import annotations
 
-import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,18 +31,12 @@ import numpy as np  # noqa: E402
 
 from fourd_jax.bench import roofline  # noqa: E402
 from fourd_jax.bench.forward import bench_config  # noqa: E402
-from fourd_jax.bench.rl import FREEZE, jax_prompt, token_reward, torch_grpo  # noqa: E402
+from fourd_jax.bench.rl import jax_programs, jax_prompt, token_reward, torch_grpo  # noqa: E402
 from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
-from fourd_jax.sample import SamplingConfig, generate  # noqa: E402
+from fourd_jax.sample import generate  # noqa: E402
 from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch  # noqa: E402
-from fourd_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
-from fourd_jax.train.rl import (  # noqa: E402
-    completion_logprobs,
-    frozen_vision_features,
-    group_advantages,
-    update_step,
-)
-from fourd_jax.train.settings import GrpoConfig, OptimSettings  # noqa: E402
+from fourd_jax.train.rl import group_advantages  # noqa: E402
+from fourd_jax.train.settings import GrpoConfig  # noqa: E402
 from fourd_jax.train.state import new_state  # noqa: E402
 
 REPEATS, GROUP, NEW = 5, 4, 64
@@ -60,14 +53,7 @@ def main() -> None:
     prompt = jax_prompt(model, batch)
     grpo = GrpoConfig(num_generations=GROUP, temperature=1.0)
     torch_step, torch_logprobs = torch_grpo(torch_model, batch, config, GROUP, NEW, 1e-4, grpo.epsilon, grpo.beta)
-    tx = make_optimizer(OptimSettings(lr=1e-4, total_steps=10, freeze=FREEZE), params)
-    sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_p=0.9, pad_token_id=config.pad_token_id,
-                              imagery=True, latent_size=4)
-    update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
-                                       config=grpo), donate_argnums=0)
-    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(p, model, prompt, rollout, GROUP,
-                                                                             grpo.temperature, features))
-    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable_mask(params, FREEZE), model, prompt))
+    tx, sampling, update, score, tower = jax_programs(model, params, GROUP, NEW, 1e-4, grpo)
     features = tower(params, prompt)
     reference = jax.tree_util.tree_map(jnp.copy, params)
     holder = {"state": new_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)}

@@ -21,11 +21,12 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fourd_jax.bench import roofline
 from fourd_jax.bench.forward import bench_config
@@ -138,6 +139,34 @@ def torch_grpo(torch_model: Any, batch: dict[str, np.ndarray], config: Any, grou
     return step, policy_logprobs
 
 
+class JaxPrograms(NamedTuple):
+    """The jitted pieces of the bench's JAX GRPO step, as `fourd-jax rl` runs them."""
+
+    tx: optax.GradientTransformation
+    sampling: SamplingConfig
+    update: Any  # (state, prompt, rollout, advantages, ref, features) -> (state, metrics), state donated
+    score: Any  # (params, prompt, rollout, features) -> log-probs of the completions
+    tower: Any  # (params, prompt) -> the frozen tower's tokens, once per step for all three
+
+
+def jax_programs(model: Any, params: Any, group: int, max_new_tokens: int, lr: float,
+                 grpo: GrpoConfig) -> JaxPrograms:
+    """The optimizer, sampler settings and jitted programs of one JAX GRPO step (vision tower frozen)."""
+    tx = make_optimizer(OptimSettings(lr=lr, total_steps=10, freeze=FREEZE), params)
+    trainable = trainable_mask(params, FREEZE)
+    # The sampler of `fourd-jax rl`, imagery rule included: a row that samples <|latent_start|> gets
+    # forced pads fed with hidden states. It rarely fires with random weights, and the tokens per
+    # step are max_new_tokens either way, so torch (which has no such rule) does the same work.
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.9,
+                              pad_token_id=model.config.pad_token_id, imagery=True, latent_size=4)
+    update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable, config=grpo),
+                     donate_argnums=0)
+    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(p, model, prompt, rollout, group,
+                                                                             grpo.temperature, features))
+    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable, model, prompt))
+    return JaxPrograms(tx, sampling, update, score, tower)
+
+
 def run(size: str = "small", repeats: int = 5, record: bool = True, group: int = 4,
         max_new_tokens: int = 64) -> dict[str, Any]:
     """Time both GRPO steps; print and (optionally) record the ratio."""
@@ -154,18 +183,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
     grpo = GrpoConfig(num_generations=group, temperature=1.0)  # epsilon 0.2, beta 0.01, k1, sequence-mean
     torch_step, torch_logprobs = torch_grpo(torch_model, batch, config, group, n, lr, grpo.epsilon, grpo.beta)
 
-    tx = make_optimizer(OptimSettings(lr=lr, total_steps=10, freeze=FREEZE), params)
-    # The sampler of `fourd-jax rl`, imagery rule included: a row that samples <|latent_start|> gets
-    # forced pads fed with hidden states. It rarely fires with random weights, and the tokens per
-    # step are max_new_tokens either way, so torch (which has no such rule) does the same work.
-    sampling = SamplingConfig(max_new_tokens=n, temperature=1.0, top_p=0.9, pad_token_id=config.pad_token_id,
-                              imagery=True, latent_size=4)
-    update = jax.jit(functools.partial(update_step, model=model, tx=tx, trainable=trainable_mask(params, FREEZE),
-                                       config=grpo), donate_argnums=0)
-    score = jax.jit(lambda p, prompt, rollout, features: completion_logprobs(p, model, prompt, rollout, group,
-                                                                             grpo.temperature, features))
-    # The frozen tower's tokens, once per step for the rollout, the reference and the update (as `fourd-jax rl`)
-    tower = jax.jit(lambda p, prompt: frozen_vision_features(p, trainable_mask(params, FREEZE), model, prompt))
+    tx, sampling, update, score, tower = jax_programs(model, params, group, n, lr, grpo)
     reference = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the state's are donated
     state = new_state(params, tx, 0)
     key, steps = jax.random.key(0), 0
