@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from fourd_jax import sharding  # noqa: E402
 from fourd_jax.batch import device_batch  # noqa: E402
 from fourd_jax.bench import roofline  # noqa: E402
-from fourd_jax.bench.forward import bench_config  # noqa: E402
+from fourd_jax.bench.forward import latent_bench_config  # noqa: E402
 from fourd_jax.bench.train import dift_batch  # noqa: E402
 from fourd_jax.convert import hf  # noqa: E402
 from fourd_jax.model.inputs import vision_inputs  # noqa: E402
@@ -63,9 +63,7 @@ def main() -> None:
     import torch  # the bench's weights are written by transformers, as in `bench train`
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    v = bench_config("small").text.vocab_size
-    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
-                                           latent_end_token_id=v - 9)
+    config = latent_bench_config("small")
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).save_pretrained(tmp)

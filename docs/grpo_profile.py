@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fourd_jax.bench import roofline  # noqa: E402
-from fourd_jax.bench.forward import bench_config  # noqa: E402
+from fourd_jax.bench.forward import latent_bench_config  # noqa: E402
 from fourd_jax.bench.rl import jax_programs, jax_prompt, token_reward, torch_grpo  # noqa: E402
 from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
 from fourd_jax.sample import generate  # noqa: E402
@@ -45,9 +45,7 @@ REPEATS, GROUP, NEW = 5, 4, 64
 def main() -> None:
     import torch
 
-    v = bench_config("small").text.vocab_size
-    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
-                                           latent_end_token_id=v - 9)
+    config = latent_bench_config("small")
     torch_model, model, params = reference_models(config)
     batch = bench_prompts(config, lengths=(24, 40), video_rows=(0, 1))
     prompt = jax_prompt(model, batch)

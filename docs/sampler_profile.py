@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fourd_jax.bench import roofline  # noqa: E402
-from fourd_jax.bench.forward import bench_config  # noqa: E402
+from fourd_jax.bench.forward import latent_bench_config  # noqa: E402
 from fourd_jax.bench.sample import bench_prompts, reference_models  # noqa: E402
 from fourd_jax.model.text import unstack_layers  # noqa: E402
 from fourd_jax.sample import SamplingConfig, generate, prefill, prepare_prompt  # noqa: E402
@@ -44,9 +44,7 @@ def decode_runs(params, prompt, model, n: int, **sampling) -> roofline.Runs:
 
 
 def main(rows: int = 4, n: int = 32) -> None:
-    v = bench_config("small").text.vocab_size
-    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
-                                           latent_end_token_id=v - 9)
+    config = latent_bench_config("small")
     _, model, params = reference_models(config)
     batch = bench_prompts(config, lengths=(24, 40, 16, 32) * (rows // 4), video_rows=range(0, rows, 2))
     prompt = prepare_prompt(model, **batch)

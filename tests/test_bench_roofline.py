@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fourd_jax.bench import roofline
-from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.forward import bench_config, forward_flops
 from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train.observe import decoder_flops_per_token
@@ -126,7 +126,7 @@ def test_bench_sample_reports_its_fraction_of_the_decode_roof():
     # Each column is rounded (ms and GB/s to 0.1 or 0.01, the peak to 0.1 GFLOP/s): the recomputed bounds
     # may differ by what those roundings allow, and no more.
     peak, step_ms = result["prefill peak GFLOP/s"], result["decoder MB"] / result["weight matmul GB/s"]
-    prefill_ms = sample.prefill_flops(bench_config("tiny"), batch) / (peak * 1e9) * 1e3
+    prefill_ms = forward_flops(bench_config("tiny"), batch) / (peak * 1e9) * 1e3
     assert abs(result["prefill bound ms"] - prefill_ms) <= 0.05 + 1.01 * prefill_ms * 0.05 / peak
     rounding = 1.01 * step_ms * (0.05 / result["decoder MB"] + 0.05 / result["weight matmul GB/s"]) + 0.005
     assert abs(result["step bound ms"] - step_ms) <= rounding

@@ -1,6 +1,7 @@
 """4DRL: group advantages, the text-only policy mask (zero gradient at latent positions), KL
 estimators, log-prob recomputation equal to the sampler's, the rewards wiring, exact resume."""
 
+import contextlib
 import json
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ from fourd_jax import sharding
 from fourd_jax.data.pipeline import build_dataset
 from fourd_jax.errors import InputError
 from fourd_jax.load import find_model
+from fourd_jax.model.vision import VisionTower
 from fourd_jax.sample import token_logprobs
 from fourd_jax.train import loop, rl
 from fourd_jax.train.settings import GrpoConfig, RunSettings
@@ -22,6 +24,19 @@ from fourd_jax.train.settings import GrpoConfig, RunSettings
 
 def rl_config(**overrides):
     return load_config("rl", **{"data.seq_buckets": (1024,), "sample.max_new_tokens": 16, **overrides})
+
+
+@contextlib.contextmanager
+def counting_tower_calls():
+    """Yields a list whose one element counts the vision tower's forwards traced or run inside."""
+    calls = [0]
+
+    def count(next_fn, args, kwargs, context):
+        calls[0] += isinstance(context.module, VisionTower) and context.method_name == "__call__"
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(count):
+        yield calls
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +114,7 @@ def test_rl_step_scores_the_sampled_sequences(data, monkeypatch):
     monkeypatch.setattr(rl, "sample_reward", reward)
     monkeypatch.setattr(rl, "generate", generate)
     before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
-    from fourd_jax.model.vision import VisionTower
-    tower_calls = [0]
-
-    def count_tower(next_fn, args, kwargs, context):
-        tower_calls[0] += isinstance(context.module, VisionTower) and context.method_name == "__call__"
-        return next_fn(*args, **kwargs)
-
-    with nn.intercept_methods(count_tower):  # the first step traces every program it runs
+    with counting_tower_calls() as tower_calls:  # the first step traces every program it runs
         state, metrics = trainer.step_fn(trainer.state, batch)
     # The frozen tower runs once per step: the rollout, the reference and the update take its tokens.
     assert tower_calls[0] == 1
@@ -271,14 +279,7 @@ def test_micro_batched_update_equals_the_whole_batch(data):
         inside = rl.completion_logprobs(params, model, prompt, rollout, g, settings.rl.temperature)
         outside = rl.completion_logprobs(params, model, prompt, rollout, g, settings.rl.temperature, features)
         np.testing.assert_allclose(np.asarray(outside), np.asarray(inside), atol=1e-6)
-        from fourd_jax.model.vision import VisionTower
-        calls = [0]
-
-        def count_tower(next_fn, args, kwargs, context):
-            calls[0] += isinstance(context.module, VisionTower) and context.method_name == "__call__"
-            return next_fn(*args, **kwargs)
-
-        with nn.intercept_methods(count_tower):
+        with counting_tower_calls() as calls:
             jax.make_jaxpr(functools.partial(rl.update_step, model=model, tx=tx, config=settings.rl, micro_batches=2,
                                              trainable=trainable_mask(params, settings.optim.freeze)))(
                 new_state(params, tx, 0), prompt, rollout, advantages, ref)

@@ -62,6 +62,14 @@ def bench_config(size: str, family: str = "qwen2_5_vl") -> ModelConfig | Qwen3VL
     )
 
 
+def latent_bench_config(size: str) -> ModelConfig:
+    """The Qwen2.5-VL bench model with the 4DThinker latent tokens (start, pad, end) below the
+    vision ids, as the DIFT and GRPO benches need them."""
+    v = SIZES[size]["vocab"]
+    return bench_config(size).replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
+                                      latent_end_token_id=v - 9)
+
+
 def qwen3_bench_config(size: str) -> Qwen3VLConfig:
     """The Qwen3-VL bench model: the widths of SIZES, head_dim = hidden / heads, Qwen3-VL's mrope
     split (24, 20, 20) of 64 scaled to the rotary half, and DeepStack after all but the last block."""
@@ -126,11 +134,15 @@ def bench_batch(config: ModelConfig | Qwen3VLConfig, size: str, seed: int = 0) -
 
 
 def forward_flops(config: ModelConfig | Qwen3VLConfig, batch: dict[str, np.ndarray]) -> float:
-    """FLOPs of one forward on a processor batch: the decoder on every token (logits included)
-    and the vision tower on every patch (Qwen3-VL's patches attend over their whole frame, h * w)."""
-    patches = batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]
-    _, h, w = batch["image_grid_thw"][0]  # the bench's images and video frames share one size
-    span = int(h * w) if isinstance(config, Qwen3VLConfig) else None
+    """FLOPs of one forward on a processor batch (images, videos, both or neither): the decoder on
+    every token (logits included) and the vision tower on every patch (Qwen3-VL's patches attend
+    over their whole frame, h * w)."""
+    patches = sum(batch[key].shape[0] for key in ("pixel_values", "pixel_values_videos") if key in batch)
+    grids = batch.get("image_grid_thw", batch.get("video_grid_thw"))
+    span = None
+    if isinstance(config, Qwen3VLConfig) and grids is not None:
+        _, h, w = grids[0]  # the bench's images and video frames share one size
+        span = int(h * w)
     return (batch["input_ids"].size * decoder_flops_per_token(config, batch["input_ids"].shape[1], trainable=False)
             + patches * vision_flops_per_patch(config, span))
 

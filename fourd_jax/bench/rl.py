@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from fourd_jax.bench import roofline
-from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.forward import latent_bench_config
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.bench.sample import bench_prompts, reference_models
 from fourd_jax.data.batching import media_arrays
@@ -173,9 +173,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, group: int =
     import torch  # the baseline; heavy, and only the torch side needs it
 
     # The 4DThinker vocabulary: latent tokens (as in `bench train`), which the RL code expects.
-    v = bench_config(size).text.vocab_size
-    config = bench_config(size).replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
-                                        latent_end_token_id=v - 9)
+    config = latent_bench_config(size)
     torch_model, model, params = reference_models(config)
     batch = bench_prompts(config, lengths=(24, 40), video_rows=(0, 1))
     prompt = jax_prompt(model, batch)

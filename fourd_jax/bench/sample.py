@@ -24,14 +24,13 @@ import jax
 import numpy as np
 
 from fourd_jax.bench import roofline
-from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.forward import bench_config, forward_flops
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.processor import patchify
 from fourd_jax.model.config import ModelConfig
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
-from fourd_jax.train.observe import decoder_flops_per_token, vision_flops_per_patch
 
 
 def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
@@ -98,14 +97,6 @@ def repeat_prompts(batch: dict[str, np.ndarray], times: int) -> dict[str, np.nda
     return out
 
 
-def prefill_flops(config: ModelConfig, batch: dict[str, np.ndarray]) -> float:
-    """Forward FLOPs of running the prompts once: the decoder on every prompt slot and the vision
-    tower on every video patch."""
-    patches = batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
-    return (batch["input_ids"].size * decoder_flops_per_token(config, batch["input_ids"].shape[1], trainable=False)
-            + patches * vision_flops_per_patch(config))
-
-
 def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64,
         rows: int = 4) -> dict[str, Any]:
     """Time greedy generation of `rows` rows (a multiple of 4: the bench's four prompts x G = rows / 4
@@ -157,7 +148,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size)
     prefill_peak, _ = roofline.matmul_peak(batch["input_ids"].size, config.text.hidden_size,
                                            config.text.intermediate_size)
-    prefill_s = prefill_flops(config, batch) / prefill_peak
+    prefill_s = forward_flops(config, batch) / prefill_peak  # the prompts run once
     step_s = weights / bandwidth
     bound_s = prefill_s + n * step_s
     new = ours.size

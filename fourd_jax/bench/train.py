@@ -22,7 +22,7 @@ import numpy as np
 from fourd_jax import sharding
 from fourd_jax.batch import device_batch
 from fourd_jax.bench import roofline
-from fourd_jax.bench.forward import bench_config
+from fourd_jax.bench.forward import latent_bench_config
 from fourd_jax.bench.report import record as record_row
 from fourd_jax.convert import hf
 from fourd_jax.data.batching import collate
@@ -137,9 +137,7 @@ def run(repeats: int = 5, record: bool = True) -> dict[str, Any]:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    v = bench_config("small").text.vocab_size
-    config = bench_config("small").replace(latent_start_token_id=v - 11, latent_pad_token_id=v - 10,
-                                           latent_end_token_id=v - 9)
+    config = latent_bench_config("small")
     batch = dift_batch(config)
     lr = 1e-4
     with tempfile.TemporaryDirectory() as tmp:
