@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).save_pretrained(tmp)
-        model, params = hf.load(tmp)
+        model, params = hf.load(tmp, attention_block=config.attention_block)
     host = dift_batch(config, packed=True)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     batch, sizes = device_batch(host, mesh, sharding.DEFAULT_RULES), StaticSizes.of(host)

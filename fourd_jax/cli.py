@@ -58,7 +58,8 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    options = {name: getattr(args, name) for name in ("size", "repeats", "rows", "family") if hasattr(args, name)}
+    options = {name: getattr(args, name) for name in ("size", "repeats", "rows", "family", "dtype", "examples")
+               if hasattr(args, name)}
     _module(f"bench.{args.what}").run(record=not args.no_record, **options)
 
 

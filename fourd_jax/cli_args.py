@@ -106,8 +106,16 @@ def _bench(sub) -> None:
              "rl": "one GRPO step vs the same step in PyTorch"}
     for name in BENCHMARKS:
         one = _add(what, name, helps[name], "bench")
-        if name in ("forward", "sample", "rl"):
-            one.add_argument("--size", default="small", choices=["small", "tiny"], help="model size")
+        if name != "data":
+            accelerator_sizes = ["1b"] if name in ("train", "sample") else []
+            one.add_argument("--size", default="small", choices=["small", "tiny", *accelerator_sizes],
+                             help="model size (1b: for an accelerator)")
+        if name == "train":
+            one.add_argument("--examples", type=whole_number(2), default=2,
+                             help="examples per step, an even number (JAX packs two to a row)")
+        if name in ("train", "sample"):
+            one.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                             help="what both frameworks compute in (train keeps float32 weights and optimizer)")
         if name == "forward":
             one.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"],
                              help="the architecture of both models")

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 from fourd_jax.bench import roofline
-from fourd_jax.bench.forward import bench_config, forward_flops
+from fourd_jax.bench.forward import bench_config, forward_flops, latent_bench_config
+from fourd_jax.errors import InputError
 from fourd_jax.model.apply import abstract_params
 from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.train.observe import decoder_flops_per_token
 
 
 def one_layer(tied: bool = False):
+    # Dense attention: XLA's cost analysis counts a loop's body once, the tiles of blockwise attention too.
     c = bench_config("tiny")
-    return c.replace(text=dataclasses.replace(c.text, num_layers=1), tie_word_embeddings=tied)
+    return c.replace(text=dataclasses.replace(c.text, num_layers=1), tie_word_embeddings=tied, attention_block=0)
 
 
 def xla_flops(fn, *args) -> float:
@@ -134,6 +136,27 @@ def test_bench_sample_reports_its_fraction_of_the_decode_roof():
     assert result["equal rows"].endswith("/8")
     with pytest.raises(ValueError, match="multiple of 4"):
         sample.run(size="tiny", rows=6, record=False)
+
+
+def test_bench_train_runs_several_packed_rows_in_bfloat16(tmp_path, monkeypatch):
+    """`bench train` as the GPU script runs it (bf16 compute, 4 examples packed two to a row), on the tiny model
+    and the CPU: both frameworks' first losses agree, and the FLOPs are the count of its packed batch."""
+    from fourd_jax.bench import train
+    from fourd_jax.train.dift import flops_fn
+
+    monkeypatch.setenv("FOURD_JAX_PERF_FILE", str(tmp_path / "perf.md"))
+    result = train.run(size="tiny", repeats=1, record=True, dtype="bfloat16", examples=4)
+    config = latent_bench_config("tiny")
+    packed = train.dift_batch(config, packed=True, examples=4)
+    assert packed["input_ids"].shape[0] == 2 and result["slots packed"] == packed["input_ids"].size
+    assert (packed["segment_ids"].max(axis=1) == 2).all()  # two examples in each row
+    assert result["GFLOP"] == round(flops_fn(config)(packed) / 1e9, 2)
+    assert result["dtype"] == "bfloat16" and result["examples"] == 4 and result["torch device"] == "cpu"
+    assert abs(result["first loss jax"] - result["first loss torch"]) <= 3e-2 * max(1.0, result["first loss torch"])
+    assert "jax MFU" not in result  # a CPU has no data-sheet peak
+    assert "| bfloat16 |" in (tmp_path / "perf.md").read_text()
+    with pytest.raises(InputError, match="even number"):
+        train.dift_batch(config, examples=3)
 
 
 def test_repeated_prompts_are_what_num_return_sequences_expands_to():

@@ -13,6 +13,7 @@ from reference import Row, hf_logits, make_batch
 from run_configs import run_script
 
 from fourd_jax import checkpoint, cli
+from fourd_jax.cli_args import build_parser
 
 
 def test_convert_hf_to_jax_and_back(reference, tmp_path, capsys):
@@ -153,6 +154,21 @@ def test_launch_scripts_build_their_commands():
                     "dift:qwen25vl_7b,16xh100", "--workdir", "/shared/runs/7b"]
     assert launch("gpu_node.sh", "runs/7b", "dift", "--config", "dift:tiny")[-1] == [
         ".venv-gpu/bin/fourd-jax", "dift", "--config", "dift:tiny", "--workdir", "runs/7b"]
+
+
+def test_gpu_bench_scripts_parse():
+    """docs/gpu_bench.sh (issue 14's GPU run) and the wheels it installs: valid bash, and every bench they run
+    takes the flags they pass (the benches themselves run at the tiny size in test_bench_roofline)."""
+    docs = Path(__file__).parents[1] / "docs"
+    for script in ("gpu_bench.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", str(docs / script)], check=True)
+    text = (docs / "gpu_bench.sh").read_text()
+    parser = build_parser()
+    for line in text.splitlines():
+        if line.startswith("bench "):
+            args = shlex.split(line.replace('"$SIZE"', "1b").replace('"$EXAMPLES"', "16"))[2:]
+            parsed = parser.parse_args(["bench", *args])
+            assert parsed.size == "1b" and parsed.dtype == "bfloat16"
 
 
 def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):

@@ -115,11 +115,25 @@ def fraction(achieved: float, limit: float) -> str:
     return f"{achieved / limit:.0%}"
 
 
+# Dense bf16 tensor-core FLOP/s from the makers' data sheets, by a part of jax's device_kind (the first
+# that matches): the denominator of MFU. CPUs have no such figure; their benches use the measured peak.
+DATASHEET_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def datasheet_peak(dtype: Any) -> float | None:
+    """The data sheet's dense FLOP/s of jax's first device for `dtype` (bf16 only), or None."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+    kind = jax.devices()[0].device_kind
+    return next((flops for part, flops in DATASHEET_BF16_FLOPS if part in kind), None)
+
+
 def compute_roof(flops: float, jax_runs: Runs, torch_runs: Runs, shape: tuple[int, int, int],
-                 what: str) -> tuple[dict[str, object], str]:
+                 what: str, dtype: Any = jnp.float32) -> tuple[dict[str, object], str]:
     """(result columns, a printed line) for a compute-bound bench: `flops` of work per call
-    against the matmul peak measured now at `shape` (m, k, n), and this process's peak memory."""
-    peak, _ = matmul_peak(*shape)
+    against the matmul peak measured now at `shape` (m, k, n) in `dtype`, and this process's peak
+    memory; on an accelerator with a data-sheet peak, also each side's MFU against it."""
+    peak, _ = matmul_peak(*shape, dtype=dtype)
     jax_s, torch_s = jax_runs.median, torch_runs.median
     rss = peak_rss_bytes()
     columns = {"GFLOP": round(flops / 1e9, 2), "jax GFLOP/s": round(flops / jax_s / 1e9, 1),
@@ -128,6 +142,30 @@ def compute_roof(flops: float, jax_runs: Runs, torch_runs: Runs, shape: tuple[in
     m, k, n = shape
     line = (f"roofline: {flops / 1e9:.2f} GFLOP per {what}; jax {columns['jax GFLOP/s']} GFLOP/s = "
             f"{columns['jax of peak']} and torch {columns['torch of peak']} of this machine's jitted {m}x{k} @ {k}x{n} "
-            f"matmul ({columns['matmul peak GFLOP/s']} GFLOP/s, measured now); peak host memory "
-            f"{columns['peak RSS GiB']} GiB")
+            f"{jnp.dtype(dtype).name} matmul ({columns['matmul peak GFLOP/s']} GFLOP/s, measured now); peak host "
+            f"memory {columns['peak RSS GiB']} GiB")
+    sheet = datasheet_peak(dtype)
+    if sheet:
+        columns.update({"jax MFU": fraction(flops / jax_s, sheet), "torch MFU": fraction(flops / torch_s, sheet)})
+        line += (f"; MFU against the data sheet's {sheet / 1e12:.0f} TFLOP/s: jax {columns['jax MFU']}, torch "
+                 f"{columns['torch MFU']}")
     return columns, line
+
+
+def torch_device() -> Any:
+    """The device the torch baseline runs on: the GPU when torch sees one (as jax then does), else the CPU."""
+    import torch  # the baseline's framework; only the benches import it
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_synced(fn: Callable[[], Any], device: Any) -> Callable[[], Any]:
+    """fn, returning only once the device's queued work is done (what `time_runs` needs of a call)."""
+    import torch
+
+    def call() -> Any:
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+    return call

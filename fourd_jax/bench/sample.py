@@ -33,8 +33,9 @@ from fourd_jax.model.vlm import Qwen25VL
 from fourd_jax.sample import SamplingConfig, generate, prepare_prompt
 
 
-def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
-    """(`transformers` model, JAX model, JAX params) with the same random weights.
+def reference_models(config: ModelConfig, dtype: str = "float32", device: Any = None) -> tuple[Any, Any, Any]:
+    """(`transformers` model, JAX model, JAX params) with the same random weights, both in `dtype`,
+    the torch model on `device` (default: the CPU).
 
     The weights are made by `transformers` (seed 0) and read back through the repo's converter.
     The JAX model positions text after a video as transformers 5.x does ("spatial_extent"), so
@@ -48,7 +49,8 @@ def reference_models(config: ModelConfig) -> tuple[Any, Any, Any]:
     torch_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(hf.config_to_hf(config))).eval()
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(tmp)
-        model, params = hf.load(tmp)
+        model, params = hf.load(tmp, dtype, attention_block=config.attention_block)
+    torch_model = torch_model.to(device or torch.device("cpu"), getattr(torch, dtype))
     # No EOS in transformers' generation config: every row runs to max_new_tokens, as in ours.
     torch_model.generation_config.eos_token_id = None
     torch_model.generation_config.pad_token_id = config.pad_token_id
@@ -98,19 +100,25 @@ def repeat_prompts(batch: dict[str, np.ndarray], times: int) -> dict[str, np.nda
 
 
 def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_tokens: int = 64,
-        rows: int = 4) -> dict[str, Any]:
+        rows: int = 4, dtype: str = "float32") -> dict[str, Any]:
     """Time greedy generation of `rows` rows (a multiple of 4: the bench's four prompts x G = rows / 4
-    samples each, e.g. 32 for an RL rollout batch with G = 8) in both frameworks; print and
-    (optionally) record the ratio and the fraction of this machine's roof."""
+    samples each, e.g. 32 for an RL rollout batch with G = 8) in both frameworks, weights in `dtype`,
+    torch on the GPU when it sees one; print and (optionally) record the ratio and the fraction of
+    this machine's roof."""
     import torch  # the baseline; heavy, and only the torch side needs it
 
-    config = bench_config(size)
-    torch_model, model, params = reference_models(config)
     if rows < 4 or rows % 4:
         raise ValueError(f"rows must be a positive multiple of 4, not {rows}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+    config = bench_config(size)
+    device = roofline.torch_device()
+    torch_model, model, params = reference_models(config, dtype, device)
     group = rows // 4
     batch = bench_prompts(config, lengths=(24, 40, 16, 32), video_rows=(0, 2))
-    torch_batch = {k: torch.tensor(v) for k, v in repeat_prompts(batch, group).items()}
+    torch_batch = {k: torch.tensor(v).to(device) for k, v in repeat_prompts(batch, group).items()}
+    if "pixel_values_videos" in torch_batch:
+        torch_batch["pixel_values_videos"] = torch_batch["pixel_values_videos"].to(getattr(torch, dtype))
     prompt = prepare_prompt(model, **batch)
     n = max_new_tokens
     # Unconstrained greedy decoding, like generate(do_sample=False): no EOS, no imagery, no token masks.
@@ -124,7 +132,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     def torch_generate() -> np.ndarray:
         with torch.no_grad():
             out = torch_model.generate(**torch_batch, do_sample=False, max_new_tokens=n, min_new_tokens=n)
-        return out[:, batch["input_ids"].shape[1]:].numpy()
+        return out[:, batch["input_ids"].shape[1]:].cpu().numpy()  # waits for the device
 
     start = time.perf_counter()
     ours = jax_generate()  # compile + one run
@@ -145,15 +153,16 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
     # step's multiply-adds (whichever of the two limits it, it limits the step). The attention and the
     # KV cache reads come on top, so the fraction is a lower bound.
     weights = roofline.decoder_weight_bytes(params)
-    bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size)
+    bandwidth, _ = roofline.stream_bandwidth(weights, rows, config.text.hidden_size, dtype=dtype)
     prefill_peak, _ = roofline.matmul_peak(batch["input_ids"].size, config.text.hidden_size,
-                                           config.text.intermediate_size)
+                                           config.text.intermediate_size, dtype=dtype)
     prefill_s = forward_flops(config, batch) / prefill_peak  # the prompts run once
     step_s = weights / bandwidth
     bound_s = prefill_s + n * step_s
     new = ours.size
     result = {
-        "size": size, "rows": rows, "prompts x G": f"4x{group}", "prompt tokens": int(batch["input_ids"].shape[1]),
+        "size": size, "dtype": dtype, "torch device": device.type, "rows": rows, "prompts x G": f"4x{group}",
+        "prompt tokens": int(batch["input_ids"].shape[1]),
         "new tokens": n,
         "jax tok/s": round(new / jax_s, 1), "jax spread tok/s": f"{new / jax_runs.high:.0f}-{new / jax_runs.low:.0f}",
         "torch tok/s": round(new / torch_s, 1),
@@ -167,7 +176,8 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
         "threads": torch.get_num_threads(),
     }
     print(f"greedy sampling ({size}, 4 left-padded prompts x G {group} = {rows} rows, prompts of up to "
-          f"{result['prompt tokens']} tokens, half with an 8-frame video, {n} new tokens each, fp32): "
+          f"{result['prompt tokens']} tokens, half with an 8-frame video, {n} new tokens each, {dtype}, torch on "
+          f"{device.type}): "
           f"jax {result['jax tok/s']} tok/s "
           f"({jax_runs.ms()}), torch generate {result['torch tok/s']} tok/s ({torch_runs.ms()}) -> jax is "
           f"{result['speed-up (torch / jax)']}x the speed of torch (median (spread) of {repeats}; jax compile + "
@@ -187,7 +197,8 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
             "`generate(do_sample=False)` (eager, `torch.no_grad`), same weights, same 4 left-padded prompts (half "
             "with an 8-frame 112 px video) x G samples each (`rows` = 4 G: JAX prefills each prompt once and decodes "
             "its G rows from the cache, transformers runs the prompts repeated G times, as "
-            "`num_return_sequences` does), no EOS so every row generates all new tokens, fp32, median wall time. "
+            "`num_return_sequences` does), no EOS so every row generates all new tokens, weights in `dtype`, "
+            "median wall time. "
             "`equal rows`: rows whose tokens are identical in both.",
             result,
         )

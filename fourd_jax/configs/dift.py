@@ -38,7 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"
-    c.model.attention_block = 0  # decoder queries per attention block; 0 = all at once
+    c.model.attention_block = 0  # decoder attention in tiles of this many queries x keys; 0 = dense
 
     c.tokenizer = ""  # "" = train the offline BPE on the data (saved to WORKDIR/tokenizer)
     c.tokenizer_vocab_size = 800
@@ -114,7 +114,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if preset in RECIPE_PRESETS:  # the 4DThinker DIFT recipe
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "nothing_saveable"
-        c.model.attention_block = 512  # 8K-token buckets: scores of 512 queries at a time
+        c.model.attention_block = 512  # 8K-token buckets: 512 x 512 tiles, those the mask empties skipped
         c.data.path = "data/dift"
         c.data.batch_size = 8
         # 50 frames at 256*28*28 pixels are 6400 video tokens: every sample fits 8192 (fourd-jax compile checks).

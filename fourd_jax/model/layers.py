@@ -7,6 +7,7 @@ Softmax and normalisation statistics are computed in float32 whatever the comput
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -168,11 +169,12 @@ def _softmax_with_stats(scores: jax.Array) -> tuple[jax.Array, tuple[jax.Array, 
     return unnormalised / total[..., None], (peak, total)
 
 
-def _attention_grads(q, k, v, probs, d_out):
+def _attention_grads(q, k, v, probs, seen, d_out):
     """(d_q, d_k, d_v), float32, of probs v with probs = softmax(q k^T): the softmax-attention
-    gradient written out, so every product stays a single-batch dot."""
+    gradient written out, so every product stays a single-batch dot. `seen` [N, Q] marks the rows
+    that may attend to something: the others are uniform whatever the scores, so no score gradient."""
     d_probs = _batched_dot(d_out, v, 2, 2)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * seen[..., None]
     d_q = _batched_dot(d_scores.astype(q.dtype), k, 2, 1)
     d_k = _batched_dot(d_scores.astype(q.dtype), q, 1, 1)
     d_v = _batched_dot(probs.astype(d_out.dtype), d_out, 1, 1)
@@ -187,57 +189,127 @@ def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
 
 def _attention_fwd(q, k, v, mask):
     probs, _ = _softmax_with_stats(_masked_scores(q, k, mask))
-    return _batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), (q, k, v, probs)
+    return _batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), (q, k, v, probs, jnp.any(mask, axis=-1))
 
 
 def _attention_bwd(residuals, d_out):
-    q, k, v, probs = residuals
-    d_q, d_k, d_v = _attention_grads(q, k, v, probs, d_out)
+    q, k, v, probs, seen = residuals
+    d_q, d_k, d_v = _attention_grads(q, k, v, probs, seen, d_out)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-@jax.custom_vjp
-def _blockwise_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """`_attention_core` one query block at a time: q [nb, N, Q, D] (N = batch x KV heads, Q = G x
-    block), k/v [N, S, D], mask [nb, B, block, S] (shared by the N / B heads of a batch row).
-    Only one block's [N, Q, S] scores exist at once; the backward recomputes them from the saved
-    row max and sum instead of keeping every probability (memory O(L x block), not O(L^2))."""
-    return _blockwise_fwd(q, k, v, mask)[0]
+def _tile_mask(mask_tile: jax.Array, n: int, rows: int) -> jax.Array:
+    """A tile's mask [B, block, block] (shared by the N / B heads of a batch row) -> [N, rows, block],
+    rows = G x block in the folded query layout."""
+    b, bq, bk = mask_tile.shape
+    return jnp.broadcast_to(mask_tile[:, None, None], (b, n // b, rows // bq, bq, bk)).reshape(n, rows, bk)
 
 
-def _block_scores(q_blk, k, mask_blk):
-    """Masked float32 scores [N, G x block, S] of one query block."""
-    n, rows, s = q_blk.shape[0], q_blk.shape[1], k.shape[1]
-    b, block = mask_blk.shape[0], mask_blk.shape[1]
-    mask = jnp.broadcast_to(mask_blk[:, None, None], (b, n // b, rows // block, block, s)).reshape(n, rows, s)
-    return _masked_scores(q_blk, k, mask)
+def _key_tile(x: jax.Array, j: jax.Array, block: int) -> jax.Array:
+    """Key tile j of x [N, S, D]: its slots [j x block, (j + 1) x block)."""
+    return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
 
 
-def _blockwise_fwd(q, k, v, mask):
-    def one_block(_, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, keys: int) -> jax.Array:
+    """`_attention_core` one tile of (query block, key block) at a time: q [nq, N, Q, D] (N = batch x
+    KV heads, Q = G x block), k/v [N, nk x block, D], mask [nq, B, block, nk x block] (shared by the
+    N / B heads of a batch row); `keys`: how many key slots are real (the rest is padding).
+
+    A tile the mask empties for every row of the batch is skipped (`lax.cond`), so a causal or
+    packed mask costs the tiles it lets through, not the whole square. The softmax runs online
+    across a block's key tiles, and the backward recomputes each tile's probabilities from the
+    saved row max and sum: memory O(L x D + block^2), not O(L^2). A row that may attend to nothing
+    outputs the mean of the real values, as the dense path's uniform softmax does."""
+    return _blockwise_fwd(q, k, v, mask, keys)[0]
+
+
+def _blockwise_fwd(q, k, v, mask, keys):
+    # Under a scan over layers, jax hoists what depends on the scan's constants alone (the mask) out of
+    # the loop, and would stack every tile's broadcast mask for all layers: O(L^2 x heads). Tying the
+    # mask to q keeps the tiles inside the loop; the residual stays the untied mask, which a scan over
+    # layers then does not stack.
+    residual_mask = mask
+    q, mask = jax.lax.optimization_barrier((q, mask))
+    _, n, rows, d = q.shape
+    block = mask.shape[2]
+    nk = k.shape[1] // block
+    mean_v = jnp.mean(v[:, :keys].astype(jnp.float32), axis=1, keepdims=True)
+
+    def query_block(_, xs):
         q_blk, mask_blk = xs
-        probs, stats = _softmax_with_stats(_block_scores(q_blk, k, mask_blk))
-        return None, (_batched_dot(probs.astype(v.dtype), v, 2, 1).astype(v.dtype), stats)
 
-    _, (out, stats) = jax.lax.scan(one_block, None, (q, mask))
-    return out, (q, k, v, mask, stats)
+        def key_tile(carry, j):
+            mask_tile = jax.lax.dynamic_slice_in_dim(mask_blk, j * block, block, axis=2)
+
+            def attend(carry):
+                acc, peak, total = carry
+                k_j, v_j, tile = _key_tile(k, j, block), _key_tile(v, j, block), _tile_mask(mask_tile, n, rows)
+                scores = jnp.where(tile, _batched_dot(q_blk, k_j, 2, 2), jnp.finfo(jnp.float32).min)
+                new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
+                probs = jnp.where(tile, jnp.exp(scores - new_peak[..., None]), 0.0)
+                rescale = jnp.exp(peak - new_peak)
+                return (acc * rescale[..., None] + _batched_dot(probs.astype(v.dtype), v_j, 2, 1),
+                        new_peak, total * rescale + jnp.sum(probs, axis=-1))
+
+            return jax.lax.cond(jnp.any(mask_tile), attend, lambda c: c, carry), None
+
+        init = (jnp.zeros((n, rows, d), jnp.float32), jnp.full((n, rows), jnp.finfo(jnp.float32).min),
+                jnp.zeros((n, rows), jnp.float32))
+        (acc, peak, total), _ = jax.lax.scan(key_tile, init, jnp.arange(nk))
+        seen = total > 0  # a row that attends to something has total >= 1 (its max scores exp(0))
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, total, 1.0)[..., None], mean_v)
+        return None, (out.astype(v.dtype), (peak, total))
+
+    _, (out, stats) = jax.lax.scan(query_block, None, (q, mask))
+    return out, (q, k, v, residual_mask, out, stats)
 
 
-def _blockwise_bwd(residuals, d_out):
-    q, k, v, mask, (peak, total) = residuals
+def _blockwise_bwd(keys, residuals, d_out):
+    q, k, v, mask, out, (peak, total) = residuals
+    _, n, rows, d = q.shape
+    block = mask.shape[2]
+    nk = k.shape[1] // block
+    seen = total > 0
+    inv_total = 1.0 / jnp.where(seen, total, 1.0)
+    # d softmax: d_scores = probs (d_probs - sum_k probs d_probs), and that row sum is d_out . out.
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
-    def one_block(carry, xs):
-        d_k, d_v = carry
-        q_blk, mask_blk, d_out_blk, peak_blk, total_blk = xs
-        probs = jnp.exp(_block_scores(q_blk, k, mask_blk) - peak_blk[..., None]) / total_blk[..., None]
-        d_q, d_k_blk, d_v_blk = _attention_grads(q_blk, k, v, probs, d_out_blk)
-        return (d_k + d_k_blk, d_v + d_v_blk), d_q.astype(q_blk.dtype)
+    def query_block(carry, xs):
+        q_blk, mask_blk, d_out_blk, peak_blk, inv_total_blk, row_dot_blk = xs
+
+        def key_tile(carry, j):
+            d_q, d_k, d_v = carry
+            mask_tile = jax.lax.dynamic_slice_in_dim(mask_blk, j * block, block, axis=2)
+
+            def attend():
+                k_j, v_j, tile = _key_tile(k, j, block), _key_tile(v, j, block), _tile_mask(mask_tile, n, rows)
+                probs = jnp.where(tile, jnp.exp(_batched_dot(q_blk, k_j, 2, 2) - peak_blk[..., None])
+                                  * inv_total_blk[..., None], 0.0)
+                d_scores = probs * (_batched_dot(d_out_blk, v_j, 2, 2) - row_dot_blk[..., None])
+                return (_batched_dot(d_scores.astype(q.dtype), k_j, 2, 1),
+                        _batched_dot(d_scores.astype(q.dtype), q_blk, 1, 1),
+                        _batched_dot(probs.astype(d_out_blk.dtype), d_out_blk, 1, 1))
+
+            def skip():
+                return (jnp.zeros((n, rows, d), jnp.float32),) + (jnp.zeros((n, block, d), jnp.float32),) * 2
+
+            d_q_tile, d_k_tile, d_v_tile = jax.lax.cond(jnp.any(mask_tile), attend, skip)
+            add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                acc, _key_tile(acc, j, block) + x, j * block, axis=1)
+            return (d_q + d_q_tile, add(d_k, d_k_tile), add(d_v, d_v_tile)), None
+
+        (d_q, *carry), _ = jax.lax.scan(key_tile, (jnp.zeros((n, rows, d), jnp.float32), *carry), jnp.arange(nk))
+        return tuple(carry), d_q.astype(q.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), (q, mask, d_out, peak, total))
+    (d_k, d_v), d_q = jax.lax.scan(query_block, (zeros, zeros), (q, mask, d_out, peak, inv_total, row_dot))
+    # The rows that see nothing output the mean of the real values, which each of those values gets 1 / keys of.
+    unseen = jnp.sum(jnp.where(seen[..., None], 0.0, d_out.astype(jnp.float32)), axis=(0, 2))
+    d_v = d_v.at[:, :keys].add(unseen[:, None] / keys)
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
@@ -260,8 +332,9 @@ def attention(
     (True = may attend). A row with nothing to attend to gets a uniform distribution, never NaN.
     Returns [B, Lq, H, D] in q's dtype. The G = H / KV query heads that share a KV head are folded
     into the query axis, so K and V are never repeated. `block` > 0 with Lq > block attends one
-    block of `block` queries at a time (the same numbers, with O(Lq x block) instead of O(Lq^2)
-    memory for scores and saved probabilities: what makes 8K-16K-token training sequences fit).
+    tile of `block` queries x `block` keys at a time and skips the tiles the mask empties (the same
+    numbers; O(Lq x D + block^2) instead of O(Lq^2) memory for scores and saved probabilities, which
+    makes 8K-16K-token training sequences fit, and a causal or packed mask's share of the FLOPs).
     """
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
     chex.assert_equal_shape([k, v])
@@ -313,15 +386,15 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask:
 def _blockwise_attention(q, k, v, mask, scale, block):
     b, lq, h, d = q.shape
     kv, lk = k.shape[1], k.shape[2]
-    g, nb = h // kv, -(-lq // block)
-    pad = nb * block - lq  # padded query rows attend to nothing and are dropped
-    q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
-    q = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b * kv, g * block, d)
-    k, v = _fold_kv_heads(k, q.dtype), _fold_kv_heads(v, q.dtype)
-    mask = mask.reshape(b, nb, block, lk).transpose(1, 0, 2, 3)
-    out = _blockwise_attention_core(q, k, v, mask)
-    out = out.reshape(nb, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, h, d)
+    g, nq, nk = h // kv, -(-lq // block), -(-lk // block)
+    # Padded query rows and key slots are masked out; the padded rows are dropped at the end.
+    q = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, nq * block - lq), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, nq * block - lq), (0, nk * block - lk)))
+    q = q.reshape(b, nq, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b * kv, g * block, d)
+    k, v = (_fold_kv_heads(jnp.pad(x, ((0, 0), (0, 0), (0, nk * block - lk), (0, 0))), q.dtype) for x in (k, v))
+    mask = mask.reshape(b, nq, block, nk * block).transpose(1, 0, 2, 3)
+    out = _blockwise_attention_core(q, k, v, mask, lk)
+    out = out.reshape(nq, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, h, d)
     return out[:, :lq]
 
 
