@@ -159,6 +159,14 @@ def test_bench_train_runs_several_packed_rows_in_bfloat16(tmp_path, monkeypatch)
         train.dift_batch(config, examples=3)
 
 
+def test_benches_refuse_a_dtype_they_cannot_compute_in():
+    from fourd_jax.bench import sample, train
+
+    for bench in (train, sample):
+        with pytest.raises(InputError, match=r"^--dtype must be one of float32, bfloat16, not 'float16'\.$"):
+            bench.run(size="tiny", record=False, dtype="float16")
+
+
 def test_repeated_prompts_are_what_num_return_sequences_expands_to():
     """torch's side of an RL rollout batch: each prompt G times in a row, with its own video."""
     from fourd_jax.bench.sample import bench_prompts, repeat_prompts

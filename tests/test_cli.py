@@ -164,11 +164,12 @@ def test_gpu_bench_scripts_parse():
         subprocess.run(["bash", "-n", str(docs / script)], check=True)
     text = (docs / "gpu_bench.sh").read_text()
     parser = build_parser()
-    for line in text.splitlines():
-        if line.startswith("bench "):
-            args = shlex.split(line.replace('"$SIZE"', "1b").replace('"$EXAMPLES"', "16"))[2:]
-            parsed = parser.parse_args(["bench", *args])
-            assert parsed.size == "1b" and parsed.dtype == "bfloat16"
+    benches = [line for line in text.splitlines() if line.startswith("bench ")]
+    assert [shlex.split(line)[2] for line in benches] == ["train", "sample", "sample"]
+    for line in benches:
+        args = shlex.split(line.replace('"$SIZE"', "1b").replace('"$EXAMPLES"', "16"))[2:]
+        parsed = parser.parse_args(["bench", *args])
+        assert parsed.size == "1b" and parsed.dtype == "bfloat16"
 
 
 def test_plot_writes_curves_and_refuses_a_non_workdir(tmp_path, capsys):

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourd_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Runs:
@@ -115,6 +117,16 @@ def fraction(achieved: float, limit: float) -> str:
     return f"{achieved / limit:.0%}"
 
 
+DTYPES = ("float32", "bfloat16")  # what a bench may compute in
+
+
+def checked_dtype(dtype: str) -> str:
+    """`dtype` when a bench can compute in it, else one sentence naming the choices."""
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    return dtype
+
+
 # Dense bf16 tensor-core FLOP/s from the makers' data sheets, by a part of jax's device_kind (the first
 # that matches): the denominator of MFU. CPUs have no such figure; their benches use the measured peak.
 DATASHEET_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -157,15 +169,3 @@ def torch_device() -> Any:
     import torch  # the baseline's framework; only the benches import it
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def torch_synced(fn: Callable[[], Any], device: Any) -> Callable[[], Any]:
-    """fn, returning only once the device's queued work is done (what `time_runs` needs of a call)."""
-    import torch
-
-    def call() -> Any:
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
-    return call

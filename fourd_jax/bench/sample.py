@@ -109,8 +109,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, max_new_toke
 
     if rows < 4 or rows % 4:
         raise ValueError(f"rows must be a positive multiple of 4, not {rows}")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+    roofline.checked_dtype(dtype)
     config = bench_config(size)
     device = roofline.torch_device()
     torch_model, model, params = reference_models(config, dtype, device)

@@ -103,15 +103,15 @@ def torch_step_fn(config: Any, batch: dict[str, Any], hf_dir: str, lr: float, de
         n = int(batch["attention_mask"][b].sum())
         video_rows = int(batch["video_tokens"][b]) * merge
         imagery_grids = [(1, 16, 16), (1, 16, 16)]
-        rows.append(dict(
+        rows.append({k: v.to(device) for k, v in dict(
             ids=torch.tensor(batch["input_ids"][b:b + 1, :n], dtype=torch.long),
             positions=torch.tensor(batch["position_ids"][:, b:b + 1, :n], dtype=torch.long),
             video=torch.tensor(batch["video_patches"][b, :video_rows]),
             video_grid=torch.tensor([[4, 16, 16]]),
             imagery=torch.tensor(batch["imagery_patches"][b, :512]), imagery_grid=torch.tensor(imagery_grids),
             targets=torch.tensor(batch["targets"][b, :n], dtype=torch.long),
-            loss_mask=torch.tensor(batch["loss_mask"][b, :n]), latent=torch.tensor(batch["latent_mask"][b, :n])))
-        rows[-1] = {k: v.to(device) for k, v in rows[-1].items()}
+            loss_mask=torch.tensor(batch["loss_mask"][b, :n]),
+            latent=torch.tensor(batch["latent_mask"][b, :n])).items()})
     ce_count = float(batch["loss_mask"].sum())
     lat_count = float(batch["latent_mask"].sum())
     pad_id = config.latent_pad_token_id
@@ -155,8 +155,7 @@ def run(size: str = "small", repeats: int = 5, record: bool = True, dtype: str =
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    if dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16, not {dtype!r}.")
+    roofline.checked_dtype(dtype)
     config = latent_bench_config(size)
     batch = dift_batch(config, examples=examples)
     lr = 1e-4
